@@ -1,0 +1,86 @@
+"""Box conversions, IoU and non-maximum suppression in pure PyTorch (no torchvision)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    """(cx, cy, w, h) -> (x1, y1, x2, y2), computed as the reference's ``center_to_corners_format``."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
+    """(x1, y1, x2, y2) -> (cx, cy, w, h)."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """Area of xyxy boxes (may be negative for inverted boxes, as in torchvision)."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """Pairwise IoU (N, M) of xyxy boxes, with torchvision's arithmetic (intersection clamped at zero)."""
+    area_a, area_b = box_area(a), box_area(b)
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy NMS: indices of kept boxes in descending score order; a box is dropped when its IoU with a kept,
+    higher-scoring box is strictly greater than ``iou_threshold``. Ties keep input order (stable sort)."""
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    sorted_boxes = boxes[order]
+    over = box_iou(sorted_boxes, sorted_boxes) > iou_threshold
+    n = order.numel()
+    suppressed = torch.zeros(n, dtype=torch.bool, device=boxes.device)
+    keep: list[int] = []
+    over_rows = over.cpu()
+    suppressed_cpu = suppressed.cpu()
+    for i in range(n):
+        if suppressed_cpu[i]:
+            continue
+        keep.append(i)
+        suppressed_cpu |= over_rows[i]
+    return order[torch.tensor(keep, dtype=torch.long, device=boxes.device)]
+
+
+def nms_with_threshold(
+    boxes: Tensor, scores: Tensor, iou_threshold: float, score_threshold: float, max_num: int
+) -> Tensor:
+    """mmcv's ``nms(..., score_threshold, max_num)``: keep ``score > score_threshold`` (strictly), run NMS, keep
+    the first ``max_num``; indices refer to the unfiltered input."""
+    valid = torch.nonzero(scores > score_threshold).flatten()
+    keep = nms(boxes[valid], scores[valid], iou_threshold)
+    if max_num > 0:
+        keep = keep[:max_num]
+    return valid[keep]
+
+
+def check_boxes(boxes: Tensor, what: str = "boxes") -> Tensor:
+    """Validate normalized xyxy boxes: shape (N, 4), finite, within [0, 1], x2 > x1 and y2 > y1."""
+    if not isinstance(boxes, Tensor):
+        boxes = torch.as_tensor(boxes, dtype=torch.float32)
+    if boxes.ndim != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"{what}: expected shape (N, 4), got {tuple(boxes.shape)}")
+    if not torch.isfinite(boxes).all():
+        bad = torch.nonzero(~torch.isfinite(boxes).all(-1)).flatten().tolist()
+        raise ValueError(f"{what}: box {bad[0]} is not finite: {boxes[bad[0]].tolist()}")
+    outside = ((boxes < 0) | (boxes > 1)).any(-1)
+    if outside.any():
+        i = int(torch.nonzero(outside).flatten()[0])
+        raise ValueError(f"{what}: box {i} {boxes[i].tolist()} is outside [0, 1] (boxes are normalized xyxy)")
+    inverted = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+    if inverted.any():
+        i = int(torch.nonzero(inverted).flatten()[0])
+        raise ValueError(f"{what}: box {i} {boxes[i].tolist()} needs x2 > x1 and y2 > y1")
+    return boxes.float()

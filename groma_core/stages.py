@@ -1,0 +1,192 @@
+"""The four stage interfaces of a Groma pipeline.
+
+Each stage is an ``nn.Module`` with a stated call contract. Every public box is normalized ``xyxy`` of the
+original image; every call takes a batch (a single item is a batch of one); nothing calls ``.cuda()``: a stage
+lives on whatever device and dtype the pipeline moves it to.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from groma_core.types import ImageFeatures, Proposals
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from groma_core.prompt import GromaTokenizer
+
+
+@dataclass
+class BuildContext:
+    """What a stage factory may know about the stages built before it.
+
+    Build order: image tokenizer, language backbone, region proposer, region encoder. ``level_channels`` maps each
+    image-feature level name to its channel count; ``token_dim`` is the width of the image tokens;
+    ``hidden_size`` the language model's width (0 before the backbone is built).
+    """
+
+    level_channels: dict[str, int] = field(default_factory=dict)
+    level_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    token_dim: int = 0
+    image_size: tuple[int, int] = (0, 0)
+    hidden_size: int = 0
+    source: str = "<python>"
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage(nn.Module, ABC):
+    """Behaviour shared by all stages: mapping keys of the reference Groma checkpoint onto this module."""
+
+    #: prefixes of the reference ``GromaModel`` state dict that belong to this stage (for the converter),
+    #: e.g. ``("perceiver.vis_encoder.",)``
+    reference_prefixes: tuple[str, ...] = ()
+
+    def reference_key(self, key: str) -> str | None:
+        """This module's state-dict key for the full reference key ``key`` (which starts with one of
+        :attr:`reference_prefixes`).
+
+        Return None for a reference tensor that this stage deliberately does not keep (for example an unused
+        final LayerNorm); the converter reports such keys as dropped. The default strips the matching prefix.
+        """
+        for prefix in self.reference_prefixes:
+            if key.startswith(prefix):
+                return key[len(prefix) :]
+        return None
+
+
+class ImageTokenizer(Stage):
+    """Images -> image tokens and named multi-level feature maps.
+
+    Contract:
+      * ``preprocess(images)``: a sequence of B RGB ``PIL.Image`` of any sizes -> float tensor (B, 3, H, W) at
+        :attr:`image_size`, normalized as the encoder expects. The aspect ratio need not be preserved: boxes are
+        normalized to the original image, so an anisotropic resize keeps them valid.
+      * ``forward(pixel_values)``: (B, 3, H, W) -> :class:`ImageFeatures` with ``tokens`` (B, num_tokens,
+        token_dim) and ``levels`` name -> (B, C, h, w) as announced by :attr:`level_channels`.
+    """
+
+    image_size: tuple[int, int]
+    token_dim: int
+    num_tokens: int
+    level_channels: dict[str, int]
+    level_sizes: dict[str, tuple[int, int]]
+
+    @abstractmethod
+    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
+        """Resize and normalize a batch of RGB images into pixel values."""
+
+    @abstractmethod
+    def forward(self, pixel_values: Tensor) -> ImageFeatures:
+        """Encode a batch of preprocessed images."""
+
+
+class RegionProposer(Stage):
+    """Image features -> candidate boxes with objectness scores.
+
+    Contract: ``forward(features)`` with :class:`ImageFeatures` of B images -> :class:`Proposals` with B entries,
+    boxes (N_i, 4) normalized xyxy within [0, 1], scores (N_i,) in [0, 1]. The core then joins user boxes
+    (score 1.0), applies NMS, the score threshold and the top-k cap (see :mod:`groma_core.selection`).
+    A proposer may return zero boxes for an image.
+    """
+
+    @abstractmethod
+    def forward(self, features: ImageFeatures) -> Proposals:
+        """Propose candidate regions for each image of the batch."""
+
+
+class RegionEncoder(Stage):
+    """Image features + selected regions -> one region token per region, at the language model's width.
+
+    Contract: ``forward(features, regions)`` with ``regions`` a list of B tensors (N_i, 4) normalized xyxy ->
+    list of B tensors (N_i, hidden_size). N_i may be 0.
+    """
+
+    hidden_size: int
+
+    @abstractmethod
+    def forward(self, features: ImageFeatures, regions: list[Tensor]) -> list[Tensor]:
+        """Encode each region of each image into one vector."""
+
+
+@dataclass
+class BackboneOutput:
+    """Result of a :class:`LanguageBackbone` forward: logits (B, L, V) over the full vocabulary (new tokens
+    included), the last hidden states (B, L, H) and the key/value cache when asked for."""
+
+    logits: Tensor
+    hidden_states: Tensor
+    past_key_values: Any = None
+
+
+class LanguageBackbone(Stage):
+    """A causal language model that reads embeddings and predicts the next token over the full vocabulary.
+
+    Contract:
+      * :attr:`tokenizer`: a :class:`~groma_core.prompt.GromaTokenizer` whose vocabulary includes Groma's new
+        tokens; :attr:`vocab_size` counts them.
+      * ``embed(ids)``: (B, L) int64 -> (B, L, hidden_size) input embeddings (new tokens included).
+      * ``forward(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache)`` -> :class:`BackboneOutput`.
+        ``attention_mask`` (B, L_past + L) with 1 for real tokens; ``position_ids`` (B, L).
+    """
+
+    hidden_size: int
+    vocab_size: int
+    tokenizer: GromaTokenizer
+
+    @abstractmethod
+    def embed(self, ids: Tensor) -> Tensor:
+        """Input embeddings of token ids."""
+
+    @abstractmethod
+    def forward(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> BackboneOutput:
+        """Run the model on embeddings."""
+
+
+STAGE_KINDS: dict[str, type[Stage]] = {
+    "image_tokenizer": ImageTokenizer,
+    "region_proposer": RegionProposer,
+    "region_encoder": RegionEncoder,
+    "language_backbone": LanguageBackbone,
+}
+
+
+def check_stage(kind: str, obj: object, plugin: str) -> Stage:
+    """Raise a clear TypeError if a factory did not return the stage kind it was registered for."""
+    expected = STAGE_KINDS[kind]
+    if not isinstance(obj, expected):
+        raise TypeError(
+            f"plugin {plugin!r} registered as a {kind} returned {type(obj).__name__}, "
+            f"which is not a {expected.__name__}"
+        )
+    return obj
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU when it has none)."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's first floating parameter (float32 when it has none)."""
+    for t in module.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
