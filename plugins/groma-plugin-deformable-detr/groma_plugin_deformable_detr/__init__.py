@@ -1,0 +1,1 @@
+"""Groma's two-stage class-agnostic Deformable DETR region proposer."""

@@ -1,0 +1,1 @@
+"""Groma's multi-level RoIAlign region encoder (pure PyTorch)."""
