@@ -182,7 +182,7 @@ class PluginManager:
                 clash = self._conflicts.setdefault((kind, name), [existing] if existing else [])
                 clash.append(entry)
                 self._stages[kind].pop(name, None)
-                owners = " and ".join(f"{e.distribution} {e.version}" for e in clash)
+                owners = _owners(clash)
                 msg = f"{kind} name {name!r} is registered by both {owners}"
                 warnings.warn(f"groma: {msg}; neither is used", PluginWarning, stacklevel=3)
                 record.stages.append((kind, name))
@@ -212,7 +212,7 @@ class PluginManager:
         if kind not in STAGE_KINDS:
             raise ValueError(f"unknown stage kind {kind!r}; expected one of {list(STAGE_KINDS)}")
         if (kind, name) in self._conflicts:
-            owners = " and ".join(f"{e.distribution} {e.version}" for e in self._conflicts[(kind, name)])
+            owners = _owners(self._conflicts[(kind, name)])
             raise PluginConflictError(
                 f"{kind} name {name!r} is registered by both {owners}; uninstall one of them or restrict "
                 f"loading with {ENV_ALLOW}"
@@ -229,6 +229,10 @@ class PluginManager:
     def build(self, kind: str, name: str, config: BaseModel, context: BuildContext) -> Stage:
         """Build the stage ``name`` of ``kind`` from a validated config."""
         return self.get(kind, name).build(config, context)
+
+
+def _owners(entries: list[StageEntry]) -> str:
+    return " and ".join(sorted(f"{e.distribution} {e.version}" for e in entries))
 
 
 def _describe(exc: BaseException) -> str:

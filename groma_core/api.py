@@ -1,0 +1,138 @@
+"""Building a pipeline from a recipe, and loading one from a checkpoint directory."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from groma_core.errors import CheckpointError, GromaError
+from groma_core.model import GromaModel
+from groma_core.plugins import PluginManager
+from groma_core.recipe import Recipe, load_recipe
+from groma_core.stages import BuildContext
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an unavailable device is a clear error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GromaError(f"device {name!r} asked for, but CUDA is not available on this machine (use --device cpu)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise GromaError(f"device {name!r} asked for, but MPS is not available on this machine (use --device cpu)")
+    return device
+
+
+@contextlib.contextmanager
+def empty_parameters() -> Iterator[None]:
+    """Create parameters on the ``meta`` device (buffers stay real), so that weights loaded afterwards with
+    ``load_state_dict(..., assign=True)`` are never initialised first."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def build(
+    recipe: Recipe | str | Path,
+    overrides: Sequence[str] = (),
+    manager: PluginManager | None = None,
+) -> GromaModel:
+    """Build the pipeline a recipe describes (stages in the design's order), with freshly initialised weights
+    unless the recipe names ``weights``; returned in the recipe's dtype, on CPU (move it with ``.to()``)."""
+    manager = manager or PluginManager()
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides, manager)
+    weights = recipe.weights_path()
+    if weights is not None:
+        with empty_parameters():
+            model = _construct(recipe, manager)
+        load_weights(model, weights)
+    else:
+        model = _construct(recipe, manager)
+    return model.to(DTYPES[recipe.core.dtype])
+
+
+def _construct(recipe: Recipe, manager: PluginManager) -> GromaModel:
+    ctx = BuildContext(source=recipe.source)
+
+    def make(kind: str):
+        choice = recipe.stages[kind]
+        return manager.build(kind, choice.plugin, choice.options, ctx)
+
+    image_tokenizer = make("image_tokenizer")
+    ctx.level_channels = dict(image_tokenizer.level_channels)
+    ctx.level_sizes = dict(image_tokenizer.level_sizes)
+    ctx.token_dim = image_tokenizer.token_dim
+    ctx.image_size = tuple(image_tokenizer.image_size)
+    backbone = make("language_backbone")
+    ctx.hidden_size = backbone.hidden_size
+    proposer = make("region_proposer")
+    encoder = make("region_encoder")
+    model = GromaModel(image_tokenizer, proposer, encoder, backbone, recipe.core.region_selection, recipe.core.template)
+    model.recipe = recipe
+    return model
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a weights location (one file, or every ``*.safetensors`` of a directory)."""
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if files:
+            return files
+        raise CheckpointError(f"{path}: no .safetensors files in this directory")
+    raise CheckpointError(f"{path}: weights not found")
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load safetensors weights (memory-mapped) into ``model``; missing, unknown or misshapen tensors are errors
+    that name them."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(Path(path)):
+        try:
+            part = load_file(str(file))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from None
+        state.update(part)
+    unknown = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state))
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in state
+        if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unknown:
+        problems.append(f"{len(unknown)} unknown tensor(s): {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
+    if wrong:
+        problems.append("wrong shape: " + "; ".join(wrong[:8]))
+    if problems:
+        raise CheckpointError(f"{path}: " + " | ".join(problems))
+    model.load_state_dict(state, strict=True, assign=True)

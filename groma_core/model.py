@@ -1,0 +1,357 @@
+"""The composed pipeline: four stages, region selection, prompt expansion, embedding assembly, loss, generation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from groma_core import tokens as T
+from groma_core.errors import InputError
+from groma_core.selection import SelectionConfig, select_regions
+from groma_core.stages import ImageTokenizer, LanguageBackbone, RegionEncoder, RegionProposer, module_device
+from groma_core.types import ImageFeatures, Proposals, Regions
+
+IGNORE_INDEX = -100
+
+
+class ImageProjector(nn.Module):
+    """Image tokens -> language-model width: Linear, exact GELU, Linear (the reference's ``img_txt_bridge``)."""
+
+    def __init__(self, token_dim: int, hidden_size: int):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(token_dim, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.layers(tokens)
+
+
+@dataclass
+class PreparedInputs:
+    """The language model's input for a batch, after region selection and prompt expansion."""
+
+    inputs_embeds: Tensor  # (B, L, H)
+    attention_mask: Tensor  # (B, L) 1 = real token
+    position_ids: Tensor  # (B, L)
+    ids: Tensor  # (B, L) expanded ids (pad where padded)
+    labels: Tensor | None  # (B, L) or None
+    prompt_ids: list[list[int]]  # per sample, after <refer_box>/<ground_box> rewriting, before expansion
+    regions: Regions
+    features: ImageFeatures
+    proposals: Proposals
+
+
+@dataclass
+class GromaOutput:
+    """Forward result: loss (when labels were given), logits (B, L, V) and the intermediate results."""
+
+    logits: Tensor
+    loss: Tensor | None
+    inputs: PreparedInputs
+
+
+@dataclass
+class GenerationOutput:
+    """Generated ids per sample (new tokens only, EOS excluded), the per-step logits and the regions they index."""
+
+    sequences: list[list[int]]
+    prompt_ids: list[list[int]]
+    regions: Regions
+    step_logits: list[Tensor] = field(default_factory=list)  # each (B, V), one per step
+
+
+class GromaModel(nn.Module):
+    """A Groma pipeline built from four stages (see DESIGN.md's data flow)."""
+
+    def __init__(
+        self,
+        image_tokenizer: ImageTokenizer,
+        region_proposer: RegionProposer,
+        region_encoder: RegionEncoder,
+        language_backbone: LanguageBackbone,
+        selection: SelectionConfig | None = None,
+        template: str = "llava",
+    ):
+        super().__init__()
+        self.image_tokenizer = image_tokenizer
+        self.region_proposer = region_proposer
+        self.region_encoder = region_encoder
+        self.language_backbone = language_backbone
+        self.image_projector = ImageProjector(image_tokenizer.token_dim, language_backbone.hidden_size)
+        self.selection = selection or SelectionConfig()
+        self.template = template
+        self.recipe: Any = None
+        if region_encoder.hidden_size != language_backbone.hidden_size:
+            raise ValueError(
+                f"region encoder outputs width {region_encoder.hidden_size} but the language backbone's hidden size "
+                f"is {language_backbone.hidden_size}"
+            )
+
+    # -- properties ------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        tok = self.language_backbone.tokenizer
+        if tok is None:
+            raise InputError("this model has no tokenizer: give the language backbone a `tokenizer` directory")
+        return tok
+
+    @property
+    def device(self) -> torch.device:
+        return module_device(self)
+
+    # -- stages ----------------------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: Tensor) -> ImageFeatures:
+        return self.image_tokenizer(pixel_values)
+
+    def select(
+        self,
+        proposals: Proposals,
+        refer_boxes: list[Tensor] | None = None,
+        ground_boxes: list[Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Regions:
+        return select_regions(proposals, self.selection, refer_boxes, ground_boxes, generator)
+
+    # -- prompt handling -------------------------------------------------------------------------------------
+    def _rewrite(self, ids: list[int], placeholder: int, index: Tensor, what: str, sample: int) -> list[int]:
+        positions = [j for j, t in enumerate(ids) if t == placeholder]
+        if not positions:
+            return ids
+        if len(positions) != index.numel():
+            raise InputError(
+                f"sample {sample}: the prompt has {len(positions)} {what} tokens but {index.numel()} boxes were given"
+            )
+        out = list(ids)
+        region_ids = self.tokenizer.region_ids
+        for j, k in zip(positions, index.tolist()):
+            out[j] = region_ids[k]
+        return out
+
+    def _expand(self, ids: list[int], n_regions: int, n_image_tokens: int) -> tuple[list[int], list[bool]]:
+        """Expand ``<image>`` and ``<region>``; also return which positions were inserted (never supervised)."""
+        tok = self.tokenizer
+        image_id, region_id = tok.token_id(T.IMAGE), tok.token_id(T.REGION)
+        out: list[int] = []
+        inserted: list[bool] = []
+        for t in ids:
+            if t == image_id:
+                out += [image_id] * n_image_tokens
+                inserted += [True] * n_image_tokens
+            elif t == region_id:
+                for k in range(n_regions):
+                    out += [tok.region_ids[k], region_id]
+                inserted += [True] * (2 * n_regions)
+            else:
+                out.append(t)
+                inserted.append(False)
+        return out, inserted
+
+    def prepare_inputs(
+        self,
+        pixel_values: Tensor,
+        input_ids: Sequence[Sequence[int]] | Tensor,
+        refer_boxes: list[Tensor] | None = None,
+        ground_boxes: list[Tensor] | None = None,
+        labels: Sequence[Sequence[int]] | Tensor | None = None,
+        padding_side: str = "right",
+        generator: torch.Generator | None = None,
+        features: ImageFeatures | None = None,
+        proposals: Proposals | None = None,
+    ) -> PreparedInputs:
+        """Run the vision stages and build the language model's embeddings for a batch.
+
+        ``input_ids``: per-sample prompt ids (a padded tensor is cut at its first pad token, as the reference does);
+        each holds one ``<image>`` and one ``<region>``. ``refer_boxes[i]`` (n_i, 4) normalized xyxy, one per
+        ``<refer_feat>`` (and per ``<refer_box>``, if the prompt has them) of sample i.
+        """
+        tok = self.tokenizer
+        ids_list = _to_lists(input_ids, tok.pad_id)
+        label_list = _to_lists(labels, None) if labels is not None else None
+        batch = len(ids_list)
+        if pixel_values.shape[0] != batch:
+            raise InputError(f"{pixel_values.shape[0]} images but {batch} prompts")
+        for name, boxes in (("refer_boxes", refer_boxes), ("ground_boxes", ground_boxes)):
+            if boxes is not None and len(boxes) != batch:
+                raise InputError(f"{name}: {len(boxes)} box lists for {batch} prompts")
+        refer_id, feat_id = tok.token_id(T.REFER_BOX), tok.token_id(T.REFER_FEAT)
+        ground_id = tok.token_id(T.GROUND_BOX)
+        image_id, region_id = tok.token_id(T.IMAGE), tok.token_id(T.REGION)
+        for i, ids in enumerate(ids_list):
+            n_box = 0 if refer_boxes is None else int(refer_boxes[i].reshape(-1, 4).shape[0])
+            n_feat = ids.count(feat_id)
+            if n_feat != n_box:
+                raise InputError(
+                    f"sample {i}: the prompt has {n_feat} <refer_feat> tokens but {n_box} refer boxes were given"
+                )
+            if ids.count(image_id) != 1 or ids.count(region_id) != 1:
+                raise InputError(
+                    f"sample {i}: the prompt must contain exactly one <image> and one <region> "
+                    f"(found {ids.count(image_id)} and {ids.count(region_id)})"
+                )
+
+        if features is None:
+            features = self.encode_images(pixel_values)
+        if proposals is None:
+            proposals = self.region_proposer(features)
+        regions = self.select(proposals, refer_boxes, ground_boxes, generator)
+
+        prompt_ids, expanded, inserted_masks, label_rows = [], [], [], []
+        for i in range(batch):
+            ids = self._rewrite(ids_list[i], refer_id, regions.refer_index[i], "<refer_box>", i)
+            ids = self._rewrite(ids, ground_id, regions.ground_index[i], "<ground_box>", i)
+            prompt_ids.append(ids)
+            exp, inserted = self._expand(ids, regions.boxes[i].shape[0], features.tokens.shape[1])
+            expanded.append(exp)
+            inserted_masks.append(inserted)
+            if label_list is not None:
+                original = ids_list[i]
+                lab = label_list[i][: len(original)]
+                if len(lab) != len(original):
+                    raise InputError(f"sample {i}: {len(lab)} labels for {len(original)} prompt ids")
+                # supervised placeholders follow their rewritten ids (<ground_box> -> <rK>)
+                lab = [ids[j] if t != IGNORE_INDEX and t == original[j] else t for j, t in enumerate(lab)]
+                widths = [features.tokens.shape[1] if t == image_id else 2 * regions.boxes[i].shape[0] if t == region_id
+                          else 1 for t in ids]
+                label_rows.append([t if w == 1 else IGNORE_INDEX for t, w in zip(lab, widths) for _ in range(w)])
+
+        device = self.device
+        length = max(len(e) for e in expanded)
+        ids_t = torch.full((batch, length), tok.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((batch, length), dtype=torch.long, device=device)
+        labels_t = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=device) if label_list else None
+        for i, exp in enumerate(expanded):
+            sl = slice(0, len(exp)) if padding_side == "right" else slice(length - len(exp), length)
+            ids_t[i, sl] = torch.tensor(exp, device=device)
+            mask[i, sl] = 1
+            if labels_t is not None:
+                labels_t[i, sl] = torch.tensor(label_rows[i], device=device)
+        if padding_side == "right":  # as the reference: positions 0..L-1 for every row
+            position_ids = torch.arange(length, device=device).expand(batch, length)
+        else:
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+
+        embeds = self.language_backbone.embed(ids_t)
+        image_embeds = self.image_projector(features.tokens.to(self.image_projector.layers[0].weight.dtype))
+        region_feats = self.region_encoder(features, regions.boxes)
+        embeds = embeds.clone()
+        for i in range(batch):
+            real = mask[i].bool()
+            row_ids = ids_t[i]
+            img_pos = torch.nonzero((row_ids == image_id) & real).flatten()
+            embeds[i, img_pos] = image_embeds[i].to(embeds.dtype)
+            reg_pos = torch.nonzero((row_ids == region_id) & real).flatten()
+            if reg_pos.numel():
+                embeds[i, reg_pos] = region_feats[i].to(embeds.dtype)
+            feat_pos = torch.nonzero((row_ids == feat_id) & real).flatten()
+            if feat_pos.numel():
+                embeds[i, feat_pos] = region_feats[i][regions.refer_index[i]].to(embeds.dtype)
+        return PreparedInputs(embeds, mask, position_ids, ids_t, labels_t, prompt_ids, regions, features, proposals)
+
+    # -- training forward ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        pixel_values: Tensor,
+        input_ids: Sequence[Sequence[int]] | Tensor,
+        refer_boxes: list[Tensor] | None = None,
+        ground_boxes: list[Tensor] | None = None,
+        labels: Sequence[Sequence[int]] | Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> GromaOutput:
+        """Logits over the full vocabulary and, with ``labels``, the next-token cross-entropy (ignore -100)."""
+        inputs = self.prepare_inputs(pixel_values, input_ids, refer_boxes, ground_boxes, labels, generator=generator)
+        out = self.language_backbone(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids)
+        loss = None
+        if inputs.labels is not None:
+            logits = out.logits[:, :-1].float()
+            target = inputs.labels[:, 1:]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
+        return GromaOutput(out.logits, loss, inputs)
+
+    # -- generation ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: Tensor,
+        input_ids: Sequence[Sequence[int]] | Tensor,
+        refer_boxes: list[Tensor] | None = None,
+        max_new_tokens: int = 256,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        generator: torch.Generator | None = None,
+        eos_id: int | None = None,
+        keep_step_logits: bool = False,
+    ) -> GenerationOutput:
+        """Greedy or sampled decoding with a key/value cache; batches are left-padded so every sample decodes
+        exactly as it would alone."""
+        inputs = self.prepare_inputs(pixel_values, input_ids, refer_boxes, padding_side="left", generator=generator)
+        eos = self.tokenizer.eos_id if eos_id is None else eos_id
+        backbone = self.language_backbone
+        mask = inputs.attention_mask
+        positions = inputs.position_ids
+        out = backbone(inputs.inputs_embeds, mask, positions, use_cache=True)
+        batch = mask.shape[0]
+        finished = torch.zeros(batch, dtype=torch.bool, device=mask.device)
+        sequences: list[list[int]] = [[] for _ in range(batch)]
+        step_logits: list[Tensor] = []
+        next_pos = positions[:, -1:] + 1
+        for _ in range(max_new_tokens):
+            logits = out.logits[:, -1].float()
+            if keep_step_logits:
+                step_logits.append(logits)
+            next_ids = _pick(logits, do_sample, temperature, top_p, top_k, generator)
+            for i in range(batch):
+                if finished[i]:
+                    continue
+                if eos is not None and int(next_ids[i]) == eos:
+                    finished[i] = True
+                else:
+                    sequences[i].append(int(next_ids[i]))
+            if bool(finished.all()):
+                break
+            next_ids = torch.where(finished, torch.full_like(next_ids, self.tokenizer.pad_id), next_ids)
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+            embeds = backbone.embed(next_ids[:, None])
+            out = backbone(embeds, mask, next_pos, past_key_values=out.past_key_values, use_cache=True)
+            next_pos = next_pos + 1
+        return GenerationOutput(sequences, inputs.prompt_ids, inputs.regions, step_logits)
+
+
+def _pick(
+    logits: Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None
+) -> Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / max(temperature, 1e-6)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    gen_device = generator.device if generator is not None else probs.device
+    return torch.multinomial(probs.to(gen_device), 1, generator=generator).flatten().to(logits.device)
+
+
+def _to_lists(ids: Sequence[Sequence[int]] | Tensor | None, pad_id: int | None) -> list[list[int]]:
+    if isinstance(ids, Tensor):
+        if ids.ndim == 1:
+            ids = ids[None]
+        rows = ids.tolist()
+    else:
+        rows = [list(map(int, r)) for r in ids]
+    if pad_id is None:
+        return rows
+    out = []
+    for r in rows:
+        out.append(r[: r.index(pad_id)] if pad_id in r else r)
+    return out

@@ -1,0 +1,139 @@
+"""End-to-end behaviour of a composed pipeline with tiny real stages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from groma_core import tokens as T
+from groma_core.errors import InputError
+from groma_core.prompt import TEMPLATES
+
+
+def prompt_ids(model, question: str) -> list[int]:
+    return model.tokenizer.encode(TEMPLATES["llava"].render([(question, None)]))
+
+
+def test_forward_loss_backpropagates_into_every_trainable_stage(tiny_model, images):
+    model = tiny_model.train()
+    ids = prompt_ids(model, "Locate <p>the red square</p> in the image.")
+    pixels = model.image_tokenizer.preprocess(images[:1])
+    out = model(pixels, [ids], labels=[ids])
+    n_regions = out.inputs.regions.boxes[0].shape[0]
+    assert out.logits.shape == (1, len(ids) - 2 + model.image_tokenizer.num_tokens + 2 * n_regions, model.tokenizer.vocab_size)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    for name in ("image_projector", "region_encoder", "language_backbone", "image_tokenizer"):
+        grads = [p.grad for p in getattr(model, name).parameters() if p.requires_grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), name
+
+
+def test_expanded_sequence_follows_the_reference_layout(tiny_model, images):
+    model = tiny_model
+    tok = model.tokenizer
+    ids = prompt_ids(model, "Locate <p>the red square</p> in the image.")
+    inputs = model.prepare_inputs(model.image_tokenizer.preprocess(images[:1]), [ids])
+    row = inputs.ids[0].tolist()
+    n = inputs.regions.boxes[0].shape[0]
+    first_image = row.index(tok.token_id(T.IMAGE))
+    assert row[first_image : first_image + model.image_tokenizer.num_tokens] == [tok.token_id(T.IMAGE)] * model.image_tokenizer.num_tokens
+    start = row.index(tok.region_ids[0])
+    expected = [x for k in range(n) for x in (tok.region_ids[k], tok.token_id(T.REGION))]
+    assert row[start : start + 2 * n] == expected
+    # the image positions carry the projected image tokens, not the <image> embedding
+    projected = model.image_projector(inputs.features.tokens)[0]
+    assert torch.allclose(inputs.inputs_embeds[0, first_image : first_image + projected.shape[0]], projected)
+
+
+def test_refer_box_becomes_its_region_and_feature(tiny_model, images):
+    model = tiny_model
+    tok = model.tokenizer
+    ids = prompt_ids(model, "What is <roi><refer_box></roi><refer_feat>?")
+    box = torch.tensor([[0.1, 0.2, 0.45, 0.5]])
+    inputs = model.prepare_inputs(model.image_tokenizer.preprocess(images[:1]), [ids], refer_boxes=[box])
+    k = int(inputs.regions.refer_index[0][0])
+    assert torch.allclose(inputs.regions.boxes[0][k], box[0])
+    assert inputs.regions.scores[0][k] == 1.0
+    assert tok.region_ids[k] in inputs.prompt_ids[0] and tok.token_id(T.REFER_BOX) not in inputs.prompt_ids[0]
+    feat_pos = (inputs.ids[0] == tok.token_id(T.REFER_FEAT)).nonzero().flatten()
+    region_pos = (inputs.ids[0] == tok.token_id(T.REGION)).nonzero().flatten()
+    assert torch.equal(inputs.inputs_embeds[0, feat_pos[0]], inputs.inputs_embeds[0, region_pos[k]])
+
+
+def test_refer_count_mismatch_is_a_clear_error(tiny_model, images):
+    ids = prompt_ids(tiny_model, "Compare <roi><refer_box></roi><refer_feat> and <roi><refer_box></roi><refer_feat>.")
+    with pytest.raises(InputError, match="2 <refer_feat> tokens but 1 refer boxes"):
+        tiny_model.prepare_inputs(
+            tiny_model.image_tokenizer.preprocess(images[:1]), [ids], refer_boxes=[torch.tensor([[0.1, 0.1, 0.5, 0.5]])]
+        )
+
+
+def test_prompt_without_image_placeholder_is_rejected(tiny_model, images):
+    ids = tiny_model.tokenizer.encode("no placeholders here")
+    with pytest.raises(InputError, match="exactly one <image> and one <region>"):
+        tiny_model.prepare_inputs(tiny_model.image_tokenizer.preprocess(images[:1]), [ids])
+
+
+def test_batched_greedy_generation_equals_one_at_a_time(tiny_model, images):
+    model = tiny_model
+    questions = ["Locate <p>the red square</p> in the image.", "What is <roi><refer_box></roi><refer_feat>?"]
+    boxes = [torch.zeros(0, 4), torch.tensor([[0.2, 0.3, 0.9, 0.8]])]
+    ids = [prompt_ids(model, q) for q in questions]
+    pixels = model.image_tokenizer.preprocess(images)
+    batched = model.generate(pixels, ids, refer_boxes=boxes, max_new_tokens=6, eos_id=-1)
+    for i in range(2):
+        alone = model.generate(pixels[i : i + 1], [ids[i]], refer_boxes=[boxes[i]], max_new_tokens=6, eos_id=-1)
+        assert alone.sequences[0] == batched.sequences[i]
+        assert torch.equal(alone.regions.boxes[0], batched.regions.boxes[i])
+
+
+def test_kv_cache_generation_matches_full_recomputation(tiny_model, images):
+    model = tiny_model
+    ids = prompt_ids(model, "Locate <p>the red square</p> in the image.")
+    pixels = model.image_tokenizer.preprocess(images[:1])
+    gen = model.generate(pixels, [ids], max_new_tokens=4, eos_id=-1, keep_step_logits=True)
+    full = model(pixels, [ids + gen.sequences[0][:-1]])
+    n_prompt = full.logits.shape[1] - 3
+    for step in range(4):
+        assert torch.allclose(full.logits[0, n_prompt - 1 + step], gen.step_logits[step][0], atol=1e-5)
+
+
+def test_sampling_is_reproducible_with_a_generator(tiny_model, images):
+    model = tiny_model
+    ids = prompt_ids(model, "Describe the image.")
+    pixels = model.image_tokenizer.preprocess(images[:1])
+    runs = [
+        model.generate(pixels, [ids], max_new_tokens=8, do_sample=True, top_p=0.9, eos_id=-1,
+                       generator=torch.Generator().manual_seed(7)).sequences
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+
+
+def test_user_boxes_proposer_gives_exactly_the_user_boxes(tiny_recipe, manager, images):
+    from groma_core.api import build
+    from groma_core.recipe import validate_recipe
+
+    tiny_recipe["region_proposer"] = {"plugin": "user-boxes"}
+    model = build(validate_recipe(tiny_recipe, manager), manager=manager).eval()
+    boxes = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.95]])
+    ids = prompt_ids(model, "Compare <roi><refer_box></roi><refer_feat> and <roi><refer_box></roi><refer_feat>.")
+    inputs = model.prepare_inputs(model.image_tokenizer.preprocess(images[:1]), [ids], refer_boxes=[boxes])
+    assert torch.equal(inputs.regions.boxes[0], boxes)
+    assert inputs.regions.refer_index[0].tolist() == [0, 1]
+    empty = model.prepare_inputs(model.image_tokenizer.preprocess(images[:1]), [prompt_ids(model, "Hi.")])
+    assert empty.regions.boxes[0].shape == (0, 4)
+
+
+def test_ground_boxes_rewrite_ids_and_labels(tiny_model, images):
+    model = tiny_model
+    tok = model.tokenizer
+    text = TEMPLATES["llava"].render([("Locate <p>the red square</p> in the image.", "<roi><ground_box></roi>")])
+    ids = tok.encode(text)
+    labels = [-100] * (len(ids) - 4) + ids[-4:]
+    gt = torch.tensor([[0.06, 0.08, 0.5, 0.5]])
+    out = model(model.image_tokenizer.preprocess(images[:1]), [ids], ground_boxes=[gt], labels=[labels])
+    k = int(out.inputs.regions.ground_index[0][0])
+    supervised = out.inputs.labels[0][out.inputs.labels[0] != -100].tolist()
+    assert tok.region_ids[k] in supervised and tok.token_id(T.GROUND_BOX) not in supervised
+    assert torch.isfinite(out.loss)
