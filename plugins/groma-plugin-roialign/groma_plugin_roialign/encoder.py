@@ -1,0 +1,212 @@
+"""The ``mlvl-roialign`` region encoder: Groma's multi-level fuse + RoIAlign, one token per region."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from groma_core.boxes import xyxy_to_cxcywh
+from groma_core.config import StageOptions
+from groma_core.stages import BuildContext, RegionEncoder, module_dtype
+from groma_core.types import ImageFeatures
+from groma_plugin_roialign.extractor import MlvlRoIExtractor
+from groma_plugin_roialign.fuse import MLVLFuseModule, resize_bilinear
+from groma_plugin_roialign.ops import Backend
+
+#: the region width that the reference hard-codes (the released checkpoint's ``flatten_linear`` output)
+REFERENCE_REGION_DIM = 1024
+
+#: reference sub-module prefixes (after ``region_encoder.``) -> this stage's own
+_RENAMES = (("roi_align.pos_embedd.", "extractor.pos_embed."), ("roi_align.", "extractor."))
+
+
+class RoIAlignEncoderOptions(StageOptions):
+    """Options of the ``mlvl-roialign`` region encoder."""
+
+    levels: list[str] = Field(
+        default=["last-2", "last-1", "last"], description="image-feature levels to fuse, finest pyramid level first"
+    )
+    level_scales: list[float] = Field(
+        default=[4.0, 2.0, 1.0], description="resize factor of each level before fusing (bilinear, align_corners)"
+    )
+    num_fuse: int = Field(default=5, ge=0, description="rounds of cross-level channel shuffle + conv")
+    gn_groups: int = Field(default=64, ge=1, description="GroupNorm groups of the fuse convs")
+    region_dim: int = Field(default=REFERENCE_REGION_DIM, ge=1, description="width of the pooled region vector")
+    pos_embed_dim: int = Field(default=256, ge=1, description="hidden width of the box position MLP")
+    roi_output_size: int = Field(default=14, ge=1, description="RoIAlign output bins per side")
+    sampling_ratio: int = Field(default=2, description="RoIAlign samples per bin and axis; <= 0 adapts to the box")
+    corner_format_quirk: bool = Field(
+        default=True,
+        description="reference quirk 1: hand the (cx, cy, w, h) box to RoIAlign as (x1, y1, x2, y2); "
+        "false pools the true box",
+    )
+    stride_quirk: bool = Field(
+        default=True,
+        description="reference quirk 2: RoIAlign spatial scales twice the geometric map/image ratio; "
+        "false uses the geometric scale",
+    )
+    roi_align_backend: Backend = Field(
+        default="torch", description="'torch' (pure PyTorch) or 'torchvision' (its kernel, when installed)"
+    )
+    in_channels: int | None = Field(
+        default=None, ge=1, description="channels of the input levels; None reads them from the image tokenizer"
+    )
+
+    @model_validator(mode="after")
+    def _scales_match_levels(self) -> RoIAlignEncoderOptions:
+        if not self.levels:
+            raise ValueError("levels must name at least one image-feature level")
+        if len(self.level_scales) != len(self.levels):
+            raise ValueError(
+                f"level_scales has {len(self.level_scales)} entries but levels has {len(self.levels)}: "
+                "give one scale per level"
+            )
+        if any(s <= 0 for s in self.level_scales):
+            raise ValueError(f"level_scales must be positive, got {self.level_scales}")
+        return self
+
+    @classmethod
+    def from_reference_config(
+        cls, groma_config: dict[str, Any], region_dim: int = REFERENCE_REGION_DIM
+    ) -> RoIAlignEncoderOptions:
+        """Options reproducing the reference region encoder of a ``GromaConfig.to_dict()``.
+
+        The reference hard-codes every region-encoder size, so the config only confirms the model type;
+        ``region_dim`` is the width of ``flatten_linear`` (1024 in the released model; the golden fixtures
+        store theirs in ``meta.json["config"]["region_dim_patch"]["region_dim"]``).
+        """
+        model_type = groma_config.get("model_type")
+        if model_type not in (None, "groma"):
+            raise ValueError(f"from_reference_config: expected a Groma config (model_type 'groma'), got {model_type!r}")
+        return cls(region_dim=region_dim)
+
+
+class MlvlRoIAlignEncoder(RegionEncoder):
+    """Groma's region encoder: resize the chosen levels into a pyramid, fuse it, RoIAlign each region on every
+    level, and project to the language model width.
+
+    ``forward(features, regions)``: ``regions`` is a list of B tensors (N_i, 4) of normalized xyxy boxes ->
+    list of B tensors (N_i, hidden_size).
+    """
+
+    reference_prefixes = ("region_encoder.",)
+
+    def __init__(self, options: RoIAlignEncoderOptions, channels: int, hidden_size: int, image_size: tuple[int, int]):
+        super().__init__()
+        if channels % options.gn_groups:
+            raise ValueError(
+                f"mlvl-roialign: gn_groups={options.gn_groups} must divide the level channels ({channels})"
+            )
+        self.options = options
+        self.channels = channels
+        self.hidden_size = hidden_size
+        self.image_size = image_size
+        self.mlvl_fuse = MLVLFuseModule(channels, len(options.levels), options.num_fuse, options.gn_groups)
+        self.extractor = MlvlRoIExtractor(
+            channels,
+            len(options.levels),
+            options.region_dim,
+            hidden_size,
+            output_size=options.roi_output_size,
+            sampling_ratio=options.sampling_ratio,
+            pos_embed_dim=options.pos_embed_dim,
+            backend=options.roi_align_backend,
+        )
+
+    def reference_key(self, key: str) -> str | None:
+        own = super().reference_key(key)
+        if own is None:
+            return None
+        for old, new in _RENAMES:
+            if own.startswith(old):
+                return new + own[len(old) :]
+        return own
+
+    # -- the steps of forward, public for stage-by-stage checks ---------------------------------------------
+    def pyramid(self, features: ImageFeatures) -> list[Tensor]:
+        """The fused maps, one per configured level, after resizing by ``level_scales``."""
+        dtype = module_dtype(self)
+        maps = []
+        for name, scale in zip(self.options.levels, self.options.level_scales):
+            if name not in features.levels:
+                raise KeyError(
+                    f"mlvl-roialign: option levels names {name!r} but the image features have {sorted(features.levels)}"
+                )
+            level = features.levels[name]
+            if level.ndim != 4 or level.shape[1] != self.channels:
+                raise ValueError(
+                    f"mlvl-roialign: level {name!r} must have shape (B, {self.channels}, h, w), "
+                    f"got {tuple(level.shape)}"
+                )
+            size = (round(level.shape[-2] * scale), round(level.shape[-1] * scale))
+            maps.append(resize_bilinear(level, size).to(dtype))
+        return self.mlvl_fuse(maps)
+
+    def rois(self, regions: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+        """RoIAlign boxes (K, 5) = [image index, 4 coordinates in input pixels] and the cxcywh boxes (K, 4)."""
+        height, width = self.image_size
+        to_pixels = torch.tensor([width, height, width, height], dtype=torch.float32, device=device)
+        rows, centres = [], []
+        for index, boxes in enumerate(regions):
+            boxes = boxes.to(device=device, dtype=torch.float32)
+            cxcywh = xyxy_to_cxcywh(boxes)
+            pooled_box = cxcywh if self.options.corner_format_quirk else boxes
+            image = torch.full((boxes.shape[0], 1), float(index), device=device)
+            rows.append(torch.cat([image, pooled_box * to_pixels], dim=1))
+            centres.append(cxcywh)
+        return torch.cat(rows), torch.cat(centres)
+
+    def spatial_scales(self, fused: list[Tensor]) -> list[tuple[float, float]]:
+        """(scale_h, scale_w) of each fused map relative to the input pixels (doubled with ``stride_quirk``)."""
+        factor = 2 if self.options.stride_quirk else 1
+        height, width = self.image_size
+        return [(factor * f.shape[-2] / height, factor * f.shape[-1] / width) for f in fused]
+
+    def _check_regions(self, features: ImageFeatures, regions: list[Tensor]) -> list[int]:
+        if len(regions) != features.batch_size:
+            raise ValueError(
+                f"mlvl-roialign: regions has {len(regions)} entries for a batch of {features.batch_size} images"
+            )
+        for i, boxes in enumerate(regions):
+            if not isinstance(boxes, Tensor) or boxes.ndim != 2 or boxes.shape[-1] != 4:
+                shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
+                raise ValueError(f"mlvl-roialign: regions[{i}] must have shape (N, 4) (normalized xyxy), got {shape}")
+        return [boxes.shape[0] for boxes in regions]
+
+    def forward(self, features: ImageFeatures, regions: list[Tensor]) -> list[Tensor]:
+        counts = self._check_regions(features, regions)
+        if sum(counts) == 0:
+            weight = self.extractor.updims.weight
+            return [weight.new_zeros(0, self.hidden_size) for _ in counts]
+        fused = self.pyramid(features)
+        rois, cxcywh = self.rois(regions, fused[0].device)
+        tokens = self.extractor(fused, rois, cxcywh, self.spatial_scales(fused))
+        return list(tokens.split(counts))
+
+
+def build_region_encoder(options: RoIAlignEncoderOptions, context: BuildContext) -> MlvlRoIAlignEncoder:
+    """Factory of ``mlvl-roialign``: channels, image size and hidden size come from the build context."""
+    if options.in_channels is not None:
+        channels = options.in_channels
+    else:
+        missing = [name for name in options.levels if name not in context.level_channels]
+        if missing:
+            raise ValueError(
+                f"mlvl-roialign: the image tokenizer publishes no level {missing[0]!r} "
+                f"(it has {sorted(context.level_channels)}); fix the option levels or set in_channels"
+            )
+        widths = {name: context.level_channels[name] for name in options.levels}
+        if len(set(widths.values())) != 1:
+            raise ValueError(f"mlvl-roialign: all fused levels need the same channel count, got {widths}")
+        channels = widths[options.levels[0]]
+    if context.hidden_size <= 0:
+        raise ValueError("mlvl-roialign: the build context has no language-model hidden_size (got 0)")
+    if min(context.image_size) <= 0:
+        raise ValueError(
+            f"mlvl-roialign: the build context has no image_size (got {context.image_size}); "
+            "it converts normalized boxes to input pixels"
+        )
+    return MlvlRoIAlignEncoder(options, channels, context.hidden_size, tuple(context.image_size))

@@ -1,0 +1,68 @@
+"""Groma's multi-level RoI extractor: RoIAlign on every fused level, a 3x3 conv per level, sum, ReLU, a linear
+layer over the flattened bins, plus an MLP embedding of the box, then the projection to the language model width."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from groma_plugin_roialign.ops import Backend, roi_align
+
+
+class MlvlRoIExtractor(nn.Module):
+    """Pools one vector per region from L fused maps (module names follow the reference ``roi_align``)."""
+
+    def __init__(
+        self,
+        channels: int,
+        num_levels: int,
+        region_dim: int,
+        hidden_size: int,
+        output_size: int = 14,
+        sampling_ratio: int = 2,
+        pos_embed_dim: int = 256,
+        backend: Backend = "torch",
+    ):
+        super().__init__()
+        self.output_size = output_size
+        self.sampling_ratio = sampling_ratio
+        self.backend = backend
+        self.pconvs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(num_levels))
+        self.pos_embed = nn.Sequential(
+            nn.Linear(4, pos_embed_dim),
+            nn.ReLU(),
+            nn.LayerNorm(pos_embed_dim),
+            nn.Linear(pos_embed_dim, region_dim),
+            nn.ReLU(),
+            nn.LayerNorm(region_dim),
+        )
+        self.flatten_linear = nn.Linear(channels * output_size * output_size, region_dim)
+        self.updims = nn.Linear(region_dim, hidden_size)
+
+    def pool(self, feats: list[Tensor], rois: Tensor, scales: list[tuple[float, float]]) -> list[Tensor]:
+        """RoIAlign (float32, aligned) of ``rois`` (K, 5) on each level -> L tensors (K, C, S, S)."""
+        return [
+            roi_align(
+                feat.float(),
+                rois.float(),
+                self.output_size,
+                spatial_scale=scale,
+                sampling_ratio=self.sampling_ratio,
+                aligned=True,
+                backend=self.backend,
+            )
+            for feat, scale in zip(feats, scales)
+        ]
+
+    def appearance(self, pooled: list[Tensor]) -> Tensor:
+        """``flatten_linear(flatten(ReLU(sum_l pconvs[l](pooled[l]))))`` -> (K, region_dim)."""
+        dtype = self.flatten_linear.weight.dtype
+        total = sum(conv(p.to(dtype)) for conv, p in zip(self.pconvs, pooled))
+        return self.flatten_linear(F.relu(total).flatten(1))
+
+    def forward(
+        self, feats: list[Tensor], rois: Tensor, boxes_cxcywh: Tensor, scales: list[tuple[float, float]]
+    ) -> Tensor:
+        """Region tokens (K, hidden_size) for ``rois`` (K, 5) and their normalized cxcywh boxes (K, 4)."""
+        position = self.pos_embed(boxes_cxcywh.to(self.flatten_linear.weight.dtype))
+        return self.updims(self.appearance(self.pool(feats, rois, scales)) + position)

@@ -1,0 +1,232 @@
+"""The mlvl-roialign region encoder: discovery, options, call contract, quirks, full-size shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from groma_plugin_roialign import MlvlRoIAlignEncoder, RoIAlignEncoderOptions, build_region_encoder, roi_align
+from pydantic import ValidationError
+
+from groma_core.boxes import cxcywh_to_xyxy
+from groma_core.plugins import PluginManager
+from groma_core.reference import map_reference_keys
+from groma_core.stages import BuildContext
+from groma_core.testing.fixtures import GoldenSet, golden_root, golden_sets
+from groma_core.types import ImageFeatures
+
+LEVELS = ("last-3", "last-2", "last-1", "last")
+
+
+def _context(channels: int = 8, hidden: int = 12, grid: int = 4, image: int = 56) -> BuildContext:
+    return BuildContext(
+        level_channels={name: channels for name in LEVELS},
+        level_sizes={name: (grid, grid) for name in LEVELS},
+        token_dim=4 * channels,
+        image_size=(image, image),
+        hidden_size=hidden,
+    )
+
+
+def _small(**overrides) -> MlvlRoIAlignEncoder:
+    options = RoIAlignEncoderOptions(gn_groups=4, region_dim=16, pos_embed_dim=8, roi_output_size=3, **overrides)
+    torch.manual_seed(0)
+    return build_region_encoder(options, _context()).eval()
+
+
+def _features(batch: int = 2, channels: int = 8, grid: int = 4) -> ImageFeatures:
+    generator = torch.Generator().manual_seed(5)
+    levels = {name: torch.randn(batch, channels, grid, grid, generator=generator) for name in LEVELS}
+    return ImageFeatures(tokens=torch.zeros(batch, 4, 4 * channels), levels=levels)
+
+
+BOXES = torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.3, 0.1, 0.9, 0.4], [0.0, 0.0, 1.0, 1.0]])
+
+
+def test_discovered_through_the_entry_point():
+    manager = PluginManager(env={})
+    entry = manager.get("region_encoder", "mlvl-roialign")
+    assert entry.distribution == "groma-plugin-roialign"
+    assert entry.config is RoIAlignEncoderOptions
+    stage = manager.build("region_encoder", "mlvl-roialign", RoIAlignEncoderOptions(gn_groups=4), _context())
+    assert isinstance(stage, MlvlRoIAlignEncoder)
+    assert stage.hidden_size == 12
+
+
+def test_one_token_per_region_and_empty_images():
+    encoder, features = _small(), _features()
+    first = ImageFeatures(features.tokens[:1], {k: v[:1] for k, v in features.levels.items()})
+    with torch.no_grad():
+        out = encoder(features, [BOXES, torch.zeros(0, 4)])
+        alone = encoder(first, [BOXES])
+        none = encoder(_features(), [torch.zeros(0, 4), torch.zeros(0, 4)])
+    assert [t.shape for t in out] == [(3, 12), (0, 12)]
+    torch.testing.assert_close(out[0], alone[0], rtol=0, atol=1e-5)
+    assert [t.shape for t in none] == [(0, 12), (0, 12)]
+
+
+def test_regions_of_each_image_are_pooled_from_that_image():
+    features = _features()
+    swapped = ImageFeatures(features.tokens, {k: v.flip(0) for k, v in features.levels.items()})
+    encoder = _small()
+    with torch.no_grad():
+        out = encoder(features, [BOXES[:1], BOXES[1:]])
+        out_swapped = encoder(swapped, [BOXES[1:], BOXES[:1]])
+    torch.testing.assert_close(out[0], out_swapped[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[1], out_swapped[0], rtol=0, atol=1e-5)
+
+
+def test_quirk_options_change_what_is_pooled():
+    box = torch.tensor([[0.2, 0.3, 0.6, 0.5]])  # cxcywh (0.4, 0.4, 0.4, 0.2)
+    fused = [torch.zeros(1, 8, 16, 16), torch.zeros(1, 8, 8, 8), torch.zeros(1, 8, 4, 4)]
+    quirky, geometric = _small(), _small(corner_format_quirk=False, stride_quirk=False)
+    rois, cxcywh = quirky.rois([box], torch.device("cpu"))
+    torch.testing.assert_close(rois, torch.tensor([[0.0, 0.4 * 56, 0.4 * 56, 0.4 * 56, 0.2 * 56]]))
+    torch.testing.assert_close(cxcywh, torch.tensor([[0.4, 0.4, 0.4, 0.2]]))
+    rois, cxcywh = geometric.rois([box], torch.device("cpu"))
+    torch.testing.assert_close(rois, torch.tensor([[0.0, 0.2 * 56, 0.3 * 56, 0.6 * 56, 0.5 * 56]]))
+    torch.testing.assert_close(cxcywh, torch.tensor([[0.4, 0.4, 0.4, 0.2]]))  # the position MLP always sees cxcywh
+    assert quirky.spatial_scales(fused) == [(32 / 56, 32 / 56), (16 / 56, 16 / 56), (8 / 56, 8 / 56)]
+    assert geometric.spatial_scales(fused) == [(16 / 56, 16 / 56), (8 / 56, 8 / 56), (4 / 56, 4 / 56)]
+
+
+def test_full_size_scales_reproduce_the_reference_strides():
+    context = _context(channels=16, grid=32, image=448)
+    encoder = build_region_encoder(RoIAlignEncoderOptions(gn_groups=4), context)
+    maps = [torch.zeros(1, 16, s, s) for s in (128, 64, 32)]
+    assert encoder.spatial_scales(maps) == [(1 / (14 / 8),) * 2, (1 / (14 / 4),) * 2, (1 / (14 / 2),) * 2]
+    encoder = build_region_encoder(RoIAlignEncoderOptions(gn_groups=4, stride_quirk=False), context)
+    assert encoder.spatial_scales(maps) == [(128 / 448,) * 2, (64 / 448,) * 2, (32 / 448,) * 2]
+
+
+def test_geometric_setting_pools_only_inside_the_box():
+    # with both quirks off, changing the map far outside a box leaves its RoIAlign features unchanged
+    encoder = _small(corner_format_quirk=False, stride_quirk=False)
+    box = torch.tensor([[0.3, 0.3, 0.5, 0.5]])  # the quirks read it as x, y from 0.8 down to 0.4
+    rois, _ = encoder.rois([box], torch.device("cpu"))
+    fmap = torch.randn(1, 8, 16, 16)
+    changed = fmap.clone()
+    changed[..., 10:, :] = 7.0
+    changed[..., :, 10:] = 7.0
+    scales = encoder.spatial_scales([fmap])
+    before, after = encoder.extractor.pool([fmap], rois, scales)[0], encoder.extractor.pool([changed], rois, scales)[0]
+    assert torch.equal(before, after)
+    quirky = _small()
+    rois, _ = quirky.rois([box], torch.device("cpu"))
+    scales = quirky.spatial_scales([fmap])
+    before, after = quirky.extractor.pool([fmap], rois, scales)[0], quirky.extractor.pool([changed], rois, scales)[0]
+    assert not torch.equal(before, after)
+
+
+def test_pooling_uses_the_roi_align_semantics():
+    encoder = _small()
+    fused = [torch.randn(2, 8, 16, 16), torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)]
+    rois, _ = encoder.rois([BOXES, BOXES[:1]], torch.device("cpu"))
+    scales = encoder.spatial_scales(fused)
+    pooled = encoder.extractor.pool(fused, rois, scales)
+    for level, fmap in enumerate(fused):
+        expected = roi_align(fmap, rois, 3, spatial_scale=scales[level], sampling_ratio=2, aligned=True)
+        assert torch.equal(pooled[level], expected)
+
+
+@pytest.mark.parametrize(
+    "regions, error, message",
+    [
+        ([BOXES[:, :3], BOXES], ValueError, r"regions\[0\] must have shape \(N, 4\).*got \(3, 3\)"),
+        ([BOXES, BOXES[None]], ValueError, r"regions\[1\] must have shape \(N, 4\).*got \(1, 3, 4\)"),
+        ([BOXES], ValueError, "regions has 1 entries for a batch of 2 images"),
+    ],
+)
+def test_bad_regions_are_named(regions, error, message):
+    with pytest.raises(error, match=message):
+        _small()(_features(), regions)
+
+
+def test_missing_level_is_named():
+    features = _features()
+    del features.levels["last-1"]
+    with pytest.raises(KeyError, match="levels names 'last-1'.*'last', 'last-2', 'last-3'"):
+        _small()(features, [BOXES, BOXES])
+
+
+def test_wrong_level_width_is_named():
+    features = _features(channels=6)
+    with pytest.raises(ValueError, match=r"level 'last-2' must have shape \(B, 8, h, w\), got \(2, 6, 4, 4\)"):
+        _small()(features, [BOXES, BOXES])
+
+
+def test_build_errors_are_clear():
+    with pytest.raises(ValueError, match="publishes no level 'p5'"):
+        build_region_encoder(RoIAlignEncoderOptions(levels=["p5"], level_scales=[1]), _context())
+    with pytest.raises(ValueError, match="no language-model hidden_size"):
+        build_region_encoder(RoIAlignEncoderOptions(gn_groups=4), _context(hidden=0))
+    with pytest.raises(ValueError, match="gn_groups=64 must divide the level channels \\(8\\)"):
+        build_region_encoder(RoIAlignEncoderOptions(), _context())
+    with pytest.raises(ValidationError, match="level_scales has 2 entries but levels has 3"):
+        RoIAlignEncoderOptions(level_scales=[2, 1])
+    with pytest.raises(ValidationError, match="extra"):
+        RoIAlignEncoderOptions(roi_size=7)
+
+
+def test_other_levels_and_widths_can_be_chosen():
+    options = RoIAlignEncoderOptions(
+        levels=["last-1", "last"],
+        level_scales=[2, 1],
+        gn_groups=2,
+        in_channels=8,
+        num_fuse=1,
+        region_dim=6,
+        roi_output_size=2,
+        sampling_ratio=0,
+    )
+    encoder = build_region_encoder(options, BuildContext(image_size=(56, 56), hidden_size=5))
+    out = encoder(_features(), [BOXES, BOXES[:2]])
+    assert [t.shape for t in out] == [(3, 5), (2, 5)]
+
+
+def test_runs_in_bfloat16():
+    encoder = _small()
+    features = _features()
+    with torch.no_grad():
+        reference = encoder(features, [BOXES, BOXES])
+        low = encoder.to(torch.bfloat16)(features, [BOXES, BOXES])
+    assert low[0].dtype == torch.bfloat16
+    torch.testing.assert_close(low[0].float(), reference[0], rtol=0.05, atol=0.05)
+
+
+def test_from_reference_config():
+    sets = golden_sets()
+    config = GoldenSet(sets[0]).groma_config if sets else {"model_type": "groma"}
+    options = RoIAlignEncoderOptions.from_reference_config(config)
+    assert options.region_dim == 1024 and options.corner_format_quirk and options.stride_quirk
+    assert options.levels == ["last-2", "last-1", "last"] and options.level_scales == [4, 2, 1]
+    assert RoIAlignEncoderOptions.from_reference_config(config, region_dim=64).region_dim == 64
+    with pytest.raises(ValueError, match="model_type 'groma'"):
+        RoIAlignEncoderOptions.from_reference_config({"model_type": "llava"})
+
+
+def test_full_size_on_meta_device_matches_the_released_checkpoint():
+    keys_file = golden_root().parent / "groma-7b-keys.tsv"
+    if not keys_file.is_file():
+        pytest.skip(f"no {keys_file}")
+    released = {}
+    for line in keys_file.read_text().splitlines():
+        key, shape = line.split("\t")[:2]
+        if key.startswith("region_encoder."):
+            released[key] = tuple(int(s) for s in shape.split("x"))
+    context = BuildContext(
+        level_channels={name: 1024 for name in LEVELS}, image_size=(448, 448), hidden_size=4096, token_dim=4096
+    )
+    with torch.device("meta"):
+        encoder = build_region_encoder(RoIAlignEncoderOptions.from_reference_config({"model_type": "groma"}), context)
+    own = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+    mapping, dropped = map_reference_keys(encoder, list(released))
+    assert not dropped and len(released) == 39
+    assert sorted(mapping.values()) == sorted(own)
+    assert {ref: own[mine] for ref, mine in mapping.items()} == released
+
+
+def test_round_trip_of_reference_boxes_is_negligible():
+    generator = torch.Generator().manual_seed(0)
+    cxcywh = torch.rand(500, 4, generator=generator) * 0.5 + 0.25
+    _, back = _small().rois([cxcywh_to_xyxy(cxcywh)], torch.device("cpu"))
+    assert (back - cxcywh).abs().max() < 2e-7
