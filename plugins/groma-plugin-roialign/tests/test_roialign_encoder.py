@@ -11,6 +11,7 @@ from groma_core.boxes import cxcywh_to_xyxy
 from groma_core.plugins import PluginManager
 from groma_core.reference import map_reference_keys
 from groma_core.stages import BuildContext
+from groma_core.testing.contract import check_registered_stage
 from groma_core.testing.fixtures import GoldenSet, golden_root, golden_sets
 from groma_core.types import ImageFeatures
 
@@ -50,6 +51,12 @@ def test_discovered_through_the_entry_point():
     stage = manager.build("region_encoder", "mlvl-roialign", RoIAlignEncoderOptions(gn_groups=4), _context())
     assert isinstance(stage, MlvlRoIAlignEncoder)
     assert stage.hidden_size == 12
+
+
+def test_keeps_the_region_encoder_contract():
+    options = {"gn_groups": 8, "region_dim": 24, "roi_output_size": 5}
+    stage = check_registered_stage("region_encoder", "mlvl-roialign", options, manager=PluginManager(env={}))
+    assert isinstance(stage, MlvlRoIAlignEncoder)
 
 
 def test_one_token_per_region_and_empty_images():
