@@ -14,6 +14,21 @@ from groma_core.types import GroundedAnswer, GroundedPhrase, ImageFeatures, Prop
 
 __version__ = "0.1.0"
 
+
+def build(recipe, overrides=(), manager=None):
+    """Build the pipeline a recipe (a :class:`~groma_core.recipe.Recipe`, a path or a shipped name) describes."""
+    from groma_core.api import build as _build
+
+    return _build(recipe, overrides, manager)
+
+
+def load(model, overrides=(), manager=None):
+    """Load a model from a checkpoint directory or a recipe (see :func:`groma_core.api.load`)."""
+    from groma_core.api import load as _load
+
+    return _load(model, overrides, manager)
+
+
 __all__ = [
     "BackboneOutput",
     "BuildContext",
@@ -29,4 +44,6 @@ __all__ = [
     "StageOptions",
     "hookimpl",
     "__version__",
+    "build",
+    "load",
 ]

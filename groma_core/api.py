@@ -72,12 +72,30 @@ def build(
     return model.to(DTYPES[recipe.core.dtype])
 
 
+PATH_OPTIONS = ("pretrained", "tokenizer")
+
+
+def _resolved_options(recipe: Recipe, kind: str):
+    """The stage's options with relative path options (``pretrained``, ``tokenizer``) resolved against the
+    recipe file's directory, so that a checkpoint directory can be moved as a whole."""
+    options = recipe.stages[kind].options
+    if recipe.base_dir is None:
+        return options
+    updates = {}
+    for name in PATH_OPTIONS:
+        value = getattr(options, name, None)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            candidate = recipe.base_dir / value
+            if candidate.exists():
+                updates[name] = str(candidate)
+    return options.model_copy(update=updates) if updates else options
+
+
 def _construct(recipe: Recipe, manager: PluginManager) -> GromaModel:
     ctx = BuildContext(source=recipe.source)
 
     def make(kind: str):
-        choice = recipe.stages[kind]
-        return manager.build(kind, choice.plugin, choice.options, ctx)
+        return manager.build(kind, recipe.stages[kind].plugin, _resolved_options(recipe, kind), ctx)
 
     image_tokenizer = make("image_tokenizer")
     ctx.level_channels = dict(image_tokenizer.level_channels)
@@ -128,11 +146,31 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        problems.append(
+            f"{len(missing)} missing tensor(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+        )
     if unknown:
-        problems.append(f"{len(unknown)} unknown tensor(s): {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
+        problems.append(
+            f"{len(unknown)} unknown tensor(s): {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}"
+        )
     if wrong:
         problems.append("wrong shape: " + "; ".join(wrong[:8]))
     if problems:
         raise CheckpointError(f"{path}: " + " | ".join(problems))
     model.load_state_dict(state, strict=True, assign=True)
+
+
+def load(
+    model: str | Path,
+    overrides: Sequence[str] = (),
+    manager: PluginManager | None = None,
+) -> GromaModel:
+    """Load a model from a checkpoint directory (one holding ``recipe.yaml`` and safetensors weights, as written
+    by ``groma convert`` or training) or from a recipe file / shipped recipe name."""
+    path = Path(model)
+    if path.is_dir():
+        recipe_file = path / "recipe.yaml"
+        if not recipe_file.is_file():
+            raise CheckpointError(f"{path}: not a groma-core checkpoint directory (no recipe.yaml)")
+        return build(recipe_file, overrides, manager).eval()
+    return build(path if path.suffix else str(model), overrides, manager).eval()

@@ -27,8 +27,6 @@ class UserBoxesProposer(RegionProposer):
         )
 
 
-
-
 def _user_boxes(config: UserBoxesOptions, context: BuildContext) -> UserBoxesProposer:
     return UserBoxesProposer()
 

@@ -76,6 +76,32 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert a reference Groma checkpoint directory (config.json + .bin or safetensors) into a groma-core one."""
+    from groma_core.convert import convert_checkpoint
+
+    report = convert_checkpoint(
+        args.src,
+        args.dst,
+        dtype=args.dtype,
+        manager=_manager(),
+        shard_bytes=int(args.shard_gb * 1024**3),
+        progress=not args.quiet,
+    )
+    print(
+        f"wrote {report.written} tensors ({report.parameters:,} parameters) in {len(report.shards)} shard(s) to "
+        f"{args.dst}; dropped {report.aliases_dropped} alias keys"
+    )
+    if report.dropped_by_stage:
+        print(f"not kept by their stage: {len(report.dropped_by_stage)} ({', '.join(report.dropped_by_stage[:5])})")
+    if report.unknown:
+        print(
+            f"unknown keys, not loaded: {len(report.unknown)}: {', '.join(report.unknown[:20])}"
+            + (" ..." if len(report.unknown) > 20 else "")
+        )
+    return 0
+
+
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe file, or the name of a shipped recipe (see `groma recipes`)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
@@ -100,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--print", action="store_true", help="print the validated recipe with all defaults filled in")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("convert", help="convert a reference Groma checkpoint", description=cmd_convert.__doc__)
+    p.add_argument("src", help="reference checkpoint directory (config.json + pytorch_model*.bin or safetensors)")
+    p.add_argument("dst", help="output directory (recipe.yaml + safetensors shards + tokenizer files)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast floating tensors")
+    p.add_argument("--shard-gb", type=float, default=2.0, help="largest shard size in GiB (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -214,8 +214,14 @@ class GromaModel(nn.Module):
                     raise InputError(f"sample {i}: {len(lab)} labels for {len(original)} prompt ids")
                 # supervised placeholders follow their rewritten ids (<ground_box> -> <rK>)
                 lab = [ids[j] if t != IGNORE_INDEX and t == original[j] else t for j, t in enumerate(lab)]
-                widths = [features.tokens.shape[1] if t == image_id else 2 * regions.boxes[i].shape[0] if t == region_id
-                          else 1 for t in ids]
+                widths = [
+                    features.tokens.shape[1]
+                    if t == image_id
+                    else 2 * regions.boxes[i].shape[0]
+                    if t == region_id
+                    else 1
+                    for t in ids
+                ]
                 label_rows.append([t if w == 1 else IGNORE_INDEX for t, w in zip(lab, widths) for _ in range(w)])
 
         device = self.device
@@ -290,36 +296,69 @@ class GromaModel(nn.Module):
         """Greedy or sampled decoding with a key/value cache; batches are left-padded so every sample decodes
         exactly as it would alone."""
         inputs = self.prepare_inputs(pixel_values, input_ids, refer_boxes, padding_side="left", generator=generator)
-        eos = self.tokenizer.eos_id if eos_id is None else eos_id
-        backbone = self.language_backbone
-        mask = inputs.attention_mask
-        positions = inputs.position_ids
-        out = backbone(inputs.inputs_embeds, mask, positions, use_cache=True)
-        batch = mask.shape[0]
-        finished = torch.zeros(batch, dtype=torch.bool, device=mask.device)
-        sequences: list[list[int]] = [[] for _ in range(batch)]
-        step_logits: list[Tensor] = []
-        next_pos = positions[:, -1:] + 1
-        for _ in range(max_new_tokens):
-            logits = out.logits[:, -1].float()
-            if keep_step_logits:
-                step_logits.append(logits)
-            next_ids = _pick(logits, do_sample, temperature, top_p, top_k, generator)
-            for i in range(batch):
-                if finished[i]:
-                    continue
-                if eos is not None and int(next_ids[i]) == eos:
-                    finished[i] = True
-                else:
-                    sequences[i].append(int(next_ids[i]))
-            if bool(finished.all()):
-                break
-            next_ids = torch.where(finished, torch.full_like(next_ids, self.tokenizer.pad_id), next_ids)
-            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], dim=1)
-            embeds = backbone.embed(next_ids[:, None])
-            out = backbone(embeds, mask, next_pos, past_key_values=out.past_key_values, use_cache=True)
-            next_pos = next_pos + 1
+        sequences, step_logits = decode(
+            self.language_backbone,
+            inputs.inputs_embeds,
+            inputs.attention_mask,
+            inputs.position_ids,
+            max_new_tokens=max_new_tokens,
+            eos_id=self.tokenizer.eos_id if eos_id is None else eos_id,
+            pad_id=self.tokenizer.pad_id,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            generator=generator,
+            keep_step_logits=keep_step_logits,
+        )
         return GenerationOutput(sequences, inputs.prompt_ids, inputs.regions, step_logits)
+
+
+@torch.no_grad()
+def decode(
+    backbone: LanguageBackbone,
+    inputs_embeds: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    max_new_tokens: int,
+    eos_id: int | None,
+    pad_id: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+    keep_step_logits: bool = False,
+) -> tuple[list[list[int]], list[Tensor]]:
+    """Decode from prepared embeddings with a key/value cache: new ids per sample (EOS excluded) and, if asked,
+    the logits of every step. Rows must be left-padded (or unpadded); positions continue from each row's last."""
+    mask = attention_mask
+    out = backbone(inputs_embeds, mask, position_ids, use_cache=True)
+    batch = mask.shape[0]
+    finished = torch.zeros(batch, dtype=torch.bool, device=mask.device)
+    sequences: list[list[int]] = [[] for _ in range(batch)]
+    step_logits: list[Tensor] = []
+    next_pos = position_ids[:, -1:] + 1
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if keep_step_logits:
+            step_logits.append(logits)
+        next_ids = _pick(logits, do_sample, temperature, top_p, top_k, generator)
+        for i in range(batch):
+            if finished[i]:
+                continue
+            if eos_id is not None and int(next_ids[i]) == eos_id:
+                finished[i] = True
+            else:
+                sequences[i].append(int(next_ids[i]))
+        if bool(finished.all()) or step == max_new_tokens - 1:  # no forward for a token nobody will read
+            break
+        next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+        out = backbone(backbone.embed(next_ids[:, None]), mask, next_pos, past_key_values=out.past_key_values,
+                       use_cache=True)
+        next_pos = next_pos + 1
+    return sequences, step_logits
 
 
 def _pick(

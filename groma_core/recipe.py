@@ -267,14 +267,17 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
         return shipped
     if not p.suffix and not p.exists():
         names = [r.stem for r in shipped_recipes()]
-        raise RecipeError(str(name_or_path), [f"no such recipe file or shipped recipe{_did_you_mean(str(p), names)}; "
-                                              f"shipped: {', '.join(names) or '(none)'}"])
+        raise RecipeError(
+            str(name_or_path),
+            [
+                f"no such recipe file or shipped recipe{_did_you_mean(str(p), names)}; "
+                f"shipped: {', '.join(names) or '(none)'}"
+            ],
+        )
     return p
 
 
-def load_recipe(
-    path: str | Path, overrides: Sequence[str] = (), manager: PluginManager | None = None
-) -> Recipe:
+def load_recipe(path: str | Path, overrides: Sequence[str] = (), manager: PluginManager | None = None) -> Recipe:
     """Read, override and validate a recipe file (or a shipped recipe name)."""
     path = resolve_recipe_path(path)
     data = read_recipe_file(path)

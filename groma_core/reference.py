@@ -64,9 +64,7 @@ def load_reference_weights(stage: Stage, tensors: Mapping[str, Tensor], where: s
             problems.append(f"{ref_key} -> {own}: no such parameter in {type(stage).__name__}")
             continue
         if tuple(tensors[ref_key].shape) != tuple(expected[own]):
-            problems.append(
-                f"{ref_key}: shape {tuple(tensors[ref_key].shape)} but {own} has {tuple(expected[own])}"
-            )
+            problems.append(f"{ref_key}: shape {tuple(tensors[ref_key].shape)} but {own} has {tuple(expected[own])}")
             continue
         state[own] = tensors[ref_key]
     missing = sorted(set(expected) - set(state))

@@ -15,7 +15,9 @@ class SelectionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    nms_iou: float = Field(0.6, ge=0.0, le=1.0, description="suppress a candidate whose IoU with a better one is above this")
+    nms_iou: float = Field(
+        0.6, ge=0.0, le=1.0, description="suppress a candidate whose IoU with a better one is above this"
+    )
     score_threshold: float = Field(0.15, ge=0.0, le=1.0, description="keep candidates scoring strictly above this")
     max_regions: int = Field(100, ge=1, description="at most this many regions (= number of <rK> tokens)")
     refer_score: float = Field(1.0, description="score given to user boxes")

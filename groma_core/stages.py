@@ -91,7 +91,8 @@ class RegionProposer(Stage):
     """Image features -> candidate boxes with objectness scores.
 
     Contract: ``forward(features)`` with :class:`ImageFeatures` of B images -> :class:`Proposals` with B entries,
-    boxes (N_i, 4) normalized xyxy within [0, 1], scores (N_i,) in [0, 1]. The core then joins user boxes
+    boxes (N_i, 4) normalized xyxy with x2 >= x1, y2 >= y1 and centres inside [0, 1] (corners may cross the border:
+    the reference selects regions on unclipped boxes), scores (N_i,) in [0, 1]. The core then joins user boxes
     (score 1.0), applies NMS, the score threshold and the top-k cap (see :mod:`groma_core.selection`).
     A proposer may return zero boxes for an image.
     """

@@ -40,7 +40,8 @@ class ImageFeatures:
 class Proposals:
     """Candidate boxes of a :class:`~groma_core.stages.RegionProposer`, one entry per image.
 
-    ``boxes[i]``: (N_i, 4) normalized xyxy; ``scores[i]``: (N_i,) in [0, 1]. ``extras`` carries stage-specific
+    ``boxes[i]``: (N_i, 4) normalized xyxy (centres inside the image; corners may cross its border, as the
+    reference's unclipped proposals do); ``scores[i]``: (N_i,) in [0, 1]. ``extras`` carries stage-specific
     outputs (raw logits for training losses, masks) that the core passes through untouched.
     """
 

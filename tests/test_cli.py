@@ -16,7 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def groma(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "groma_core.cli", *args], capture_output=True, text=True, cwd=cwd, env=full_env,
+        [sys.executable, "-m", "groma_core.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=full_env,
         timeout=300,
     )
 

@@ -20,7 +20,11 @@ def test_forward_loss_backpropagates_into_every_trainable_stage(tiny_model, imag
     pixels = model.image_tokenizer.preprocess(images[:1])
     out = model(pixels, [ids], labels=[ids])
     n_regions = out.inputs.regions.boxes[0].shape[0]
-    assert out.logits.shape == (1, len(ids) - 2 + model.image_tokenizer.num_tokens + 2 * n_regions, model.tokenizer.vocab_size)
+    assert out.logits.shape == (
+        1,
+        len(ids) - 2 + model.image_tokenizer.num_tokens + 2 * n_regions,
+        model.tokenizer.vocab_size,
+    )
     assert torch.isfinite(out.loss)
     out.loss.backward()
     for name in ("image_projector", "region_encoder", "language_backbone", "image_tokenizer"):
@@ -36,7 +40,10 @@ def test_expanded_sequence_follows_the_reference_layout(tiny_model, images):
     row = inputs.ids[0].tolist()
     n = inputs.regions.boxes[0].shape[0]
     first_image = row.index(tok.token_id(T.IMAGE))
-    assert row[first_image : first_image + model.image_tokenizer.num_tokens] == [tok.token_id(T.IMAGE)] * model.image_tokenizer.num_tokens
+    assert (
+        row[first_image : first_image + model.image_tokenizer.num_tokens]
+        == [tok.token_id(T.IMAGE)] * model.image_tokenizer.num_tokens
+    )
     start = row.index(tok.region_ids[0])
     expected = [x for k in range(n) for x in (tok.region_ids[k], tok.token_id(T.REGION))]
     assert row[start : start + 2 * n] == expected
@@ -103,8 +110,15 @@ def test_sampling_is_reproducible_with_a_generator(tiny_model, images):
     ids = prompt_ids(model, "Describe the image.")
     pixels = model.image_tokenizer.preprocess(images[:1])
     runs = [
-        model.generate(pixels, [ids], max_new_tokens=8, do_sample=True, top_p=0.9, eos_id=-1,
-                       generator=torch.Generator().manual_seed(7)).sequences
+        model.generate(
+            pixels,
+            [ids],
+            max_new_tokens=8,
+            do_sample=True,
+            top_p=0.9,
+            eos_id=-1,
+            generator=torch.Generator().manual_seed(7),
+        ).sequences
         for _ in range(2)
     ]
     assert runs[0] == runs[1]

@@ -43,10 +43,15 @@ def test_builtin_user_boxes_is_always_there():
 
 
 def test_plugin_that_raises_at_import_becomes_a_warning_and_the_others_still_work(tmp_path, monkeypatch):
-    make_distribution(tmp_path, "groma-plugin-broken", {"broken_mod": "raise RuntimeError('boom at import')"},
-                      {"broken": "broken_mod"})
-    make_distribution(tmp_path, "groma-plugin-good", {"good_mod": PROPOSER_SOURCE.format(name="good")},
-                      {"good": "good_mod"})
+    make_distribution(
+        tmp_path,
+        "groma-plugin-broken",
+        {"broken_mod": "raise RuntimeError('boom at import')"},
+        {"broken": "broken_mod"},
+    )
+    make_distribution(
+        tmp_path, "groma-plugin-good", {"good_mod": PROPOSER_SOURCE.format(name="good")}, {"good": "good_mod"}
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.warns(PluginWarning, match="boom at import"):
         pm = PluginManager()
@@ -57,8 +62,12 @@ def test_plugin_that_raises_at_import_becomes_a_warning_and_the_others_still_wor
 
 
 def test_two_distributions_with_the_same_name_are_refused_naming_both(tmp_path, monkeypatch):
-    make_distribution(tmp_path, "groma-plugin-one", {"one_mod": PROPOSER_SOURCE.format(name="twin")}, {"one": "one_mod"})
-    make_distribution(tmp_path, "groma-plugin-two", {"two_mod": PROPOSER_SOURCE.format(name="twin")}, {"two": "two_mod"})
+    make_distribution(
+        tmp_path, "groma-plugin-one", {"one_mod": PROPOSER_SOURCE.format(name="twin")}, {"one": "one_mod"}
+    )
+    make_distribution(
+        tmp_path, "groma-plugin-two", {"two_mod": PROPOSER_SOURCE.format(name="twin")}, {"two": "two_mod"}
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.warns(PluginWarning, match="registered by both"):
         pm = PluginManager()

@@ -22,9 +22,22 @@ EXAMPLE = ROOT / "examples" / "groma-plugin-grid-proposer"
 def installed(tmp_path_factory) -> Path:
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(target), str(EXAMPLE)],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(EXAMPLE),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     assert any(p.name.startswith("groma_plugin_grid_proposer") and p.suffix == ".dist-info" for p in target.iterdir())
     return target
@@ -32,8 +45,9 @@ def installed(tmp_path_factory) -> Path:
 
 def test_cli_lists_the_installed_example(installed):
     env = {**os.environ, "PYTHONPATH": str(installed)}
-    out = subprocess.run([sys.executable, "-m", "groma_core.cli", "plugins"], capture_output=True, text=True,
-                         env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "groma_core.cli", "plugins"], capture_output=True, text=True, env=env, timeout=300
+    )
     line = next(line for line in out.stdout.splitlines() if line.startswith("sliding-window"))
     assert "region_proposer" in line and "groma-plugin-grid-proposer" in line and "ok" in line
 
@@ -66,7 +80,7 @@ def test_contract_kit_catches_a_broken_proposer(manager):
     class Outside(RegionProposer):
         def forward(self, features):
             b = features.batch_size
-            return Proposals([torch.tensor([[0.0, 0.0, 1.5, 0.5]])] * b, [torch.tensor([0.5])] * b)
+            return Proposals([torch.tensor([[1.2, 0.0, 1.5, 0.5]])] * b, [torch.tensor([0.5])] * b)
 
     class Plugin:
         @hookimpl
@@ -74,5 +88,5 @@ def test_contract_kit_catches_a_broken_proposer(manager):
             register("outside", lambda o, c: Outside(), config=UserBoxesOptions)
 
     manager.register_plugin(Plugin(), name="outside")
-    with pytest.raises(AssertionError, match="normalized to"):
+    with pytest.raises(AssertionError, match="centres inside"):
         check_registered_stage("region_proposer", "outside", manager=manager)

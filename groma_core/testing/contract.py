@@ -75,7 +75,9 @@ def _check_proposals(props: Proposals, batch: int) -> None:
     for i, (boxes, scores) in enumerate(zip(props.boxes, props.scores)):
         assert boxes.dtype == torch.float32, f"boxes[{i}] must be float32, got {boxes.dtype}"
         if boxes.numel():
-            assert boxes.min() >= 0 and boxes.max() <= 1, f"boxes[{i}] must be normalized to [0, 1]"
+            assert torch.isfinite(boxes).all(), f"boxes[{i}] must be finite"
+            centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+            assert centres.min() >= 0 and centres.max() <= 1, f"boxes[{i}] must be normalized: centres inside [0, 1]"
             assert torch.all(boxes[:, 2] >= boxes[:, 0]) and torch.all(boxes[:, 3] >= boxes[:, 1]), (
                 f"boxes[{i}] must be xyxy with x2 >= x1 and y2 >= y1"
             )

@@ -22,7 +22,6 @@ from groma_core.hookspecs import hookimpl
 from groma_core.prompt import GromaTokenizer, SentencePieceCodec
 from groma_core.stages import (
     BackboneOutput,
-    BuildContext,
     ImageTokenizer,
     LanguageBackbone,
     RegionEncoder,

@@ -1,0 +1,316 @@
+"""Converting a reference Groma checkpoint directory into a groma-core checkpoint directory.
+
+The reference saves ``GromaModel.state_dict()`` (fp32 ``pytorch_model.bin``, sharded ``.bin`` with an index, or
+safetensors) beside its ``config.json``. The converter streams: it reads one source file at a time (``torch.load``
+with ``mmap=True, weights_only=True``, or safetensors), maps each key onto the groma-core model through the stages'
+``reference_key``, checks its shape against the model built on the ``meta`` device, and writes safetensors shards of
+bounded size. Alias keys are checked equal to their originals and dropped; unknown keys are reported, never loaded;
+missing keys are an error that names them.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+from groma_core.errors import CheckpointError
+from groma_core.plugins import PluginManager
+from groma_core.recipe import Recipe, validate_recipe
+from groma_core.reference import alias_original
+
+#: reference key prefix of the image projector (owned by the core) -> its groma-core name
+CORE_PREFIXES = {"img_txt_bridge.": "image_projector.layers."}
+DEFAULT_PLUGINS = {
+    "image_tokenizer": "dinov2",
+    "region_proposer": "deformable-detr",
+    "region_encoder": "mlvl-roialign",
+    "language_backbone": "vicuna",
+}
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.json",
+)
+DET_PRETRAIN_PREFIXES = ("vis_encoder.", "ddetr_transformer.", "input_proj.")
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did, written as ``conversion.json`` beside the weights."""
+
+    source: str
+    layout: str
+    written: int = 0
+    aliases_dropped: int = 0
+    dropped_by_stage: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+    parameters: int = 0
+
+
+def recipe_from_reference_config(config: dict[str, Any], manager: PluginManager | None = None) -> dict[str, Any]:
+    """A recipe mapping for the model a reference ``config.json`` (``GromaConfig.to_dict()``) describes."""
+    manager = manager or PluginManager()
+    recipe: dict[str, Any] = {
+        "name": "groma-converted",
+        "description": "converted from a reference Groma checkpoint",
+        "region_selection": {
+            "nms_iou": float(config.get("nms_thres", 0.6)),
+            "score_threshold": float(config.get("box_score_thres", 0.15)),
+            "max_regions": int(config.get("max_region_num", 100)),
+        },
+    }
+    for kind, plugin in DEFAULT_PLUGINS.items():
+        options_cls = manager.get(kind, plugin).config
+        options = options_cls.from_reference_config(config)  # type: ignore[attr-defined]
+        recipe[kind] = {"plugin": plugin, **options.model_dump(mode="json", exclude_defaults=True)}
+    return recipe
+
+
+# -- reading the source ----------------------------------------------------------------------------------------
+def source_files(src: Path) -> tuple[str, list[Path]]:
+    """The layout and weight files of a reference checkpoint directory."""
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a directory")
+    for index_name in ("pytorch_model.bin.index.json", "model.safetensors.index.json"):
+        index = src / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(f"{index}: not a valid index file ({exc})") from None
+            files = [src / f for f in dict.fromkeys(weight_map.values())]
+            absent = [f.name for f in files if not f.is_file()]
+            if absent:
+                raise CheckpointError(f"{index}: shard(s) listed but missing: {', '.join(absent)}")
+            return "sharded", files
+    for single in ("pytorch_model.bin", "model.safetensors"):
+        if (src / single).is_file():
+            return "single", [src / single]
+    found = sorted(p.name for p in src.iterdir())
+    raise CheckpointError(
+        f"{src}: no pytorch_model.bin, model.safetensors or index file (found: {', '.join(found) or 'nothing'})"
+    )
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
+    """(key, tensor) pairs of one weight file, memory-mapped; a clear error for corrupt or non-state-dict files."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path}: cannot read safetensors file ({exc})") from None
+        return
+    try:
+        state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for truncated/corrupt pickles
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{path}: not a state dict (expected a mapping of names to tensors)")
+    yield from state.items()
+    del state
+    gc.collect()
+
+
+# -- mapping ---------------------------------------------------------------------------------------------------
+class KeyMapper:
+    """Maps reference keys onto the state-dict keys of a groma-core model (built on the meta device)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+        self.stages = [
+            (name, getattr(model, name))
+            for name in ("image_tokenizer", "region_proposer", "region_encoder", "language_backbone")
+        ]
+
+    def map(self, key: str) -> tuple[str, str | None]:
+        """("alias" | "core" | "stage" | "dropped" | "unknown", own key or None)."""
+        if alias_original(key) is not None:
+            return "alias", alias_original(key)
+        for prefix, own in CORE_PREFIXES.items():
+            if key.startswith(prefix):
+                return "core", own + key[len(prefix) :]
+        for name, stage in self.stages:
+            if stage.reference_prefixes and key.startswith(stage.reference_prefixes):
+                own = stage.reference_key(key)
+                return ("dropped", None) if own is None else ("stage", f"{name}.{own}")
+        return "unknown", None
+
+
+def convert_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    dtype: str | None = None,
+    manager: PluginManager | None = None,
+    shard_bytes: int = 2 * 1024**3,
+    config: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> ConversionReport:
+    """Convert the reference checkpoint in ``src`` into ``dst`` (recipe.yaml, safetensors shards, tokenizer files).
+
+    ``config``: the reference configuration (defaults to ``src/config.json``). ``dtype``: cast floating tensors
+    (float32, float16 or bfloat16); the recipe records it.
+    """
+    from safetensors.torch import save_file
+
+    from groma_core.api import DTYPES, _construct
+
+    src, dst = Path(src), Path(dst)
+    manager = manager or PluginManager()
+    if config is None:
+        config_path = src / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{src}: no config.json (the reference configuration is needed for the recipe)")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+    if config.get("model_type") == "ddetr":
+        raise CheckpointError(
+            f"{src}: this is a detector-only checkpoint (groma-det-pretrain layout); convert it with "
+            "`groma convert --detector-only` is not available yet: it needs a recipe with only two stages"
+        )
+    layout, files = source_files(src)
+    recipe_map = recipe_from_reference_config(config, manager)
+    if dtype:
+        if dtype not in DTYPES:
+            raise CheckpointError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        recipe_map["dtype"] = dtype
+    recipe: Recipe = validate_recipe(recipe_map, manager, source=f"{src}/config.json")
+    with torch.device("meta"):
+        model = _construct(recipe, manager)
+    mapper = KeyMapper(model)
+    cast = DTYPES[dtype] if dtype else None
+
+    dst.mkdir(parents=True, exist_ok=True)
+    report = ConversionReport(source=str(src), layout=layout)
+    pending_aliases: dict[str, Tensor] = {}
+    seen_originals: dict[str, Tensor] = {}
+    written: dict[str, tuple[int, ...]] = {}
+    shard: dict[str, Tensor] = {}
+    shard_size = 0
+    tmp_names: list[Path] = []
+
+    def flush() -> None:
+        nonlocal shard, shard_size
+        if not shard:
+            return
+        name = dst / f"model-{len(tmp_names) + 1:05d}.safetensors.partial"
+        save_file(shard, str(name), metadata={"format": "pt"})
+        tmp_names.append(name)
+        shard, shard_size = {}, 0
+        gc.collect()
+
+    problems: list[str] = []
+    iterator: Any = files
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(files, desc="converting", unit="file")
+    for file in iterator:
+        for key, tensor in iter_tensors(file):
+            kind, own = mapper.map(key)
+            if kind == "alias":
+                pending_aliases[key] = tensor
+                continue
+            if kind == "unknown":
+                report.unknown.append(key)
+                continue
+            if kind == "dropped":
+                report.dropped_by_stage.append(key)
+                continue
+            assert own is not None
+            if own not in mapper.expected:
+                problems.append(f"{key} -> {own}: the model has no such tensor")
+                continue
+            if tuple(tensor.shape) != mapper.expected[own]:
+                problems.append(f"{key}: shape {tuple(tensor.shape)} but {own} expects {mapper.expected[own]}")
+                continue
+            if own in written:
+                problems.append(f"{key}: {own} given twice")
+                continue
+            if _is_alias_target(key):
+                seen_originals[key] = tensor
+            out = tensor.to(cast) if cast is not None and tensor.is_floating_point() else tensor
+            shard[own] = out.contiguous()
+            written[own] = tuple(tensor.shape)
+            shard_size += out.numel() * out.element_size()
+            if shard_size >= shard_bytes:
+                flush()
+    flush()
+    for alias, tensor in pending_aliases.items():
+        original = alias_original(alias)
+        if original not in seen_originals:
+            problems.append(f"{alias}: alias of {original}, which is not in the checkpoint")
+        elif not torch.equal(tensor, seen_originals[original]):
+            problems.append(f"{alias}: differs from {original}, which it should duplicate")
+        else:
+            report.aliases_dropped += 1
+    missing = sorted(set(mapper.expected) - set(written))
+    if missing:
+        problems.append(
+            f"{len(missing)} tensor(s) missing: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        )
+    if problems:
+        for name in tmp_names:
+            name.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"{src}: cannot convert: " + "; ".join(problems[:12]) + (" ..." if len(problems) > 12 else "")
+        )
+
+    total = len(tmp_names)
+    weight_map = {}
+    for i, name in enumerate(tmp_names, 1):
+        final = dst / f"model-{i:05d}-of-{total:05d}.safetensors"
+        name.replace(final)
+        report.shards.append(final.name)
+        from safetensors import safe_open
+
+        with safe_open(str(final), framework="pt") as f:
+            for key in f.keys():
+                weight_map[key] = final.name
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
+    report.written = len(written)
+    report.parameters = sum(int(torch.Size(s).numel()) for s in written.values())
+
+    tokenizer_files = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+    if tokenizer_files:
+        (dst / "tokenizer").mkdir(exist_ok=True)
+        for f in tokenizer_files:
+            shutil.copyfile(src / f, dst / "tokenizer" / f)
+        recipe_map["language_backbone"]["tokenizer"] = "tokenizer"
+    recipe_map["weights"] = "."
+    header = (
+        f"# Converted from {src} by `groma convert`.\n"
+        f'# Run: groma ground IMAGE "[grounding]Describe the image." --model {dst}\n'
+    )
+    (dst / "recipe.yaml").write_text(header + yaml.safe_dump(recipe_map, sort_keys=False))
+    (dst / "conversion.json").write_text(json.dumps(report.__dict__, indent=1))
+    return report
+
+
+def _is_alias_target(key: str) -> bool:
+    return key.startswith("perceiver.ddetr_transformer.decoder.") and key.split(".")[3] in (
+        "bbox_embed",
+        "class_embed_enc",
+        "class_embed_coco",
+        "class_embed_sa1b",
+    )
