@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from groma_core.errors import CheckpointError
 from groma_core.plugins import PluginManager
-from groma_core.recipe import Recipe, validate_recipe
+from groma_core.recipe import Recipe, apply_overrides, validate_recipe
 from groma_core.reference import alias_original
 
 #: reference key prefix of the image projector (owned by the core) -> its groma-core name
@@ -163,11 +163,13 @@ def convert_checkpoint(
     shard_bytes: int = 2 * 1024**3,
     config: dict[str, Any] | None = None,
     progress: bool = False,
+    recipe_overrides: Sequence[str] = (),
 ) -> ConversionReport:
     """Convert the reference checkpoint in ``src`` into ``dst`` (recipe.yaml, safetensors shards, tokenizer files).
 
     ``config``: the reference configuration (defaults to ``src/config.json``). ``dtype``: cast floating tensors
-    (float32, float16 or bfloat16); the recipe records it.
+    (float32, float16 or bfloat16); the recipe records it. ``recipe_overrides``: ``key.sub=value`` changes to the
+    recipe derived from the configuration (for settings the reference hard-codes).
     """
     from safetensors.torch import save_file
 
@@ -194,6 +196,7 @@ def convert_checkpoint(
         if dtype not in DTYPES:
             raise CheckpointError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         recipe_map["dtype"] = dtype
+    recipe_map, _ = apply_overrides(recipe_map, recipe_overrides)
     recipe: Recipe = validate_recipe(recipe_map, manager, source=f"{src}/config.json")
     with torch.device("meta"):
         model = _construct(recipe, manager)
