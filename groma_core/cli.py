@@ -87,6 +87,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         manager=_manager(),
         shard_bytes=int(args.shard_gb * 1024**3),
         progress=not args.quiet,
+        recipe_overrides=args.set,
     )
     print(
         f"wrote {report.written} tensors ({report.parameters:,} parameters) in {len(report.shards)} shard(s) to "
@@ -133,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast floating tensors")
     p.add_argument("--shard-gb", type=float, default=2.0, help="largest shard size in GiB (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="key.sub=value",
+        help="override a value of the recipe derived from config.json (repeatable)",
+    )
     p.set_defaults(func=cmd_convert)
     return parser
 

@@ -177,6 +177,8 @@ def convert_checkpoint(
 
     src, dst = Path(src), Path(dst)
     manager = manager or PluginManager()
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a directory")
     if config is None:
         config_path = src / "config.json"
         if not config_path.is_file():

@@ -75,7 +75,9 @@ class Report:
             shown = f"{diff:.2e}"
         self.failures += not ok
         tol_text = "exact" if exact else f"{tol:.0e}"
-        self.lines.append(f"{name:<48} {str(tuple(ref.shape)):<18} {shown:>10}  tol {tol_text:<6} {'ok' if ok else 'FAIL'}")
+        self.lines.append(
+            f"{name:<48} {str(tuple(ref.shape)):<18} {shown:>10}  tol {tol_text:<6} {'ok' if ok else 'FAIL'}"
+        )
 
     def note(self, text: str) -> None:
         self.lines.append(text)
@@ -127,7 +129,9 @@ def load_fixture_model(gs: GoldenSet, workdir: Path) -> GromaModel:
 def image_batch(gs: GoldenSet, names: list[str]) -> dict[str, Tensor]:
     """Stack the image-level fixture tensors of several images along the batch dimension."""
     files = [gs.tensors(f"image_{n}") for n in names]
-    return {key: torch.cat([f[key] for f in files], dim=1 if key == "vis_hidden_states_last4" else 0) for key in files[0]}
+    return {
+        key: torch.cat([f[key] for f in files], dim=1 if key == "vis_hidden_states_last4" else 0) for key in files[0]
+    }
 
 
 def run_set(gs: GoldenSet, report: Report) -> None:
@@ -149,8 +153,9 @@ def run_set(gs: GoldenSet, report: Report) -> None:
             report.add(f"{img}/image_projector", projected, tensors["image_tokens_projected"], FEATURE_TOL)
             fixture_feats = ImageFeatures(tensors["image_tokens_merged"], levels)
             props = model.region_proposer(fixture_feats)
-            report.add(f"{img}/proposer.boxes_xyxy", props.boxes[0][None],
-                       cxcywh_to_xyxy(tensors["ddetr_pred_boxes"]), BOX_TOL)
+            report.add(
+                f"{img}/proposer.boxes_xyxy", props.boxes[0][None], cxcywh_to_xyxy(tensors["ddetr_pred_boxes"]), BOX_TOL
+            )
             report.add(f"{img}/proposer.scores", props.scores[0][None], tensors["scores_fused"], BOX_TOL)
         for case_name, case in gs.cases().items():
             run_case(gs, model, case_name, case, report)
@@ -224,16 +229,29 @@ def run_case(gs: GoldenSet, model: GromaModel, name: str, case: dict, report: Re
     steps = t["gen_scores_logsumexp"].shape[1]
     prompt_len = t["input_ids"].shape[1]
     new_ref = t["gen_sequences"][:, prompt_len:]
-    seqs, step_logits = decode(backbone, t["llm_inputs_embeds"], mask, positions, steps, eos_id=None,
-                               pad_id=model.tokenizer.pad_id, keep_step_logits=True)
+    seqs, step_logits = decode(
+        backbone,
+        t["llm_inputs_embeds"],
+        mask,
+        positions,
+        steps,
+        eos_id=None,
+        pad_id=model.tokenizer.pad_id,
+        keep_step_logits=True,
+    )
     report.add(f"{name}/generate.new_ids", torch.tensor(seqs), new_ref, 0)
     stacked = torch.stack(step_logits, 1)
     report.add(f"{name}/generate.step_logsumexp", stacked.logsumexp(-1), t["gen_scores_logsumexp"], FEATURE_TOL)
     report.add(f"{name}/generate.step_top10", stacked.topk(10, -1).values, t["gen_scores_top10_values"], FEATURE_TOL)
     # end to end from the PNG
     pngs = [Image.open(gs.dir / gs.meta["images"][i]["png"]) for i in images]
-    gen = model.generate(model.image_tokenizer.preprocess(pngs), t["input_ids"], refer_boxes=refer_xyxy,
-                         max_new_tokens=steps, eos_id=None)
+    gen = model.generate(
+        model.image_tokenizer.preprocess(pngs),
+        t["input_ids"],
+        refer_boxes=refer_xyxy,
+        max_new_tokens=steps,
+        eos_id=None,
+    )
     ours = gen.regions.boxes[0]
     ref = cxcywh_to_xyxy(t["regions_cxcywh.0"])
     same_set = ours.shape == ref.shape and bool((ours[:, None] - ref[None]).abs().amax(-1).min(1).values.max() <= 1e-4)
