@@ -63,7 +63,10 @@ def build(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides, manager)
     weights = recipe.weights_path()
-    if weights is not None:
+    if weights is not None and recipe.core.partial_weights:
+        model = _construct(recipe, manager)
+        load_weights(model, weights, partial=True)
+    elif weights is not None:
         with empty_parameters():
             model = _construct(recipe, manager)
         load_weights(model, weights)
@@ -123,9 +126,10 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: weights not found")
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
+def load_weights(model: nn.Module, path: str | Path, partial: bool = False) -> None:
     """Load safetensors weights (memory-mapped) into ``model``; missing, unknown or misshapen tensors are errors
-    that name them."""
+    that name them. ``partial``: stages (top-level modules) absent from the weights keep their values; a stage
+    that is present must be complete."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -138,6 +142,9 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from None
         state.update(part)
     unknown = sorted(set(state) - set(expected))
+    if partial:
+        covered = {k.split(".", 1)[0] for k in state}
+        expected = {k: v for k, v in expected.items() if k.split(".", 1)[0] in covered}
     missing = sorted(set(expected) - set(state))
     wrong = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -157,7 +164,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         problems.append("wrong shape: " + "; ".join(wrong[:8]))
     if problems:
         raise CheckpointError(f"{path}: " + " | ".join(problems))
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state, strict=not partial, assign=True)
 
 
 def load(

@@ -42,7 +42,7 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "tokenizer.json",
 )
-DET_PRETRAIN_PREFIXES = ("vis_encoder.", "ddetr_transformer.", "input_proj.")
+DETECTOR_STAGES = ("image_tokenizer", "region_proposer")
 
 
 @dataclass
@@ -59,8 +59,11 @@ class ConversionReport:
     parameters: int = 0
 
 
-def recipe_from_reference_config(config: dict[str, Any], manager: PluginManager | None = None) -> dict[str, Any]:
-    """A recipe mapping for the model a reference ``config.json`` (``GromaConfig.to_dict()``) describes."""
+def recipe_from_reference_config(
+    config: dict[str, Any], manager: PluginManager | None = None, stages: Sequence[str] = tuple(DEFAULT_PLUGINS)
+) -> dict[str, Any]:
+    """A recipe mapping for the model a reference ``config.json`` (``GromaConfig.to_dict()``) describes; stages
+    not in ``stages`` get their plugin's default options."""
     manager = manager or PluginManager()
     recipe: dict[str, Any] = {
         "name": "groma-converted",
@@ -72,6 +75,9 @@ def recipe_from_reference_config(config: dict[str, Any], manager: PluginManager 
         },
     }
     for kind, plugin in DEFAULT_PLUGINS.items():
+        if kind not in stages:
+            recipe[kind] = {"plugin": plugin}
+            continue
         options_cls = manager.get(kind, plugin).config
         options = options_cls.from_reference_config(config)  # type: ignore[attr-defined]
         recipe[kind] = {"plugin": plugin, **options.model_dump(mode="json", exclude_defaults=True)}
@@ -187,13 +193,17 @@ def convert_checkpoint(
             config = json.loads(config_path.read_text())
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
-    if config.get("model_type") == "ddetr":
-        raise CheckpointError(
-            f"{src}: this is a detector-only checkpoint (groma-det-pretrain layout); convert it with "
-            "`groma convert --detector-only` is not available yet: it needs a recipe with only two stages"
-        )
+    detector_only = config.get("model_type") == "ddetr"  # groma-det-pretrain: DINOv2 + Deformable DETR only
     layout, files = source_files(src)
-    recipe_map = recipe_from_reference_config(config, manager)
+    if detector_only:
+        layout = f"detector-only {layout}"
+        recipe_map = recipe_from_reference_config({"perceiver_cfg": config}, manager, DETECTOR_STAGES)
+        recipe_map["partial_weights"] = True
+        recipe_map["description"] = (
+            "detector-only checkpoint (image tokenizer + region proposer) from groma-det-pretrain"
+        )
+    else:
+        recipe_map = recipe_from_reference_config(config, manager)
     if dtype:
         if dtype not in DTYPES:
             raise CheckpointError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -232,6 +242,8 @@ def convert_checkpoint(
         iterator = tqdm(files, desc="converting", unit="file")
     for file in iterator:
         for key, tensor in iter_tensors(file):
+            if detector_only:
+                key = "perceiver." + key
             kind, own = mapper.map(key)
             if kind == "alias":
                 pending_aliases[key] = tensor
@@ -269,7 +281,10 @@ def convert_checkpoint(
             problems.append(f"{alias}: differs from {original}, which it should duplicate")
         else:
             report.aliases_dropped += 1
-    missing = sorted(set(mapper.expected) - set(written))
+    expected = mapper.expected
+    if detector_only:
+        expected = {k: v for k, v in expected.items() if k.split(".", 1)[0] in DETECTOR_STAGES}
+    missing = sorted(set(expected) - set(written))
     if missing:
         problems.append(
             f"{len(missing)} tensor(s) missing: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
@@ -297,7 +312,7 @@ def convert_checkpoint(
     report.parameters = sum(int(torch.Size(s).numel()) for s in written.values())
 
     tokenizer_files = [f for f in TOKENIZER_FILES if (src / f).is_file()]
-    if tokenizer_files:
+    if tokenizer_files and not detector_only:
         (dst / "tokenizer").mkdir(exist_ok=True)
         for f in tokenizer_files:
             shutil.copyfile(src / f, dst / "tokenizer" / f)

@@ -355,8 +355,9 @@ def decode(
             break
         next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], dim=1)
-        out = backbone(backbone.embed(next_ids[:, None]), mask, next_pos, past_key_values=out.past_key_values,
-                       use_cache=True)
+        out = backbone(
+            backbone.embed(next_ids[:, None]), mask, next_pos, past_key_values=out.past_key_values, use_cache=True
+        )
         next_pos = next_pos + 1
     return sequences, step_logits
 

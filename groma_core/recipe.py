@@ -46,6 +46,11 @@ class CoreRecipe(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="parameter dtype")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     weights: str | None = Field(None, description="safetensors file or directory, relative to the recipe file")
+    partial_weights: bool = Field(
+        False,
+        description="the weights cover only some stages (e.g. a detector-only checkpoint); the others keep their "
+        "own initialisation, such as their `pretrained` directories",
+    )
     template: Literal["llava", "default"] = Field("llava", description="conversation template")
     region_selection: SelectionConfig = Field(default_factory=SelectionConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)

@@ -192,3 +192,25 @@ def test_full_size_recipe_maps_every_released_tensor():
         assert mapper.expected[own] == expected, f"{key} -> {own}: {mapper.expected[own]} vs {expected}"
         covered.add(own)
     assert covered == set(mapper.expected)
+
+
+@needs_golden
+def test_detector_only_checkpoint_converts_and_loads_beside_other_stages(golden, tmp_path):
+    src = tmp_path / "det"
+    src.mkdir()
+    state = {k[len("perceiver.") :]: v for k, v in golden.weights().items() if k.startswith("perceiver.")}
+    torch.save(state, src / "pytorch_model.bin")
+    (src / "config.json").write_text(json.dumps(golden.groma_config["perceiver_cfg"]))
+    llm = golden.groma_config["llm_cfg"]
+    tiny_rest = [
+        f"language_backbone.{k}={llm[k]}"
+        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    ] + [f"language_backbone.num_key_value_heads={llm['num_attention_heads']}", "region_encoder.region_dim=16"]
+    report = convert_checkpoint(src, tmp_path / "out", recipe_overrides=tiny_rest)
+    assert report.layout.startswith("detector-only") and report.unknown == []
+    model = load(tmp_path / "out")
+    ref = golden.weights()
+    assert torch.equal(
+        model.state_dict()["region_proposer.input_proj.conv.weight"], ref["perceiver.input_proj.0.0.weight"]
+    )
+    assert model.language_backbone.hidden_size == llm["hidden_size"]  # built from its own options

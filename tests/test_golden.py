@@ -17,8 +17,13 @@ SETS = golden_sets()
 
 def run_golden(*dirs) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "groma_core.testing.golden", *map(str, dirs)],
-                          capture_output=True, text=True, env=env, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "groma_core.testing.golden", *map(str, dirs)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
 
 
 @pytest.mark.skipif(not SETS, reason="no golden fixture set found")
@@ -27,8 +32,17 @@ def test_every_golden_set_passes(fixture):
     out = run_golden(fixture)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert " 0 failed" in out.stdout
-    for stage in ("pixel_values", "image_tokenizer.tokens", "proposer.scores", "selection.keep", "region_encoder",
-                  "llm_inputs_embeds", "logits_last", "generate.new_ids", "end_to_end.region_set"):
+    for stage in (
+        "pixel_values",
+        "image_tokenizer.tokens",
+        "proposer.scores",
+        "selection.keep",
+        "region_encoder",
+        "llm_inputs_embeds",
+        "logits_last",
+        "generate.new_ids",
+        "end_to_end.region_set",
+    ):
         assert stage in out.stdout, f"the runner did not compare {stage}"
 
 
