@@ -130,17 +130,17 @@ def load_weights(model: nn.Module, path: str | Path, partial: bool = False) -> N
     """Load safetensors weights (memory-mapped) into ``model``; missing, unknown or misshapen tensors are errors
     that name them. ``partial``: stages (top-level modules) absent from the weights keep their values; a stage
     that is present must be complete."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
     state: dict[str, torch.Tensor] = {}
     for file in weight_files(Path(path)):
         try:
-            part = load_file(str(file))
+            with safe_open(str(file), framework="pt") as f:  # memory-mapped, one tensor at a time
+                for key in f.keys():
+                    state[key] = f.get_tensor(key)
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from None
-        state.update(part)
     unknown = sorted(set(state) - set(expected))
     if partial:
         covered = {k.split(".", 1)[0] for k in state}

@@ -103,6 +103,121 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(args: argparse.Namespace):
+    """The model named by --model (a checkpoint directory or a recipe), on --device in --dtype."""
+    from groma_core.api import DTYPES, load, resolve_device
+
+    if not args.model:
+        raise GromaError(
+            "no --model given: pass a checkpoint directory (from `groma convert` or training) or a recipe; "
+            "the embedded default model is not part of this build yet"
+        )
+    model = load(args.model, args.set, _manager())
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    return model.to(device=device, dtype=dtype)
+
+
+def _print_answer(source: str, answer) -> None:
+    print(f"{source}: {answer.text or answer.raw_text}")
+    for p in answer.phrases:
+        boxes = "; ".join(
+            f"<r{k}> [{b[0]:.0f}, {b[1]:.0f}, {b[2]:.0f}, {b[3]:.0f}]" for k, b in zip(p.region_ids, p.boxes_px)
+        )
+        print(f"  {p.phrase or '(region)'}: {boxes}")
+    for w in answer.warnings:
+        print(f"  warning: {w}")
+
+
+def _prompt_with_boxes(prompt: str, boxes: list[list[float]]) -> tuple[str, list]:
+    from groma_core.inference import REFER, boxes_from_text
+
+    text, inline = boxes_from_text(prompt)
+    text = text.replace("<box>", REFER)
+    n_slots = text.count("<refer_feat>")
+    all_boxes = inline + [tuple(b) for b in boxes]
+    if n_slots != len(all_boxes):
+        raise GromaError(
+            f"the prompt has {n_slots} box placeholder(s) (<box> or <x1,y1,x2,y2>) but {len(all_boxes)} box(es) "
+            "were given"
+        )
+    return text, all_boxes
+
+
+def cmd_ground(args: argparse.Namespace) -> int:
+    """Answer a grounded prompt about one or more images (a file, a folder or a glob): text, phrases and boxes."""
+    from groma_core.images import expand_image_sources, load_image
+    from groma_core.inference import Request
+    from groma_core.visualize import draw_answer
+
+    sources = expand_image_sources([args.image])
+    text, boxes = _prompt_with_boxes(args.prompt, args.box or [])
+    images = [load_image(s) for s in sources]  # every file is checked before the model is loaded
+    model = _load_model(args)
+    results = []
+    batches = [list(range(i, min(i + args.batch_size, len(images)))) for i in range(0, len(images), args.batch_size)]
+    progress = None
+    if len(images) > 1 and not args.json:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(images), unit="image", file=sys.stderr)
+    for batch in batches:
+        answers = model.answer(
+            [Request(images[i], [(text, None)], boxes) for i in batch], max_new_tokens=args.max_new_tokens
+        )
+        for i, answer in zip(batch, answers):
+            results.append((sources[i], images[i], answer))
+        if progress:
+            progress.update(len(batch))
+    if progress:
+        progress.close()
+    if args.out:
+        from pathlib import Path
+
+        out = Path(args.out)
+        if len(results) > 1:
+            out.mkdir(parents=True, exist_ok=True)
+        for source, image, answer in results:
+            target = out / f"{Path(source).stem}.png" if len(results) > 1 else out
+            draw_answer(image, answer).save(target)
+    if args.json:
+        print(json.dumps([{"image": str(s), **a.to_dict()} for s, _, a in results], indent=1))
+    else:
+        for source, _, answer in results:
+            _print_answer(str(source), answer)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive grounded chat about an image; write boxes in pixels as <x1,y1,x2,y2>; an empty line or EOF ends."""
+    from groma_core.images import load_image
+    from groma_core.inference import ChatSession
+
+    session = ChatSession(load_image(args.image))
+    model = _load_model(args)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or not line.strip() or line.strip() in {"exit", "quit"}:
+            return 0
+        try:
+            answer = model.chat(session, line.strip(), max_new_tokens=args.max_new_tokens)
+        except GromaError as exc:
+            print(f"groma: error: {exc}", file=sys.stderr)
+            continue
+        _print_answer("groma", answer)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory or recipe")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default: the recipe's)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer in tokens")
+    p.add_argument("--set", action="append", default=[], metavar="key.sub=value", help="override a recipe value")
+
+
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe file, or the name of a shipped recipe (see `groma recipes`)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
@@ -127,6 +242,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--print", action="store_true", help="print the validated recipe with all defaults filled in")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("ground", help="answer a grounded prompt about images", description=cmd_ground.__doc__)
+    p.add_argument("image", help="an image file, a folder of images, or a glob")
+    p.add_argument("prompt", help='e.g. "[grounding]Describe the image." or "What is <box>?" with --box')
+    p.add_argument(
+        "--box",
+        nargs=4,
+        type=float,
+        action="append",
+        metavar=("X1", "Y1", "X2", "Y2"),
+        help="a box in pixels of the original image, one per <box> in the prompt (repeatable)",
+    )
+    p.add_argument("--out", help="write the annotated picture here (a folder when several images)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_ground)
+
+    p = sub.add_parser("chat", help="interactive grounded chat about an image", description=cmd_chat.__doc__)
+    p.add_argument("image", help="the image to talk about")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="convert a reference Groma checkpoint", description=cmd_convert.__doc__)
     p.add_argument("src", help="reference checkpoint directory (config.json + pytorch_model*.bin or safetensors)")

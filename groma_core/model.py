@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from groma_core import tokens as T
+from groma_core.boxes import check_boxes
 from groma_core.errors import InputError
+from groma_core.inference import TasksMixin
 from groma_core.selection import SelectionConfig, select_regions
 from groma_core.stages import ImageTokenizer, LanguageBackbone, RegionEncoder, RegionProposer, module_device
 from groma_core.types import ImageFeatures, Proposals, Regions
@@ -64,7 +66,7 @@ class GenerationOutput:
     step_logits: list[Tensor] = field(default_factory=list)  # each (B, V), one per step
 
 
-class GromaModel(nn.Module):
+class GromaModel(TasksMixin, nn.Module):
     """A Groma pipeline built from four stages (see DESIGN.md's data flow)."""
 
     def __init__(
@@ -175,8 +177,15 @@ class GromaModel(nn.Module):
         if pixel_values.shape[0] != batch:
             raise InputError(f"{pixel_values.shape[0]} images but {batch} prompts")
         for name, boxes in (("refer_boxes", refer_boxes), ("ground_boxes", ground_boxes)):
-            if boxes is not None and len(boxes) != batch:
+            if boxes is None:
+                continue
+            if len(boxes) != batch:
                 raise InputError(f"{name}: {len(boxes)} box lists for {batch} prompts")
+            for i, b in enumerate(boxes):
+                try:
+                    check_boxes(b.reshape(-1, 4).float().cpu() if b.numel() else b.reshape(0, 4), f"{name}[{i}]")
+                except ValueError as exc:
+                    raise InputError(str(exc)) from None
         refer_id, feat_id = tok.token_id(T.REFER_BOX), tok.token_id(T.REFER_FEAT)
         ground_id = tok.token_id(T.GROUND_BOX)
         image_id, region_id = tok.token_id(T.IMAGE), tok.token_id(T.REGION)

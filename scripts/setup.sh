@@ -10,7 +10,7 @@ python -m pip install --quiet --upgrade pip setuptools wheel
 python -m pip install --quiet torch==2.13.0              # first, alone: the local CPU build
 python -m pip install --quiet --no-build-isolation -e ".[test]"
 for plugin in plugins/*/; do
-  python -m pip install --quiet --no-build-isolation -e "$plugin"
+  python -m pip install --quiet --no-build-isolation -e "${plugin%/}[test]"
 done
 if python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('torchvision') is None)"; then
   echo "error: torchvision got installed; it does not work with this torch build (see ENVIRONMENT notes)" >&2

@@ -151,3 +151,17 @@ def test_ground_boxes_rewrite_ids_and_labels(tiny_model, images):
     supervised = out.inputs.labels[0][out.inputs.labels[0] != -100].tolist()
     assert tok.region_ids[k] in supervised and tok.token_id(T.GROUND_BOX) not in supervised
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize(
+    "box, message",
+    [
+        ([0.5, 0.2, 0.3, 0.6], "x2 > x1"),
+        ([0.1, 0.2, 1.3, 0.6], r"outside \[0, 1\]"),
+        ([float("nan"), 0.2, 0.3, 0.6], "not finite"),
+    ],
+)
+def test_bad_refer_boxes_are_clear_errors(tiny_model, images, box, message):
+    ids = prompt_ids(tiny_model, "What is <roi><refer_box></roi><refer_feat>?")
+    with pytest.raises(InputError, match=rf"refer_boxes\[0\]: box 0 .*{message}"):
+        tiny_model.prepare_inputs(tiny_model.image_tokenizer.preprocess(images[:1]), [ids], refer_boxes=[torch.tensor([box])])

@@ -1,0 +1,138 @@
+"""Task-level inference: grounded captions, referring expressions, region captions and grounded chat.
+
+Every call takes one image or a batch (a list); boxes from users are in pixels of the original image (x1, y1, x2,
+y2). Answers are :class:`~groma_core.types.GroundedAnswer` objects.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from groma_core.errors import InputError
+from groma_core.grounding import parse_grounded
+from groma_core.prompt import get_template
+from groma_core.types import GroundedAnswer
+
+if TYPE_CHECKING:
+    from groma_core.model import GromaModel
+
+REFER = "<roi><refer_box></roi><refer_feat>"
+CAPTION_PROMPT = "[grounding]Give me a concise description of the image."
+DETAILED_CAPTION_PROMPT = "[grounding]Describe the image in detail."
+LOCATE_PROMPT = "Locate <p>{}</p> in the image."
+REGION_PROMPT = "What is " + REFER + "?"
+DETAILED_REGION_PROMPT = "Please describe " + REFER + " in details."
+BOX_IN_TEXT = re.compile(r"<\s*([^<>]*?,[^<>]*?)\s*>")
+
+
+@dataclass
+class Request:
+    """One sample: an image, the conversation turns so far and the user's boxes in pixels (one per ``<refer_feat>``,
+    in order)."""
+
+    image: Any
+    turns: list[tuple[str, str | None]]
+    boxes_px: list[Sequence[float]] = field(default_factory=list)
+
+
+@dataclass
+class ChatSession:
+    """A multi-turn grounded conversation about one image. ``boxes_px`` collects the user's boxes of every turn."""
+
+    image: Any
+    turns: list[tuple[str, str]] = field(default_factory=list)
+    boxes_px: list[tuple[float, float, float, float]] = field(default_factory=list)
+
+
+def boxes_from_text(text: str) -> tuple[str, list[tuple[float, float, float, float]]]:
+    """Replace each ``<x1,y1,x2,y2>`` in a chat message by a referring placeholder; return the text and the boxes."""
+    boxes: list[tuple[float, float, float, float]] = []
+
+    def replace(match: re.Match) -> str:
+        parts = [p.strip() for p in match.group(1).split(",")]
+        if len(parts) != 4:
+            raise InputError(f"box {match.group(0)!r}: expected 4 numbers <x1,y1,x2,y2>, got {len(parts)}")
+        try:
+            numbers = tuple(float(p) for p in parts)
+        except ValueError:
+            raise InputError(f"box {match.group(0)!r}: coordinates must be numbers") from None
+        boxes.append(numbers)  # type: ignore[arg-type]
+        return REFER
+
+    return BOX_IN_TEXT.sub(replace, text), boxes
+
+
+class TasksMixin:
+    """The user-facing calls of a :class:`~groma_core.model.GromaModel`."""
+
+    def answer(self: GromaModel, requests: Sequence[Request], **generation: Any) -> list[GroundedAnswer]:
+        """Run a batch of requests in one batched generation and parse each answer."""
+        from groma_core.images import load_image, to_normalized_xyxy
+
+        if not requests:
+            return []
+        template = get_template(self.template)
+        images = [load_image(r.image) for r in requests]
+        boxes = []
+        for r, img in zip(requests, images):
+            boxes.append(to_normalized_xyxy(r.boxes_px, img.size) if r.boxes_px else torch.zeros(0, 4))
+        prompts = [self.tokenizer.encode(template.render(r.turns)) for r in requests]
+        settings = self.generation_settings(**generation)
+        pixels = self.image_tokenizer.preprocess(images).to(self.device, self.image_projector.layers[0].weight.dtype)
+        out = self.generate(pixels, prompts, refer_boxes=[b.to(self.device) for b in boxes], **settings)
+        return [
+            parse_grounded(seq, self.tokenizer, out.regions.boxes[i], img.size, out.regions.scores[i])
+            for i, (seq, img) in enumerate(zip(out.sequences, images))
+        ]
+
+    def generation_settings(self: GromaModel, **overrides: Any) -> dict[str, Any]:
+        """The recipe's generation settings with per-call overrides."""
+        settings = {}
+        recipe = getattr(self, "recipe", None)
+        if recipe is not None:
+            settings.update(recipe.core.generation.model_dump())
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        return settings
+
+    def _single_or_batch(self, images, make, **generation):
+        single = not isinstance(images, (list, tuple))
+        batch = [images] if single else list(images)
+        answers = self.answer([make(i, img) for i, img in enumerate(batch)], **generation)
+        return answers[0] if single else answers
+
+    def caption(self, images, detailed: bool = False, **generation: Any):
+        """Grounded caption of each image (the ``[grounding]`` prompt): phrases with their boxes."""
+        prompt = DETAILED_CAPTION_PROMPT if detailed else CAPTION_PROMPT
+        return self._single_or_batch(images, lambda i, img: Request(img, [(prompt, None)]), **generation)
+
+    def locate(self, images, expressions, **generation: Any):
+        """Referring expression comprehension: where is "the man in a red shirt"? One expression per image."""
+        exprs = [expressions] if isinstance(expressions, str) else list(expressions)
+        n_images = 1 if not isinstance(images, (list, tuple)) else len(images)
+        if len(exprs) != n_images:
+            raise InputError(f"locate: {len(exprs)} expressions for {n_images} images")
+        return self._single_or_batch(
+            images, lambda i, img: Request(img, [(LOCATE_PROMPT.format(exprs[i]), None)]), **generation
+        )
+
+    def describe_region(self, images, boxes, detailed: bool = False, **generation: Any):
+        """Region captioning: a caption for the user's box (pixels, x1 y1 x2 y2) on each image."""
+        prompt = DETAILED_REGION_PROMPT if detailed else REGION_PROMPT
+        single = not isinstance(images, (list, tuple))
+        box_list = [boxes] if single else list(boxes)
+        return self._single_or_batch(images, lambda i, img: Request(img, [(prompt, None)], [box_list[i]]), **generation)
+
+    def chat(self, session: ChatSession, message: str, **generation: Any) -> GroundedAnswer:
+        """One turn of grounded chat; boxes may be written in the message as ``<x1,y1,x2,y2>`` (pixels)."""
+        text, boxes = boxes_from_text(message)
+        all_boxes = session.boxes_px + boxes
+        request = Request(session.image, [*session.turns, (text, None)], list(all_boxes))
+        (answer,) = self.answer([request], **generation)
+        session.turns.append((text, answer.raw_text))
+        session.boxes_px = all_boxes
+        return answer

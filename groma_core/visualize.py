@@ -1,0 +1,46 @@
+"""Drawing grounded answers: each phrase's boxes in a distinct colour, labelled with the phrase."""
+
+from __future__ import annotations
+
+from PIL import Image, ImageDraw, ImageFont
+
+from groma_core.types import GroundedAnswer
+
+PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 190),
+    (0, 128, 128),
+    (170, 110, 40),
+    (128, 0, 0),
+    (128, 128, 0),
+    (0, 0, 128),
+]
+
+
+def draw_answer(image: Image.Image, answer: GroundedAnswer, width: int | None = None) -> Image.Image:
+    """A copy of ``image`` with every grounded phrase's boxes drawn and labelled (phrase, or ``<rK>`` when the
+    answer has no phrase text)."""
+    canvas = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    line = width or max(2, round(min(canvas.size) / 150))
+    font = ImageFont.load_default(size=max(10, round(min(canvas.size) / 30)))
+    w, h = canvas.size
+    for i, phrase in enumerate(answer.phrases):
+        colour = PALETTE[i % len(PALETTE)]
+        for k, box in zip(phrase.region_ids, phrase.boxes):
+            x1, y1, x2, y2 = (max(0.0, min(1.0, v)) for v in box)
+            rect = (x1 * w, y1 * h, x2 * w, y2 * h)
+            draw.rectangle(rect, outline=colour, width=line)
+            label = phrase.phrase or f"<r{k}>"
+            left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+            tx, ty = rect[0], max(0.0, rect[1] - (bottom - top) - 2 * line)
+            draw.rectangle((tx, ty, tx + right - left + 2 * line, ty + bottom - top + 2 * line), fill=colour)
+            draw.text((tx + line, ty + line - top), label, fill=(255, 255, 255), font=font)
+    return canvas
