@@ -269,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="reference checkpoint directory (config.json + pytorch_model*.bin or safetensors)")
     p.add_argument("dst", help="output directory (recipe.yaml + safetensors shards + tokenizer files)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast floating tensors")
-    p.add_argument("--shard-gb", type=float, default=2.0, help="largest shard size in GiB (default 2)")
+    p.add_argument(
+        "--shard-gb", type=float, default=1.0, help="shard size in GiB; also bounds the memory used (default 1)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--set",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,29 +110,70 @@ def source_files(src: Path) -> tuple[str, list[Path]]:
     )
 
 
-def iter_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
-    """(key, tensor) pairs of one weight file, memory-mapped; a clear error for corrupt or non-state-dict files."""
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
+class SourceFile:
+    """One weight file of the source, read lazily and memory-mapped. :meth:`release` unmaps it, so that the pages
+    read so far stop counting as resident memory; the next :meth:`get` maps it again (reading the index only)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._state: dict[str, Tensor] | None = None
+
+    def _load(self) -> dict[str, Tensor]:
+        if self._state is not None:
+            return self._state
+        path = self.path
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
+
+            try:  # safetensors maps the file and copies each tensor out when it is accessed
+                self._state = _LazySafetensors(path)
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"{path}: cannot read safetensors file ({exc})") from None
+            return self._state
+        try:
+            state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for truncated/corrupt pickles
+            raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+        ):
+            raise CheckpointError(f"{path}: not a state dict (expected a mapping of names to tensors)")
+        self._state = state
+        return state
+
+    def keys(self) -> list[str]:
+        return list(self._load().keys())
+
+    def get(self, key: str) -> Tensor:
+        return self._load()[key]
+
+    def release(self) -> None:
+        self._state = None
+        gc.collect()
+
+
+class _LazySafetensors(dict):
+    """A read-only mapping over a safetensors file that reads a tensor when it is asked for."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        super().__init__()
+        self._file = safe_open(str(path), framework="pt")
+        self._keys = list(self._file.keys())
+
+    def keys(self):  # type: ignore[override]
+        return self._keys
+
+    def __getitem__(self, key: str) -> Tensor:
+        from safetensors import SafetensorError
 
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{path}: cannot read safetensors file ({exc})") from None
-        return
-    try:
-        state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for truncated/corrupt pickles
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
-        raise CheckpointError(f"{path}: not a state dict (expected a mapping of names to tensors)")
-    yield from state.items()
-    del state
-    gc.collect()
+            return self._file.get_tensor(key)
+        except SafetensorError as exc:
+            raise CheckpointError(f"cannot read tensor {key} ({exc})") from None
 
 
 # -- mapping ---------------------------------------------------------------------------------------------------
@@ -166,7 +207,7 @@ def convert_checkpoint(
     dst: str | Path,
     dtype: str | None = None,
     manager: PluginManager | None = None,
-    shard_bytes: int = 2 * 1024**3,
+    shard_bytes: int = 1024**3,
     config: dict[str, Any] | None = None,
     progress: bool = False,
     recipe_overrides: Sequence[str] = (),
@@ -241,12 +282,14 @@ def convert_checkpoint(
 
         iterator = tqdm(files, desc="converting", unit="file")
     for file in iterator:
-        for key, tensor in iter_tensors(file):
+        source = SourceFile(file)
+        for key in source.keys():
+            tensor = source.get(key)
             if detector_only:
                 key = "perceiver." + key
             kind, own = mapper.map(key)
             if kind == "alias":
-                pending_aliases[key] = tensor
+                pending_aliases[key] = tensor.clone()  # small heads; a clone does not pin the mapped file
                 continue
             if kind == "unknown":
                 report.unknown.append(key)
@@ -265,13 +308,15 @@ def convert_checkpoint(
                 problems.append(f"{key}: {own} given twice")
                 continue
             if _is_alias_target(key):
-                seen_originals[key] = tensor
+                seen_originals[key] = tensor.clone()
             out = tensor.to(cast) if cast is not None and tensor.is_floating_point() else tensor
             shard[own] = out.contiguous()
             written[own] = tuple(tensor.shape)
             shard_size += out.numel() * out.element_size()
             if shard_size >= shard_bytes:
                 flush()
+                source.release()  # what was written stops counting as resident memory
+        source.release()
     flush()
     for alias, tensor in pending_aliases.items():
         original = alias_original(alias)

@@ -165,3 +165,28 @@ def test_bad_refer_boxes_are_clear_errors(tiny_model, images, box, message):
     ids = prompt_ids(tiny_model, "What is <roi><refer_box></roi><refer_feat>?")
     with pytest.raises(InputError, match=rf"refer_boxes\[0\]: box 0 .*{message}"):
         tiny_model.prepare_inputs(tiny_model.image_tokenizer.preprocess(images[:1]), [ids], refer_boxes=[torch.tensor([box])])
+
+
+def test_batch_of_eight_mixed_prompts_equals_one_at_a_time(tiny_model):
+    from PIL import Image
+
+    model = tiny_model
+    questions = [
+        ("Locate <p>the red square</p> in the image.", []),
+        ("What is <roi><refer_box></roi><refer_feat>?", [[0.1, 0.1, 0.6, 0.5]]),
+        ("[grounding]Give me a concise description of the image.", []),
+        ("Compare <roi><refer_box></roi><refer_feat> with <roi><refer_box></roi><refer_feat> please.",
+         [[0.0, 0.0, 0.5, 0.5], [0.4, 0.4, 1.0, 1.0]]),
+        ("Hi.", []),
+        ("Is there a circle here? Tell me where it is.", []),
+        ("Please describe <roi><refer_box></roi><refer_feat> in details.", [[0.2, 0.3, 0.9, 0.95]]),
+        ("Where is the tree?", []),
+    ]
+    images = [Image.new("RGB", (40 + 13 * i, 90 - 7 * i), (30 * i, 200 - 20 * i, 90)) for i in range(8)]
+    pixels = model.image_tokenizer.preprocess(images)
+    ids = [prompt_ids(model, q) for q, _ in questions]
+    boxes = [torch.tensor(b).reshape(-1, 4) for _, b in questions]
+    batched = model.generate(pixels, ids, refer_boxes=boxes, max_new_tokens=5, eos_id=-1)
+    for i in range(8):
+        alone = model.generate(pixels[i : i + 1], [ids[i]], refer_boxes=[boxes[i]], max_new_tokens=5, eos_id=-1)
+        assert alone.sequences[0] == batched.sequences[i], f"sample {i}"
