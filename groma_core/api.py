@@ -95,6 +95,14 @@ def _resolved_options(recipe: Recipe, kind: str):
 
 
 def _construct(recipe: Recipe, manager: PluginManager) -> GromaModel:
+    """The stages in the design's order; random initialisation is seeded by the recipe, without touching the
+    caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.core.init_seed)
+        return _construct_stages(recipe, manager)
+
+
+def _construct_stages(recipe: Recipe, manager: PluginManager) -> GromaModel:
     ctx = BuildContext(source=recipe.source)
 
     def make(kind: str):

@@ -210,6 +210,31 @@ def cmd_chat(args: argparse.Namespace) -> int:
         _print_answer("groma", answer)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a model on a benchmark; predictions are written as they are made, so --resume continues a run."""
+    from groma_core.evaluation.harness import TASKS, evaluate
+
+    task_cls = TASKS[args.task]
+    kwargs = {"style": args.style} if args.task == "region-caption" else {}
+    task = task_cls(args.ann, args.images, **kwargs)
+    model = _load_model(args)
+    out = args.out or f"runs/eval-{args.task}"
+    summary = evaluate(
+        task,
+        model,
+        out,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        resume=args.resume,
+        limit=args.limit,
+        model_name=str(args.model),
+    )
+    if summary:
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items())
+        print(f"{args.task}: {metrics} ({summary['num_samples']} samples); written to {out}/summary.json")
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory or recipe")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
@@ -264,6 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="the image to talk about")
     _add_model_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="evaluate a model on a benchmark", description=cmd_eval.__doc__)
+    p.add_argument("task", choices=["rec", "lvis-ground", "region-caption", "detection"], help="the benchmark")
+    p.add_argument("--ann", required=True, help="annotation file in the reference's format")
+    p.add_argument("--images", required=True, help="folder the annotation's file names are relative to")
+    p.add_argument("--out", help="output folder (default runs/eval-TASK)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the instruction-template choice (default 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per batch (default 8)")
+    p.add_argument("--resume", action="store_true", help="continue a run that stopped, keeping its predictions")
+    p.add_argument("--limit", type=int, help="only the first N samples")
+    p.add_argument("--style", default="vg", choices=["vg", "refcocog"], help="region-caption prompts (default vg)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("convert", help="convert a reference Groma checkpoint", description=cmd_convert.__doc__)
     p.add_argument("src", help="reference checkpoint directory (config.json + pytorch_model*.bin or safetensors)")

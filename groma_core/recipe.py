@@ -46,6 +46,7 @@ class CoreRecipe(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="parameter dtype")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     weights: str | None = Field(None, description="safetensors file or directory, relative to the recipe file")
+    init_seed: int = Field(0, description="seed of the random initialisation of weights not loaded from files")
     partial_weights: bool = Field(
         False,
         description="the weights cover only some stages (e.g. a detector-only checkpoint); the others keep their "

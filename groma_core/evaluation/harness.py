@@ -1,0 +1,469 @@
+"""The evaluation harness: reads a benchmark's annotations, runs the model sample by sample (batched), writes every
+prediction as a JSON line as soon as it exists, resumes where a run stopped, shards samples over ``torchrun``
+processes, and writes a summary with the metric, the model, the recipe, the annotation file's sha256, the seed and
+the software versions. Protocols: ``shared/reference/groma-reference.md`` §5.
+
+The result does not depend on the number of processes or the batch size: each sample's template is drawn from a
+generator seeded by (seed, sample id), and batched generation gives the answers of one-at-a-time generation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import sys
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from groma_core.errors import GromaError, InputError
+from groma_core.evaluation.metrics import (
+    GroundingSample,
+    caption_scores,
+    clean_generated_caption,
+    detection_metrics,
+    lvis_ground_recall,
+    rec_accuracy,
+)
+from groma_core.inference import REFER, Request
+
+
+@dataclass
+class Sample:
+    """One evaluation sample: a unique id, its position in the benchmark, its image and task data."""
+
+    id: str
+    index: int
+    image: Path
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: annotation file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a JSON annotation file ({exc})") from None
+
+
+def _xywh_to_xyxy(b: Sequence[float]) -> list[float]:
+    x, y, w, h = (float(v) for v in b)
+    return [x, y, x + w, y + h]
+
+
+def _coco_tables(ann: Any, path: Path, need: Sequence[str]) -> dict[str, list]:
+    if not isinstance(ann, dict):
+        raise InputError(f"{path}: expected a COCO-style JSON object, got {type(ann).__name__}")
+    missing = [k for k in need if not isinstance(ann.get(k), list)]
+    if missing:
+        raise InputError(f"{path}: COCO-style annotations need the list(s) {', '.join(missing)}")
+    return ann
+
+
+class Task(ABC):
+    """A benchmark: how to read its samples, ask the model, and score the predictions."""
+
+    name: str = ""
+    templates: tuple[str, ...] = ()
+    max_new_tokens: int = 16
+
+    def __init__(self, ann_file: str | Path, images_dir: str | Path):
+        self.ann_file = Path(ann_file)
+        self.images_dir = Path(images_dir)
+        if not self.images_dir.is_dir():
+            raise InputError(f"{self.images_dir}: image folder not found")
+        self.samples = self.load_samples(_read_json(self.ann_file))
+        if not self.samples:
+            raise InputError(f"{self.ann_file}: no samples")
+
+    def template_for(self, sample: Sample, seed: int) -> str:
+        """The instruction template of a sample, drawn with a generator seeded by (seed, sample id)."""
+        return random.Random(f"{seed}:{self.name}:{sample.id}").choice(self.templates)
+
+    @abstractmethod
+    def load_samples(self, ann: Any) -> list[Sample]:
+        """The samples of the annotation file, in a fixed order."""
+
+    @abstractmethod
+    def predict(self, model, samples: list[Sample], seed: int, batch_size: int) -> list[dict[str, Any]]:
+        """One JSON-serialisable prediction per sample (each with its ``id``)."""
+
+    @abstractmethod
+    def score(self, predictions: list[dict[str, Any]]) -> dict[str, float]:
+        """The benchmark's metrics over all predictions."""
+
+
+def _image_path(images_dir: Path, file_name: str) -> Path:
+    return images_dir / file_name
+
+
+class RecTask(Task):
+    """Referring expression comprehension (RefCOCO-style annotations: each "image" entry is one expression)."""
+
+    name = "rec"
+    templates = (
+        "Locate <p>{}</p> in the image.",
+        "Can you spot <p>{}</p> in the photograph?",
+        "Which region matches the description <p>{}</p>?",
+    )
+    max_new_tokens = 3
+
+    def load_samples(self, ann: Any) -> list[Sample]:
+        ann = _coco_tables(ann, self.ann_file, ("images", "annotations"))
+        boxes: dict[Any, list[float]] = {}
+        for a in ann["annotations"]:
+            boxes.setdefault(a["image_id"], _xywh_to_xyxy(a["bbox"]))
+        samples = []
+        for i, img in enumerate(ann["images"]):
+            if img["id"] not in boxes:
+                raise InputError(f"{self.ann_file}: expression {img['id']} has no annotation box")
+            samples.append(
+                Sample(
+                    str(img["id"]),
+                    i,
+                    _image_path(self.images_dir, img["file_name"]),
+                    {"expression": img["caption"], "gt_box": boxes[img["id"]]},
+                )
+            )
+        return samples
+
+    def predict(self, model, samples, seed, batch_size):
+        requests = [
+            Request(s.image, [(self.template_for(s, seed).format(s.data["expression"]), None)]) for s in samples
+        ]
+        answers = model.answer(requests, max_new_tokens=self.max_new_tokens, do_sample=False)
+        out = []
+        for s, r, a in zip(samples, requests, answers):
+            first = next((p for p in a.phrases if p.boxes_px), None)  # the first <rK> of the answer
+            box = list(first.boxes_px[0]) if first else None
+            out.append(
+                {"id": s.id, "prompt": r.turns[0][0], "answer": a.raw_text, "pred_box": box, "gt_box": s.data["gt_box"]}
+            )
+        return out
+
+    def score(self, predictions):
+        result = rec_accuracy([p["pred_box"] for p in predictions], [p["gt_box"] for p in predictions])
+        return result.as_dict()
+
+
+class LvisGroundTask(Task):
+    """LVIS-Ground: one query per (image, category present), every box of the answer in order; AS-MANY recall."""
+
+    name = "lvis-ground"
+    templates = ("Locate all <p>{}</p> in this image.",)
+    max_new_tokens = 10
+
+    def load_samples(self, ann: Any) -> list[Sample]:
+        ann = _coco_tables(ann, self.ann_file, ("images", "annotations", "categories"))
+        names = {c["id"]: c["name"] for c in ann["categories"]}
+        images = {img["id"]: img for img in ann["images"]}
+        groups: dict[tuple[Any, Any], list[dict]] = {}
+        for a in ann["annotations"]:
+            groups.setdefault((a["image_id"], a["category_id"]), []).append(a)
+        samples = []
+        for i, ((image_id, cat), anns) in enumerate(
+            sorted(groups.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1])))
+        ):
+            if image_id not in images or cat not in names:
+                raise InputError(f"{self.ann_file}: annotation refers to unknown image {image_id} or category {cat}")
+            samples.append(
+                Sample(
+                    f"{image_id}:{cat}",
+                    i,
+                    _image_path(self.images_dir, images[image_id]["file_name"]),
+                    {
+                        "image_id": image_id,
+                        "category_id": cat,
+                        "category": names[cat].replace("_", " "),
+                        "gt_boxes": [_xywh_to_xyxy(a["bbox"]) for a in anns],
+                        "gt_areas": [float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns],
+                    },
+                )
+            )
+        return samples
+
+    def predict(self, model, samples, seed, batch_size):
+        requests = [Request(s.image, [(self.template_for(s, seed).format(s.data["category"]), None)]) for s in samples]
+        answers = model.answer(requests, max_new_tokens=self.max_new_tokens, do_sample=False)
+        return [
+            {
+                "id": s.id,
+                "answer": a.raw_text,
+                "pred_boxes": [list(b) for p in a.phrases for b in p.boxes_px],
+                **{k: s.data[k] for k in ("image_id", "category_id", "gt_boxes", "gt_areas")},
+            }
+            for s, a in zip(samples, answers)
+        ]
+
+    def score(self, predictions):
+        samples = [
+            GroundingSample(
+                p["image_id"], p["category_id"], p["pred_boxes"] or _no_boxes(), p["gt_boxes"], p["gt_areas"]
+            )
+            for p in predictions
+        ]
+        return lvis_ground_recall(samples).as_dict()
+
+
+def _no_boxes():
+    return torch.zeros(0, 4).numpy()
+
+
+class RegionCaptionTask(Task):
+    """Region captioning: the ground-truth box goes in as a user box; the caption is scored against the references
+    (Visual Genome style: a ``caption`` per annotation; RefCOCOg style: the "image" entry's ``caption``)."""
+
+    name = "region-caption"
+    styles = {
+        "vg": ("What is " + REFER + "?",),
+        "refcocog": ("Please describe " + REFER + " in details.",),
+    }
+    max_new_tokens = 100
+
+    def __init__(self, ann_file, images_dir, style: str = "vg"):
+        if style not in self.styles:
+            raise InputError(f"--style {style!r}: expected one of {', '.join(self.styles)}")
+        self.templates = self.styles[style]
+        super().__init__(ann_file, images_dir)
+
+    def load_samples(self, ann: Any) -> list[Sample]:
+        ann = _coco_tables(ann, self.ann_file, ("images", "annotations"))
+        images = {img["id"]: img for img in ann["images"]}
+        samples = []
+        for i, a in enumerate(ann["annotations"]):
+            img = images.get(a["image_id"])
+            if img is None:
+                raise InputError(
+                    f"{self.ann_file}: annotation {a.get('id', i)} refers to unknown image {a['image_id']}"
+                )
+            caption = a.get("caption", img.get("caption"))
+            if not caption:
+                raise InputError(f"{self.ann_file}: annotation {a.get('id', i)} has no caption")
+            refs = caption if isinstance(caption, list) else [caption]
+            samples.append(
+                Sample(
+                    str(a.get("id", i)),
+                    i,
+                    _image_path(self.images_dir, img["file_name"]),
+                    {"box": _xywh_to_xyxy(a["bbox"]), "references": refs},
+                )
+            )
+        return samples
+
+    def predict(self, model, samples, seed, batch_size):
+        requests = [Request(s.image, [(self.template_for(s, seed), None)], [s.data["box"]]) for s in samples]
+        answers = model.answer(requests, max_new_tokens=self.max_new_tokens, do_sample=False)
+        return [
+            {"id": s.id, "caption": clean_generated_caption(a.raw_text), "references": s.data["references"]}
+            for s, a in zip(samples, answers)
+        ]
+
+    def score(self, predictions):
+        preds = {p["id"]: p["caption"] for p in predictions}
+        refs = {p["id"]: p["references"] for p in predictions}
+        return caption_scores(preds, refs).as_dict()
+
+
+class DetectionTask(Task):
+    """Class-agnostic COCO AP/AR of the region proposer alone (no language model)."""
+
+    name = "detection"
+    templates = ("",)
+
+    def load_samples(self, ann: Any) -> list[Sample]:
+        ann = _coco_tables(ann, self.ann_file, ("images", "annotations"))
+        boxes: dict[Any, list] = {img["id"]: [] for img in ann["images"]}
+        areas: dict[Any, list] = {img["id"]: [] for img in ann["images"]}
+        for a in ann["annotations"]:
+            if a.get("iscrowd"):
+                continue
+            boxes[a["image_id"]].append(_xywh_to_xyxy(a["bbox"]))
+            areas[a["image_id"]].append(float(a.get("area", a["bbox"][2] * a["bbox"][3])))
+        return [
+            Sample(
+                str(img["id"]),
+                i,
+                _image_path(self.images_dir, img["file_name"]),
+                {"gt_boxes": boxes[img["id"]], "gt_areas": areas[img["id"]]},
+            )
+            for i, img in enumerate(ann["images"])
+        ]
+
+    @torch.no_grad()
+    def predict(self, model, samples, seed, batch_size):
+        from groma_core.images import load_image
+
+        images = [load_image(s.image) for s in samples]
+        pixels = model.image_tokenizer.preprocess(images).to(model.device, model.image_projector.layers[0].weight.dtype)
+        proposals = model.region_proposer(model.encode_images(pixels))
+        out = []
+        for s, img, boxes, scores in zip(samples, images, proposals.boxes, proposals.scores):
+            w, h = img.size
+            order = scores.float().argsort(descending=True, stable=True)[:100]
+            px = boxes[order].float().clamp(0, 1).cpu() * torch.tensor([w, h, w, h])
+            out.append(
+                {
+                    "id": s.id,
+                    "pred_boxes": px.tolist(),
+                    "pred_scores": scores[order].float().tolist(),
+                    "gt_boxes": s.data["gt_boxes"],
+                    "gt_areas": s.data["gt_areas"],
+                }
+            )
+        return out
+
+    def score(self, predictions):
+        return detection_metrics(
+            [p["pred_boxes"] or _no_boxes() for p in predictions],
+            [p["pred_scores"] for p in predictions],
+            [p["gt_boxes"] or _no_boxes() for p in predictions],
+            [p["gt_areas"] for p in predictions],
+        ).as_dict()
+
+
+TASKS: dict[str, type[Task]] = {
+    "rec": RecTask,
+    "lvis-ground": LvisGroundTask,
+    "region-caption": RegionCaptionTask,
+    "detection": DetectionTask,
+}
+
+
+# -- running ---------------------------------------------------------------------------------------------------
+def _dist() -> tuple[int, int]:
+    """(rank, world size), initialising torch.distributed from torchrun's environment when needed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _read_predictions(out_dir: Path) -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    for path in sorted(out_dir.glob("predictions*.jsonl")):
+        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if line_no == len(path.read_text(encoding="utf-8").splitlines()):
+                    continue  # a line cut short by an interruption: that sample is recomputed
+                raise InputError(f"{path}:{line_no}: not a JSON line") from None
+            done[str(record["id"])] = record
+    return done
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from groma_core import __version__
+
+    return {
+        "groma_core": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def evaluate(
+    task: Task,
+    model,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    batch_size: int = 8,
+    resume: bool = False,
+    limit: int | None = None,
+    model_name: str = "",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run ``task`` with ``model``; write ``predictions.jsonl`` and ``summary.json`` into ``out_dir``; return the
+    summary (on the first process; the others return an empty dict)."""
+    rank, world = _dist()
+    out_dir = Path(out_dir)
+    samples = task.samples[:limit] if limit else task.samples
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and any(out_dir.glob("predictions*.jsonl")):
+            raise GromaError(f"{out_dir} already holds predictions: pass --resume to continue, or choose another --out")
+    _barrier()
+    done = _read_predictions(out_dir) if resume else {}
+    mine = [s for s in samples if s.index % world == rank and s.id not in done]
+    shard = out_dir / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.part.jsonl")
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(mine), desc=f"{task.name}", unit="sample", file=sys.stderr, dynamic_ncols=True)
+    start = time.time()
+    with open(shard, "a", encoding="utf-8") as f:
+        for i in range(0, len(mine), batch_size):
+            batch = mine[i : i + batch_size]
+            for record in task.predict(model, batch, seed, batch_size):
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+            if bar:
+                bar.update(len(batch))
+    if bar:
+        bar.close()
+    _barrier()
+    summary: dict[str, Any] = {}
+    if rank == 0:
+        records = _read_predictions(out_dir)
+        order = {s.id: s.index for s in samples}
+        merged = sorted((r for r in records.values() if r["id"] in order), key=lambda r: order[r["id"]])
+        if len(merged) != len(samples):
+            raise GromaError(f"only {len(merged)} of {len(samples)} samples have predictions")
+        final = out_dir / "predictions.jsonl"
+        tmp = out_dir / "predictions.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in merged), encoding="utf-8")
+        for part in out_dir.glob("predictions*.jsonl"):
+            part.unlink()
+        tmp.replace(final)
+        recipe = getattr(model, "recipe", None)
+        summary = {
+            "task": task.name,
+            "metrics": task.score(merged),
+            "num_samples": len(merged),
+            "model": model_name,
+            "recipe": recipe.to_dict() if recipe is not None else None,
+            "annotation_file": str(task.ann_file),
+            "annotation_sha256": sha256_of(task.ann_file),
+            "seed": seed,
+            "world_size": world,
+            "seconds": round(time.time() - start, 3),
+            "versions": versions(),
+        }
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    _barrier()
+    return summary
