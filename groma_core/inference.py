@@ -84,7 +84,7 @@ class TasksMixin:
         prompts = [self.tokenizer.encode(template.render(r.turns)) for r in requests]
         settings = self.generation_settings(**generation)
         pixels = self.image_tokenizer.preprocess(images).to(self.device, self.image_projector.layers[0].weight.dtype)
-        out = self.generate(pixels, prompts, refer_boxes=[b.to(self.device) for b in boxes], **settings)
+        out = self.generate(pixels, prompts, refer_boxes=[b.to(self.device) for b in boxes], images=images, **settings)
         return [
             parse_grounded(seq, self.tokenizer, out.regions.boxes[i], img.size, out.regions.scores[i])
             for i, (seq, img) in enumerate(zip(out.sequences, images))

@@ -106,8 +106,12 @@ class GromaModel(TasksMixin, nn.Module):
         return module_device(self)
 
     # -- stages ----------------------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: Tensor) -> ImageFeatures:
-        return self.image_tokenizer(pixel_values)
+    def encode_images(self, pixel_values: Tensor, images: Sequence[Any] | None = None) -> ImageFeatures:
+        """Image features of a batch; ``images`` (the original PIL images) ride along for pixel-based stages."""
+        features = self.image_tokenizer(pixel_values)
+        if images is not None:
+            features.images = list(images)
+        return features
 
     def select(
         self,
@@ -163,6 +167,7 @@ class GromaModel(TasksMixin, nn.Module):
         generator: torch.Generator | None = None,
         features: ImageFeatures | None = None,
         proposals: Proposals | None = None,
+        images: Sequence[Any] | None = None,
     ) -> PreparedInputs:
         """Run the vision stages and build the language model's embeddings for a batch.
 
@@ -203,7 +208,7 @@ class GromaModel(TasksMixin, nn.Module):
                 )
 
         if features is None:
-            features = self.encode_images(pixel_values)
+            features = self.encode_images(pixel_values, images)
         if proposals is None:
             proposals = self.region_proposer(features)
         regions = self.select(proposals, refer_boxes, ground_boxes, generator)
@@ -301,10 +306,13 @@ class GromaModel(TasksMixin, nn.Module):
         generator: torch.Generator | None = None,
         eos_id: int | None = None,
         keep_step_logits: bool = False,
+        images: Sequence[Any] | None = None,
     ) -> GenerationOutput:
         """Greedy or sampled decoding with a key/value cache; batches are left-padded so every sample decodes
         exactly as it would alone."""
-        inputs = self.prepare_inputs(pixel_values, input_ids, refer_boxes, padding_side="left", generator=generator)
+        inputs = self.prepare_inputs(
+            pixel_values, input_ids, refer_boxes, padding_side="left", generator=generator, images=images
+        )
         sequences, step_logits = decode(
             self.language_backbone,
             inputs.inputs_embeds,

@@ -304,7 +304,7 @@ class DetectionTask(Task):
 
         images = [load_image(s.image) for s in samples]
         pixels = model.image_tokenizer.preprocess(images).to(model.device, model.image_projector.layers[0].weight.dtype)
-        proposals = model.region_proposer(model.encode_images(pixels))
+        proposals = model.region_proposer(model.encode_images(pixels, images))
         out = []
         for s, img, boxes, scores in zip(samples, images, proposals.boxes, proposals.scores):
             w, h = img.size
