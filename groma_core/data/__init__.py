@@ -1,0 +1,58 @@
+"""Datasets in the reference Groma's annotation formats: a synthetic shapes generator (:mod:`.shapes`) and
+readers of the formats (:mod:`.formats`)."""
+
+from groma_core.data.formats import (
+    ChatTurn,
+    Conversation,
+    DetectionImage,
+    GroundedPhrase,
+    GroundingQuery,
+    ImageInfo,
+    RecSample,
+    RegionCaption,
+    read_detection,
+    read_grounded_captions,
+    read_instruct,
+    read_lvis_ground,
+    read_rec,
+    read_region_captions,
+)
+from groma_core.data.shapes import (
+    PALETTE,
+    SHAPES,
+    ReferringExpression,
+    Scene,
+    ShapeObject,
+    ShapesConfig,
+    generate_scene,
+    referring_expressions,
+    resolve_expression,
+    write_shapes_dataset,
+)
+
+__all__ = [
+    "PALETTE",
+    "SHAPES",
+    "ChatTurn",
+    "Conversation",
+    "DetectionImage",
+    "GroundedPhrase",
+    "GroundingQuery",
+    "ImageInfo",
+    "RecSample",
+    "ReferringExpression",
+    "RegionCaption",
+    "Scene",
+    "ShapeObject",
+    "ShapesConfig",
+    "generate_scene",
+    "read_detection",
+    "read_grounded_captions",
+    "read_instruct",
+    "read_lvis_ground",
+    "read_rec",
+    "read_region_captions",
+    "referring_expressions",
+    "resolve_expression",
+    "write_shapes_dataset",
+]
