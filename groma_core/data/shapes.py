@@ -612,7 +612,7 @@ def region_caption(scene: Scene, obj: ShapeObject) -> str:
     return caption
 
 
-def _groups(scene: Scene, objects: Sequence[ShapeObject]) -> list[list[ShapeObject]]:
+def _groups(objects: Sequence[ShapeObject]) -> list[list[ShapeObject]]:
     """Shapes grouped by colour and shape, groups ordered by their leftmost member."""
     groups: dict[tuple[str, str], list[ShapeObject]] = {}
     for obj in sorted(objects, key=lambda o: (o.center[0], o.index)):
@@ -626,21 +626,17 @@ def _group_phrase(scene: Scene, group: list[ShapeObject]) -> str:
     return f"{_NUMBER_WORDS[len(group)]} {group[0].colour} {group[0].shape}s"
 
 
-def _join(parts: list[str]) -> str:
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
 @dataclass(frozen=True)
-class GroundedCaption:
+class SceneCaption:
     """An image caption whose phrases name shapes: ``phrases`` holds ((start, end), shape indices) in text order."""
 
     text: str
     phrases: tuple[tuple[tuple[int, int], tuple[int, ...]], ...]
 
 
-def grounded_caption(scene: Scene, rng: np.random.Generator) -> GroundedCaption:
+def grounded_caption(scene: Scene, rng: np.random.Generator) -> SceneCaption:
     """A caption such as "Two blue squares and a red circle on a striped background." with phrase spans."""
-    groups = _groups(scene, scene.objects)
+    groups = _groups(scene.objects)
     phrases = [_group_phrase(scene, group) for group in groups]
     background = _indefinite(_BACKGROUND_PHRASES[scene.background.kind])
     lead = rng.random() < 0.5
@@ -654,7 +650,7 @@ def grounded_caption(scene: Scene, rng: np.random.Generator) -> GroundedCaption:
         spans.append(((len(text), len(text) + len(phrase)), tuple(o.index for o in group)))
         text += phrase
     text += "." if lead else f" on {background}."
-    return GroundedCaption(text, tuple(spans))
+    return SceneCaption(text, tuple(spans))
 
 
 def _ground(phrase: str, indices: Sequence[int]) -> str:
@@ -678,7 +674,7 @@ class _Answer:
         return self
 
     def ground_groups(self, scene: Scene, objects: Sequence[ShapeObject]) -> _Answer:
-        groups = _groups(scene, objects)
+        groups = _groups(objects)
         for i, group in enumerate(groups):
             if i:
                 self.say(" and " if i == len(groups) - 1 else ", ")
@@ -719,7 +715,7 @@ def instruct_conversation(scene: Scene, expressions: dict[int, list[ReferringExp
         members = [o for o in objects if o.shape == shape]
         if len(members) == 1:
             answer = _Answer().say(f"There is one {shape}: ")
-        elif len(_groups(scene, members)) == 1:
+        elif len(_groups(members)) == 1:
             answer = _Answer().say("There are ")
         else:
             answer = _Answer().say(f"There are {_NUMBER_WORDS[len(members)]} {shape}s: ")
