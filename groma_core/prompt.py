@@ -5,6 +5,19 @@ Groma's 114 new tokens after its vocabulary. It reproduces the transformers-4.32
 released weights were trained with: every new token is a no-split token with the whitespace on both sides of it
 stripped, each text chunk between tokens is encoded separately (with its own SentencePiece dummy prefix), and the
 base special tokens (``<s>``, ``</s>``, ``<unk>``) split the text without stripping.
+
+That is the ``legacy=True`` tokenizer. A ``tokenizer_config.json`` with ``"legacy": false`` (Vicuna v1.5's, from
+which Groma's tokenizer was made, most probably has it; :meth:`GromaTokenizer.from_directory` reads it) changes
+three things in transformers 4.32, which ``GromaTokenizer(legacy=False)`` reproduces:
+
+* every ``"▁"`` in the text becomes a space and one ``"▁"`` is put in front of the text (before splitting, so
+  it is never stripped); when the first chunk is then that ``"▁"`` alone (the text starts with a token, or with
+  spaces a new token strips) and the next token is ``<s>``, ``</s>``, ``<unk>`` or ``[PAD]`` (transformers'
+  special tokens), the ``"▁"`` is dropped; before Groma's other tokens it stays, a piece of its own;
+* the SentencePiece model runs without its dummy prefix, so a chunk gets a leading ``"▁"`` only from a space that
+  survived (the text's first chunk, or the text after a base special token, which strips nothing);
+* a chunk is encoded as ``"<unk>" + chunk`` with the pieces of ``"<unk>"`` cut off again: when the chunk's first
+  characters merge with the ``">"`` of ``"<unk>"`` (``">>"``), they are lost.
 """
 
 from __future__ import annotations
@@ -20,7 +33,11 @@ from groma_core import tokens as T
 
 
 class TextCodec(Protocol):
-    """The base tokenizer under :class:`GromaTokenizer`."""
+    """The base tokenizer under :class:`GromaTokenizer`.
+
+    A codec for ``legacy=False`` also has ``encode_unprefixed(text) -> list[int]``: the ids of ``text`` encoded
+    without SentencePiece's dummy prefix the way transformers 4.32 does it (see :class:`SentencePieceCodec`).
+    """
 
     vocab_size: int
     bos_id: int | None
@@ -34,6 +51,11 @@ class TextCodec(Protocol):
     def save(self, directory: Path) -> None: ...
 
 
+#: a protobuf field ``normalizer_spec { add_dummy_prefix: false }``; appended to a serialized ``ModelProto`` it is
+#: merged into the model's normalizer spec (what transformers 4.32 does with ``MergeFrom`` for ``legacy=False``)
+NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
+
+
 class SentencePieceCodec:
     """A SentencePiece model file (LLaMA's ``tokenizer.model``)."""
 
@@ -44,6 +66,7 @@ class SentencePieceCodec:
 
         self.path = Path(model_file)
         self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self._sp_unprefixed: spm.SentencePieceProcessor | None = None
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
@@ -54,6 +77,18 @@ class SentencePieceCodec:
 
     def encode(self, text: str) -> list[int]:
         return list(self.sp.encode(text))
+
+    def encode_unprefixed(self, text: str) -> list[int]:
+        """Ids of ``text`` as transformers 4.32's ``LlamaTokenizer(legacy=False)`` encodes a chunk: the model with
+        ``add_dummy_prefix`` off encodes ``"<unk>" + text`` and the pieces that ``"<unk>"`` alone gives are dropped."""
+        if self._sp_unprefixed is None:
+            import sentencepiece as spm
+
+            self._sp_unprefixed = spm.SentencePieceProcessor(
+                model_proto=self.sp.serialized_model_proto() + NO_DUMMY_PREFIX
+            )
+        unk = self.sp.id_to_piece(self.sp.unk_id())
+        return list(self._sp_unprefixed.encode(unk + text))[len(self._sp_unprefixed.encode(unk)) :]
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = list(ids)
@@ -93,16 +128,60 @@ class HFTokenizerCodec:
         self.tok.save_pretrained(str(directory))
 
 
-class GromaTokenizer:
-    """Text <-> ids with Groma's new tokens appended after the base vocabulary (``[PAD]`` first, ``<r99>`` last)."""
+#: the file :meth:`GromaTokenizer.save` writes beside the base tokenizer's files
+GROMA_TOKENS_FILE = "groma_tokens.json"
 
-    def __init__(self, codec: TextCodec, new_tokens: Sequence[str] = T.NEW_TOKENS):
+
+def _read_json(path: Path) -> dict:
+    """The JSON object in ``path``; empty when there is no such file."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+class GromaTokenizer:
+    """Text <-> ids with Groma's new tokens appended after the base vocabulary (``[PAD]`` first, ``<r99>`` last).
+
+    ``legacy``: True tokenizes like transformers 4.32's slow ``LlamaTokenizer(legacy=True)``, False like
+    ``legacy=False`` (see the module docstring; needs a codec with ``encode_unprefixed``). ``offset``: the id of
+    ``[PAD]``, the first new token; by default the base vocabulary size. Give it when the language model's embedding
+    table has more rows than the base tokenizer has tokens (Qwen2: 151936 rows for 151665 tokens); the ids between
+    the two are then never produced and decode to nothing.
+    """
+
+    def __init__(
+        self,
+        codec: TextCodec,
+        new_tokens: Sequence[str] = T.NEW_TOKENS,
+        *,
+        legacy: bool = True,
+        offset: int | None = None,
+    ):
         self.codec = codec
-        self.offset = codec.vocab_size
+        self.offset = codec.vocab_size if offset is None else int(offset)
+        if self.offset < codec.vocab_size:
+            raise ValueError(
+                f"offset: {self.offset} would give new tokens ids inside the base vocabulary; it must be at least the "
+                f"base vocabulary size {codec.vocab_size}"
+            )
+        self.legacy = bool(legacy)
+        self._encode_unprefixed = getattr(codec, "encode_unprefixed", None)
+        if not self.legacy and self._encode_unprefixed is None:
+            raise ValueError(
+                f"legacy=False needs a SentencePiece model (a codec with encode_unprefixed); "
+                f"{type(codec).__name__} has none"
+            )
+        # legacy=False: the ids of a first chunk that is only the "\u2581" put in front of the text
+        self._lone_prefix = None if self.legacy else self._encode_unprefixed("\u2581")
         self.new_tokens = tuple(new_tokens)
         self._new_ids = {tok: self.offset + i for i, tok in enumerate(self.new_tokens)}
         self._id_to_new = {i: tok for tok, i in self._new_ids.items()}
         self._base_special = dict(codec.special_tokens)
+        # transformers' all_special_tokens (bos, eos, unk, pad): a leading lone "\u2581" before them is dropped
+        self._special_after_prefix = set(self._base_special) | ({T.PAD} & set(self.new_tokens))
         splitters = sorted(list(self._new_ids) + list(self._base_special), key=len, reverse=True)
         self._split = re.compile("(" + "|".join(re.escape(s) for s in splitters) + ")")
         self.region_ids = [self._new_ids[T.region_token(k)] for k in range(T.MAX_REGIONS)]
@@ -143,23 +222,38 @@ class GromaTokenizer:
     # -- encoding --------------------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Ids of ``text`` as the reference's tokenizer gives them (see the module docstring)."""
-        parts = [p for p in self._split.split(text)]
+        if not self.legacy and text:
+            text = "\u2581" + text.replace("\u2581", " ")
+        parts = self._split.split(text)
         for i, part in enumerate(parts):
             if part in self._new_ids:  # strip whitespace around new tokens
                 if i > 0 and parts[i - 1] not in self._new_ids and parts[i - 1] not in self._base_special:
                     parts[i - 1] = parts[i - 1].rstrip()
                 if i + 1 < len(parts) and parts[i + 1] not in self._new_ids:
                     parts[i + 1] = parts[i + 1].lstrip()
-        ids: list[int] = [self.codec.bos_id] if add_bos and self.codec.bos_id is not None else []
+        pieces: list[tuple[str | None, list[int]]] = []  # (token text, or None for a text chunk; its ids)
         for part in parts:
             if not part:
                 continue
             if part in self._new_ids:
-                ids.append(self._new_ids[part])
+                pieces.append((part, [self._new_ids[part]]))
             elif part in self._base_special:
-                ids.append(self._base_special[part])
+                pieces.append((part, [self._base_special[part]]))
+            elif self.legacy:
+                pieces.append((None, self.codec.encode(part)))
             else:
-                ids.extend(self.codec.encode(part))
+                pieces.append((None, self._encode_unprefixed(part)))
+        if (
+            self._lone_prefix is not None
+            and len(self._lone_prefix) == 1
+            and len(pieces) > 1
+            and pieces[0] == (None, self._lone_prefix)
+            and pieces[1][0] in self._special_after_prefix
+        ):
+            del pieces[0]
+        ids: list[int] = [self.codec.bos_id] if add_bos and self.codec.bos_id is not None else []
+        for _, piece_ids in pieces:
+            ids.extend(piece_ids)
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
@@ -179,36 +273,57 @@ class GromaTokenizer:
                 flush()
                 if not skip_special_tokens:
                     chunks.append(self._id_to_new.get(i) or next(k for k, v in self._base_special.items() if v == i))
-            else:
+            elif i < self.codec.vocab_size or i >= self.vocab_size:
                 text_ids.append(i)
         flush()
         return " ".join(c for c in chunks if c)
 
     def decode_text(self, ids: Sequence[int]) -> str:
-        """Plain text of ids that contain no special token, keeping a leading space where the first piece has one."""
-        return self.codec.decode([int(i) for i in ids])
+        """Plain text of ids that contain no special token, keeping a leading space where the first piece has one.
+
+        With ``legacy=False`` the text after a new token was encoded without its leading space; the text of such
+        ids gets one back (as the reference's decoding puts a space after every new token)."""
+        text = self.codec.decode([int(i) for i in ids if not self.codec.vocab_size <= int(i) < self.offset])
+        if not self.legacy and text and not text[0].isspace():
+            text = " " + text
+        return text
 
     # -- persistence -----------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
-        """Write the base tokenizer's files and ``groma_tokens.json`` into ``directory``."""
+        """Write the base tokenizer's files and ``groma_tokens.json`` (offset, new tokens, legacy) into
+        ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.codec.save(directory)
-        (directory / "groma_tokens.json").write_text(
-            json.dumps({"offset": self.offset, "new_tokens": list(self.new_tokens)}, indent=1)
+        (directory / GROMA_TOKENS_FILE).write_text(
+            json.dumps({"offset": self.offset, "new_tokens": list(self.new_tokens), "legacy": self.legacy}, indent=1)
         )
 
     @classmethod
-    def from_directory(cls, directory: str | Path) -> GromaTokenizer:
-        """Load from a directory holding ``tokenizer.model`` (SentencePiece) or Hugging Face tokenizer files."""
+    def from_directory(
+        cls, directory: str | Path, *, legacy: bool | None = None, offset: int | None = None
+    ) -> GromaTokenizer:
+        """Load from a directory holding ``tokenizer.model`` (SentencePiece) or Hugging Face tokenizer files.
+
+        ``legacy`` and ``offset`` not given are read from ``groma_tokens.json`` (written by :meth:`save`) when
+        present; ``legacy`` else from the ``"legacy"`` of ``tokenizer_config.json`` for a SentencePiece model (absent
+        or null: True, as transformers 4.32). A Hugging Face tokenizer applies its own settings to each text chunk.
+        """
         directory = Path(directory)
+        saved = _read_json(directory / GROMA_TOKENS_FILE)
+        new_tokens = saved.get("new_tokens", T.NEW_TOKENS)
+        offset = saved.get("offset") if offset is None else offset
         if (directory / SentencePieceCodec.FILE).is_file():
             codec: TextCodec = SentencePieceCodec(directory / SentencePieceCodec.FILE)
+            if legacy is None:
+                legacy = saved.get("legacy", _read_json(directory / "tokenizer_config.json").get("legacy"))
         else:
             from transformers import AutoTokenizer
 
             codec = HFTokenizerCodec(AutoTokenizer.from_pretrained(str(directory), local_files_only=True))
-        return cls(codec)
+            if legacy is None:
+                legacy = saved.get("legacy")
+        return cls(codec, new_tokens, legacy=True if legacy is None else bool(legacy), offset=offset)
 
 
 # -- conversation templates ----------------------------------------------------------------------------------
