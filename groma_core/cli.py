@@ -303,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
 
+    from groma_core.cli_data import add_data_commands
+
+    add_data_commands(sub)
+
     p = sub.add_parser("convert", help="convert a reference Groma checkpoint", description=cmd_convert.__doc__)
     p.add_argument("src", help="reference checkpoint directory (config.json + pytorch_model*.bin or safetensors)")
     p.add_argument("dst", help="output directory (recipe.yaml + safetensors shards + tokenizer files)")

@@ -151,3 +151,23 @@ def test_two_processes_under_torchrun_give_the_single_process_result(dataset, tm
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two["world_size"] == 2 and one["metrics"] == two["metrics"]
     assert read_jsonl(tmp_path / "one" / "predictions.jsonl") == read_jsonl(tmp_path / "two" / "predictions.jsonl")
+
+
+def test_every_eval_command_runs_on_generated_shapes_data(dataset, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+    def groma(*args):
+        return subprocess.run([sys.executable, "-m", "groma_core.cli", *args], capture_output=True, text=True,
+                              env=env, timeout=600)
+
+    data = tmp_path / "shapes"
+    made = groma("data", "shapes", str(data), "--images", "6", "--seed", "5", "--val-fraction", "0.5")
+    assert made.returncode == 0, made.stderr
+    model = ["--model", "groma-tiny", "--set", f"language_backbone.tokenizer={dataset / 'tok'}", "--limit", "3"]
+    for task, ann, metric in [("rec", "rec_val", "accuracy"), ("lvis-ground", "lvis_ground_val", "AR"),
+                              ("region-caption", "region_captions_val", "CIDEr"), ("detection", "detection_val", "AP")]:
+        out = groma("eval", task, "--ann", str(data / "annotations" / f"{ann}.json"), "--images",
+                    str(data / "images"), "--out", str(tmp_path / task), *model)
+        assert out.returncode == 0, out.stderr[-2000:]
+        summary = json.loads((tmp_path / task / "summary.json").read_text())
+        assert metric in summary["metrics"] and summary["num_samples"] == 3
