@@ -211,6 +211,31 @@ def test_exactly_the_stage_parameters_get_gradients(tiny, stage):
     assert not any(p.requires_grad for p in model.image_tokenizer.parameters())
 
 
+class WeightedLossProposer(LearnedGridProposer):
+    """A proposer whose detection_loss returns raw terms and their weighted total as ``loss``."""
+
+    def detection_loss(self, proposals, targets, source):
+        terms = super().detection_loss(proposals, targets, source)
+        return {**terms, "loss": 3.0 * terms["loss_objectness"] + terms["loss_box"]}
+
+
+def test_detection_objective_sums_the_terms_unless_the_proposer_gives_the_total(tiny):
+    sp, datasets = tiny
+    from groma_core.training.data import collate
+
+    model = make_model(sp)
+    batch = collate([{**s, "dataset": "boxes_a", "source": "coco"} for s in datasets["boxes_a"][:2]])
+    loss, terms = Objective(model, "detection")(batch)
+    assert set(terms) == {"loss_objectness", "loss_box"}
+    torch.testing.assert_close(loss, terms["loss_objectness"] + terms["loss_box"])
+    weighted = WeightedLossProposer(16)
+    weighted.load_state_dict(model.region_proposer.state_dict())
+    model.region_proposer = weighted
+    loss, terms = Objective(model, "detection")(batch)
+    assert set(terms) == {"loss_objectness", "loss_box"}
+    torch.testing.assert_close(loss, 3.0 * terms["loss_objectness"] + terms["loss_box"])
+
+
 def test_three_stages_update_exactly_their_parameters(tiny, tmp_path):
     sp, datasets = tiny
     model = make_model(sp)

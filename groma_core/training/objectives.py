@@ -19,9 +19,10 @@ class DetectionLoss(Protocol):
     ``detection_loss(proposals, targets, source)``: ``proposals`` is the proposer's own output for the batch (its
     ``extras`` carry whatever the loss needs, such as raw logits of every decoder layer); ``targets[i]`` (n_i, 4)
     are the ground-truth boxes of image i, normalized xyxy, class-agnostic; ``source`` tags the dataset the batch
-    comes from (the reference trains its ``coco`` and ``sa1b`` objectness heads on their own data). Returns named,
-    already weighted loss terms; the training loss is their sum. Return the same names on every call (a zero term
-    where there is nothing to measure): processes average the terms for the logs name by name.
+    comes from (the reference trains its ``coco`` and ``sa1b`` objectness heads on their own data). Returns named
+    loss terms: the training loss is the term ``loss`` when there is one (the others are then only logged), else
+    the sum of the terms. Return the same names on every call (a zero where there is nothing to measure):
+    processes average the terms for the logs name by name.
     """
 
     def detection_loss(self, proposals: Proposals, targets: list[Tensor], source: str) -> dict[str, Tensor]: ...
@@ -61,8 +62,10 @@ class Objective(nn.Module):
         features = self.model.image_tokenizer(batch["pixel_values"])
         proposer = self.model.region_proposer
         proposals = proposer(features)
-        terms = proposer.detection_loss(proposals, batch["boxes"], batch["source"])
+        terms = dict(proposer.detection_loss(proposals, batch["boxes"], batch["source"]))
         if not terms:
             raise ValueError(f"{type(proposer).__name__}.detection_loss returned no loss terms")
-        loss = torch.stack([v.float() for v in terms.values()]).sum()
-        return loss, {k: v.detach().float() for k, v in terms.items()}
+        total = terms.pop("loss", None)
+        if total is None:
+            total = torch.stack([v.float() for v in terms.values()]).sum()
+        return total.float(), {k: v.detach().float() for k, v in terms.items()}
