@@ -1,0 +1,102 @@
+"""The ``clip`` image tokenizer: a frozen CLIP vision tower, 2x2-merged image tokens, last four layers as maps."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from groma_core.errors import InputError
+from groma_core.stages import ImageTokenizer
+from groma_core.types import ImageFeatures
+from groma_plugin_clip.encoder import build_encoder
+from groma_plugin_clip.options import ClipOptions
+from groma_plugin_clip.preprocess import preprocess_images
+
+#: the published feature levels, oldest first: hidden_states[-4], ..., hidden_states[-1] (no final LayerNorm)
+LEVEL_NAMES = ("last-3", "last-2", "last-1", "last")
+
+
+def merge_2x2(patches: Tensor) -> Tensor:
+    """(B, h, w, C) patch grid -> (B, h/2 * w/2, 4C) tokens, row-major over the (h/2, w/2) grid.
+
+    Token (i, j) = cat(p(2i, 2j), p(2i+1, 2j), p(2i, 2j+1), p(2i+1, 2j+1)) with p(row, col): the order Groma
+    merges its DINOv2 patches in.
+    """
+    b, h, w, c = patches.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"merge_2x2 needs an even patch grid, got {h}x{w}")
+    quads = patches.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5)  # (b, i, j, col off, row off, c)
+    return quads.reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+class ClipImageTokenizer(ImageTokenizer):
+    """A CLIP vision tower (transformers ``CLIPVisionModel``) as Groma's image tokenizer, on ``input_size`` x
+    ``input_size`` images.
+
+    ``forward(pixel_values)`` -> :class:`ImageFeatures` with ``levels`` "last-3", "last-2", "last-1", "last" = the
+    last four layers' patch features (CLS dropped; CLIP's ``post_layernorm`` is never applied), each (B, C, g, g)
+    with g = input_size / patch_size, and ``tokens`` = layer ``token_layer``'s patches, 2x2-merged to
+    (B, g^2/4, 4C) (or (B, g^2, C) unmerged).
+    """
+
+    def __init__(self, options: ClipOptions):
+        super().__init__()
+        self.options = options
+        self.clip = build_encoder(options)
+        config = self.clip.config
+        patch, size = config.patch_size, options.input_size
+        if size % patch:
+            raise ValueError(f"input_size {size} is not a multiple of the encoder's patch_size {patch}")
+        self.grid = size // patch
+        if options.merge_tokens and self.grid % 2:
+            raise ValueError(f"merge_tokens needs an even patch grid; input_size {size} gives {self.grid}x{self.grid}")
+        layers = config.num_hidden_layers
+        if layers < len(LEVEL_NAMES) or options.token_layer < -layers:
+            raise ValueError(
+                f"the encoder has {layers} layers: need at least {len(LEVEL_NAMES)} and token_layer in "
+                f"-{layers}..-1, got {options.token_layer}"
+            )
+        channels = config.hidden_size
+        self.interpolate_positions = size != config.image_size
+        self.num_channels = config.num_channels
+        self.image_size = (size, size)
+        self.level_channels = dict.fromkeys(LEVEL_NAMES, channels)
+        self.level_sizes = dict.fromkeys(LEVEL_NAMES, (self.grid, self.grid))
+        self.token_dim = 4 * channels if options.merge_tokens else channels
+        self.num_tokens = self.grid**2 // 4 if options.merge_tokens else self.grid**2
+        if options.frozen:
+            self.clip.requires_grad_(False)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
+        """RGB PIL images of any sizes -> float32 (B, 3, input_size, input_size), by the ``resize`` mode."""
+        o = self.options
+        return preprocess_images(images, o.input_size, o.resize, o.image_mean, o.image_std)
+
+    def forward(self, pixel_values: Tensor) -> ImageFeatures:
+        """Encode (B, 3, input_size, input_size) pixel values."""
+        expected = (self.num_channels, *self.image_size)
+        if not isinstance(pixel_values, Tensor) or pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            got = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
+            raise InputError(f"pixel_values must have shape (B, {', '.join(map(str, expected))}), got {got}")
+        weight = self.clip.get_input_embeddings().weight  # the patch convolution
+        grad = torch.no_grad() if self.options.frozen else contextlib.nullcontext()
+        with grad:
+            hidden = self.clip(
+                pixel_values=pixel_values.to(weight.dtype),
+                output_hidden_states=True,
+                interpolate_pos_encoding=self.interpolate_positions,
+            ).hidden_states
+        b, g = pixel_values.shape[0], self.grid
+
+        def patch_grid(layer: int) -> Tensor:  # (B, g, g, C), CLS dropped
+            return hidden[layer][:, 1:].reshape(b, g, g, -1)
+
+        first = -len(LEVEL_NAMES)
+        levels = {name: patch_grid(first + i).permute(0, 3, 1, 2).contiguous() for i, name in enumerate(LEVEL_NAMES)}
+        patches = patch_grid(self.options.token_layer)
+        tokens = merge_2x2(patches) if self.options.merge_tokens else patches.reshape(b, g * g, -1)
+        return ImageFeatures(tokens=tokens, levels=levels)
