@@ -213,14 +213,13 @@ class GromaModel(TasksMixin, nn.Module):
             proposals = self.region_proposer(features)
         regions = self.select(proposals, refer_boxes, ground_boxes, generator)
 
-        prompt_ids, expanded, inserted_masks, label_rows = [], [], [], []
+        prompt_ids, expanded, label_rows = [], [], []
         for i in range(batch):
             ids = self._rewrite(ids_list[i], refer_id, regions.refer_index[i], "<refer_box>", i)
             ids = self._rewrite(ids, ground_id, regions.ground_index[i], "<ground_box>", i)
             prompt_ids.append(ids)
             exp, inserted = self._expand(ids, regions.boxes[i].shape[0], features.tokens.shape[1])
             expanded.append(exp)
-            inserted_masks.append(inserted)
             if label_list is not None:
                 original = ids_list[i]
                 lab = label_list[i][: len(original)]
@@ -228,15 +227,8 @@ class GromaModel(TasksMixin, nn.Module):
                     raise InputError(f"sample {i}: {len(lab)} labels for {len(original)} prompt ids")
                 # supervised placeholders follow their rewritten ids (<ground_box> -> <rK>)
                 lab = [ids[j] if t != IGNORE_INDEX and t == original[j] else t for j, t in enumerate(lab)]
-                widths = [
-                    features.tokens.shape[1]
-                    if t == image_id
-                    else 2 * regions.boxes[i].shape[0]
-                    if t == region_id
-                    else 1
-                    for t in ids
-                ]
-                label_rows.append([t if w == 1 else IGNORE_INDEX for t, w in zip(lab, widths) for _ in range(w)])
+                kept = iter(lab)
+                label_rows.append([IGNORE_INDEX if ins else next(kept) for ins in inserted])
 
         device = self.device
         length = max(len(e) for e in expanded)
