@@ -78,19 +78,25 @@ def build(
 PATH_OPTIONS = ("pretrained", "tokenizer")
 
 
+def _is_path_option(options, name: str) -> bool:
+    """``pretrained``, ``tokenizer``, or a field declared with ``Field(json_schema_extra={"path": True})``."""
+    extra = type(options).model_fields[name].json_schema_extra
+    return name in PATH_OPTIONS or (isinstance(extra, dict) and bool(extra.get("path")))
+
+
 def _resolved_options(recipe: Recipe, kind: str):
-    """The stage's options with relative path options (``pretrained``, ``tokenizer``) resolved against the
-    recipe file's directory, so that a checkpoint directory can be moved as a whole."""
+    """The stage's options with relative path options resolved against the recipe file's directory, so that a
+    checkpoint directory can be moved as a whole (a path that does not exist there is left as given)."""
     options = recipe.stages[kind].options
     if recipe.base_dir is None:
         return options
     updates = {}
-    for name in PATH_OPTIONS:
+    for name in type(options).model_fields:
         value = getattr(options, name, None)
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            candidate = recipe.base_dir / value
-            if candidate.exists():
-                updates[name] = str(candidate)
+        if not (isinstance(value, str) and value and _is_path_option(options, name)):
+            continue
+        if not Path(value).expanduser().is_absolute() and (recipe.base_dir / value).exists():
+            updates[name] = str(recipe.base_dir / value)
     return options.model_copy(update=updates) if updates else options
 
 
