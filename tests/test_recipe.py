@@ -96,3 +96,17 @@ def test_round_trip_through_to_yaml(tiny_recipe, manager):
     recipe = validate_recipe(tiny_recipe, manager)
     again = validate_recipe(yaml.safe_load(recipe.to_yaml()), manager)
     assert again.to_dict() == recipe.to_dict()
+
+
+def test_relative_path_options_resolve_against_the_recipe_folder(tiny_recipe, manager, sp_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from groma_core.api import build
+
+    folder = tmp_path / "model"
+    shutil.copytree(sp_dir, folder / "tok")
+    tiny_recipe["language_backbone"]["tokenizer"] = "tok"
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(tiny_recipe))
+    monkeypatch.chdir(tmp_path)  # "tok" does not exist here
+    model = build(load_recipe(folder / "recipe.yaml", manager=manager), manager=manager)
+    assert model.tokenizer.vocab_size == 400 + 114
