@@ -16,11 +16,13 @@ class Detectron2Options(StageOptions):
         default="COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml",
         description="a YAML config file, or a model-zoo config name that detectron2.model_zoo.get_config_file "
         "resolves (e.g. COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml)",
+        json_schema_extra={"path": True},
     )
     weights: str | None = Field(
         default=None,
         description="checkpoint loaded with DetectionCheckpointer: a local .pth/.pkl file (detectron2:// and "
         "https:// URLs are downloaded by detectron2); None keeps the random initialisation",
+        json_schema_extra={"path": True},
     )
     config_overrides: dict[str, Any] = Field(
         default_factory=dict,
