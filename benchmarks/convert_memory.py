@@ -39,14 +39,31 @@ def released_config() -> dict:
         "box_score_thres": 0.15,
         "max_region_num": 100,
         "num_new_token": 114,
-        "llm_cfg": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
-                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
-        "perceiver_cfg": {"model_type": "ddetr", "vis_output_layer": -1,
-                          "vis_encoder_cfg": {"model_type": "dinov2", "hidden_size": 1024, "num_hidden_layers": 24,
-                                              "num_attention_heads": 16, "image_size": 518, "patch_size": 14},
-                          "ddetr_cfg": {"num_feature_levels": 1, "two_stage": True, "with_box_refine": True,
-                                        "num_labels": 1}},
+        "llm_cfg": {
+            "model_type": "llama",
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "vocab_size": 32000,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False,
+        },
+        "perceiver_cfg": {
+            "model_type": "ddetr",
+            "vis_output_layer": -1,
+            "vis_encoder_cfg": {
+                "model_type": "dinov2",
+                "hidden_size": 1024,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 16,
+                "image_size": 518,
+                "patch_size": 14,
+            },
+            "ddetr_cfg": {"num_feature_levels": 1, "two_stage": True, "with_box_refine": True, "num_labels": 1},
+        },
     }
 
 
@@ -101,13 +118,22 @@ def main() -> int:
     shutil.rmtree(args.workdir, ignore_errors=True)
     t0 = time.time()
     size, largest = write_checkpoint(src, DTYPES[args.dtype])
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}")
-    print(f"synthetic checkpoint: {size / 1e9:.2f} GB ({args.dtype}), largest tensor {largest / 1e6:.0f} MB, "
-          f"written in {time.time() - t0:.0f} s")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}"
+    )
+    print(
+        f"synthetic checkpoint: {size / 1e9:.2f} GB ({args.dtype}), largest tensor {largest / 1e6:.0f} MB, "
+        f"written in {time.time() - t0:.0f} s"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "groma_core.cli", "convert", str(src), str(dst), "--quiet"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "groma_core.cli", "convert", str(src), str(dst), "--quiet"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     peaks: dict[str, int] = {}
     stop = threading.Event()
     sampler = threading.Thread(target=sample_memory, args=(proc.pid, peaks, stop))
@@ -122,11 +148,15 @@ def main() -> int:
     print(out.strip())
     gb = 1024**3
     print(f"conversion: {elapsed:.0f} s, {size / elapsed / 1e9:.2f} GB/s")
-    print(f"peak anonymous memory: {peaks.get('RssAnon', 0) / gb:.2f} GiB; peak resident set (incl. mapped file "
-          f"pages): {peaks.get('VmHWM', 0) / gb:.2f} GiB; largest tensor {largest / gb:.2f} GiB")
+    print(
+        f"peak anonymous memory: {peaks.get('RssAnon', 0) / gb:.2f} GiB; peak resident set (incl. mapped file "
+        f"pages): {peaks.get('VmHWM', 0) / gb:.2f} GiB; largest tensor {largest / gb:.2f} GiB"
+    )
     beyond = peaks.get("VmHWM", 0) - largest
-    print(f"peak resident set beyond the largest tensor: {beyond / gb:.2f} GiB (target < 2 GiB): "
-          f"{'met' if beyond < 2 * gb else 'NOT met'}")
+    print(
+        f"peak resident set beyond the largest tensor: {beyond / gb:.2f} GiB (target < 2 GiB): "
+        f"{'met' if beyond < 2 * gb else 'NOT met'}"
+    )
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
     return 0

@@ -52,11 +52,20 @@ def run(model, images, new_tokens: int) -> dict[str, float]:
     _, times["region encoder"] = timed(lambda: model.region_encoder(feats, regions.boxes))
     inputs = model.prepare_inputs(pixels, ids, features=feats, proposals=props, padding_side="left")
     out, times["prefill"] = timed(
-        lambda: model.language_backbone(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, use_cache=True)
+        lambda: model.language_backbone(
+            inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, use_cache=True
+        )
     )
     _, total_decode = timed(
-        lambda: decode(model.language_backbone, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids,
-                       new_tokens, eos_id=None, pad_id=tok.pad_id)
+        lambda: decode(
+            model.language_backbone,
+            inputs.inputs_embeds,
+            inputs.attention_mask,
+            inputs.position_ids,
+            new_tokens,
+            eos_id=None,
+            pad_id=tok.pad_id,
+        )
     )
     times["decode"] = max(total_decode - times["prefill"], 0.0)
     return times
@@ -75,8 +84,10 @@ def main() -> None:
         make_sentencepiece(tok_dir)
         overrides.append(f"language_backbone.tokenizer={tok_dir}")
     model, load_time = timed(lambda: load(args.model, overrides))
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; model {args.model}, loaded in {load_time:.2f} s")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; model {args.model}, loaded in {load_time:.2f} s"
+    )
     for batch in (1, 8):
         images = sample_images(batch)
         run(model, images, 2)  # warm-up

@@ -63,9 +63,9 @@ def build(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides, manager)
     weights = recipe.weights_path()
-    if weights is not None and recipe.core.partial_weights:
+    if weights is not None and (recipe.core.partial_weights or recipe.core.weights_exclude):
         model = _construct(recipe, manager)
-        load_weights(model, weights, partial=True)
+        load_weights(model, weights, partial=recipe.core.partial_weights, exclude=recipe.core.weights_exclude)
     elif weights is not None:
         with empty_parameters():
             model = _construct(recipe, manager)
@@ -140,10 +140,11 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: weights not found")
 
 
-def load_weights(model: nn.Module, path: str | Path, partial: bool = False) -> None:
+def load_weights(model: nn.Module, path: str | Path, partial: bool = False, exclude: Sequence[str] = ()) -> None:
     """Load safetensors weights (memory-mapped) into ``model``; missing, unknown or misshapen tensors are errors
     that name them. ``partial``: stages (top-level modules) absent from the weights keep their values; a stage
-    that is present must be complete."""
+    that is present must be complete. ``exclude``: top-level modules whose tensors are skipped and which keep their
+    values."""
     from safetensors import SafetensorError, safe_open
 
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
@@ -155,6 +156,10 @@ def load_weights(model: nn.Module, path: str | Path, partial: bool = False) -> N
                     state[key] = f.get_tensor(key)
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from None
+    if exclude:
+        excluded = set(exclude)
+        state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in excluded}
+        expected = {k: v for k, v in expected.items() if k.split(".", 1)[0] not in excluded}
     unknown = sorted(set(state) - set(expected))
     if partial:
         covered = {k.split(".", 1)[0] for k in state}
@@ -178,7 +183,7 @@ def load_weights(model: nn.Module, path: str | Path, partial: bool = False) -> N
         problems.append("wrong shape: " + "; ".join(wrong[:8]))
     if problems:
         raise CheckpointError(f"{path}: " + " | ".join(problems))
-    model.load_state_dict(state, strict=not partial, assign=True)
+    model.load_state_dict(state, strict=not (partial or exclude), assign=True)
 
 
 def load(

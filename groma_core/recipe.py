@@ -47,6 +47,13 @@ class CoreRecipe(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     weights: str | None = Field(None, description="safetensors file or directory, relative to the recipe file")
     init_seed: int = Field(0, description="seed of the random initialisation of weights not loaded from files")
+    weights_exclude: list[
+        Literal["image_tokenizer", "region_proposer", "region_encoder", "language_backbone", "image_projector"]
+    ] = Field(
+        default_factory=list,
+        description="parts whose tensors in `weights` are ignored, keeping their own initialisation (e.g. a swapped "
+        "proposer with its own pretrained weights next to converted Groma weights)",
+    )
     partial_weights: bool = Field(
         False,
         description="the weights cover only some stages (e.g. a detector-only checkpoint); the others keep their "

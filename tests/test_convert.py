@@ -214,3 +214,19 @@ def test_detector_only_checkpoint_converts_and_loads_beside_other_stages(golden,
         model.state_dict()["region_proposer.input_proj.conv.weight"], ref["perceiver.input_proj.0.0.weight"]
     )
     assert model.language_backbone.hidden_size == llm["hidden_size"]  # built from its own options
+
+
+@needs_golden
+def test_weights_exclude_keeps_a_swapped_stage_next_to_converted_weights(golden, tmp_path):
+    import yaml
+
+    src = write_reference(golden, tmp_path / "ref")
+    convert_checkpoint(src, tmp_path / "out", recipe_overrides=region_dim_override(golden))
+    recipe = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    recipe["region_proposer"] = {"plugin": "user-boxes"}  # a different proposer, without the converted tensors
+    (tmp_path / "out" / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(CheckpointError, match="unknown tensor"):
+        load(tmp_path / "out")
+    model = load(tmp_path / "out", ["weights_exclude=[region_proposer]"])
+    ref = golden.weights()
+    assert torch.equal(model.state_dict()["image_projector.layers.0.weight"], ref["img_txt_bridge.0.weight"])

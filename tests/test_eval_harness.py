@@ -38,17 +38,29 @@ def dataset(tmp_path_factory) -> Path:
         images.append({"id": i, "file_name": name, "width": size[0], "height": size[1]})
         for cat, colour, box in shapes:
             aid = len(anns)
-            anns.append({"id": aid, "image_id": i, "category_id": cats[cat], "bbox": list(box), "area": box[2] * box[3],
-                         "iscrowd": 0, "caption": f"a {colour} {cat}"})
-            rec_images.append({"id": aid, "file_name": name, "width": size[0], "height": size[1],
-                               "caption": f"the {colour} {cat}"})
+            anns.append(
+                {
+                    "id": aid,
+                    "image_id": i,
+                    "category_id": cats[cat],
+                    "bbox": list(box),
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                    "caption": f"a {colour} {cat}",
+                }
+            )
+            rec_images.append(
+                {"id": aid, "file_name": name, "width": size[0], "height": size[1], "caption": f"the {colour} {cat}"}
+            )
             rec_anns.append({"id": aid, "image_id": aid, "bbox": list(box), "category_id": 1})
     categories = [{"id": v, "name": k} for k, v in cats.items()]
-    (root / "rec.json").write_text(json.dumps({"images": rec_images, "annotations": rec_anns,
-                                               "categories": [{"id": 1, "name": "object"}]}))
+    (root / "rec.json").write_text(
+        json.dumps({"images": rec_images, "annotations": rec_anns, "categories": [{"id": 1, "name": "object"}]})
+    )
     (root / "lvis.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
-    (root / "det.json").write_text(json.dumps({"images": images, "annotations": anns,
-                                               "categories": [{"id": 1, "name": "object"}]}))
+    (root / "det.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "object"}]})
+    )
     (root / "vg.json").write_text(json.dumps({"images": images, "annotations": anns}))
     make_sentencepiece(root / "tok")
     return root
@@ -136,15 +148,46 @@ def test_bad_annotations_are_clear_errors(dataset, tmp_path):
 
 def test_two_processes_under_torchrun_give_the_single_process_result(dataset, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    common = ["eval", "rec", "--ann", str(dataset / "rec.json"), "--images", str(dataset / "images"),
-              "--model", "groma-tiny", "--set", f"language_backbone.tokenizer={dataset / 'tok'}", "--batch-size", "2"]
-    single = subprocess.run([sys.executable, "-m", "groma_core.cli", *common, "--out", str(tmp_path / "one")],
-                            capture_output=True, text=True, env=env, timeout=600)
+    common = [
+        "eval",
+        "rec",
+        "--ann",
+        str(dataset / "rec.json"),
+        "--images",
+        str(dataset / "images"),
+        "--model",
+        "groma-tiny",
+        "--set",
+        f"language_backbone.tokenizer={dataset / 'tok'}",
+        "--batch-size",
+        "2",
+    ]
+    single = subprocess.run(
+        [sys.executable, "-m", "groma_core.cli", *common, "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr
     multi = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "groma_core.cli", *common, "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "groma_core.cli",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert multi.returncode == 0, multi.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "summary.json").read_text())
@@ -157,17 +200,31 @@ def test_every_eval_command_runs_on_generated_shapes_data(dataset, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
     def groma(*args):
-        return subprocess.run([sys.executable, "-m", "groma_core.cli", *args], capture_output=True, text=True,
-                              env=env, timeout=600)
+        return subprocess.run(
+            [sys.executable, "-m", "groma_core.cli", *args], capture_output=True, text=True, env=env, timeout=600
+        )
 
     data = tmp_path / "shapes"
     made = groma("data", "shapes", str(data), "--images", "6", "--seed", "5", "--val-fraction", "0.5")
     assert made.returncode == 0, made.stderr
     model = ["--model", "groma-tiny", "--set", f"language_backbone.tokenizer={dataset / 'tok'}", "--limit", "3"]
-    for task, ann, metric in [("rec", "rec_val", "accuracy"), ("lvis-ground", "lvis_ground_val", "AR"),
-                              ("region-caption", "region_captions_val", "CIDEr"), ("detection", "detection_val", "AP")]:
-        out = groma("eval", task, "--ann", str(data / "annotations" / f"{ann}.json"), "--images",
-                    str(data / "images"), "--out", str(tmp_path / task), *model)
+    for task, ann, metric in [
+        ("rec", "rec_val", "accuracy"),
+        ("lvis-ground", "lvis_ground_val", "AR"),
+        ("region-caption", "region_captions_val", "CIDEr"),
+        ("detection", "detection_val", "AP"),
+    ]:
+        out = groma(
+            "eval",
+            task,
+            "--ann",
+            str(data / "annotations" / f"{ann}.json"),
+            "--images",
+            str(data / "images"),
+            "--out",
+            str(tmp_path / task),
+            *model,
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         summary = json.loads((tmp_path / task / "summary.json").read_text())
         assert metric in summary["metrics"] and summary["num_samples"] == 3

@@ -33,8 +33,14 @@ def pictures(tmp_path_factory) -> Path:
 
 def groma(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "groma_core.cli", *args], capture_output=True, text=True,
-                          env=env, input=stdin, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "groma_core.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        input=stdin,
+        timeout=600,
+    )
 
 
 def model_args(tokenizer_dir: Path) -> list[str]:
@@ -43,8 +49,20 @@ def model_args(tokenizer_dir: Path) -> list[str]:
 
 def test_ground_json_picture_and_box(tokenizer_dir, pictures, tmp_path):
     out_png = tmp_path / "annotated.png"
-    res = groma("ground", str(pictures / "pic0.png"), "What is <box>?", "--box", "10", "10", "60", "40",
-                "--json", "--out", str(out_png), *model_args(tokenizer_dir))
+    res = groma(
+        "ground",
+        str(pictures / "pic0.png"),
+        "What is <box>?",
+        "--box",
+        "10",
+        "10",
+        "60",
+        "40",
+        "--json",
+        "--out",
+        str(out_png),
+        *model_args(tokenizer_dir),
+    )
     assert res.returncode == 0, res.stderr
     (answer,) = json.loads(res.stdout)
     assert answer["image"].endswith("pic0.png") and answer["image_size"] == [120, 80]
@@ -55,8 +73,16 @@ def test_ground_json_picture_and_box(tokenizer_dir, pictures, tmp_path):
 
 
 def test_ground_on_a_folder_runs_batched(tokenizer_dir, pictures, tmp_path):
-    res = groma("ground", str(pictures), "[grounding]Describe the image.", "--batch-size", "2",
-                "--out", str(tmp_path / "out"), *model_args(tokenizer_dir))
+    res = groma(
+        "ground",
+        str(pictures),
+        "[grounding]Describe the image.",
+        "--batch-size",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        *model_args(tokenizer_dir),
+    )
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pic0.png", "pic1.png", "pic2.png"]
     assert sum(line.startswith(str(pictures)) for line in res.stdout.splitlines()) == 3
@@ -82,7 +108,11 @@ def test_ground_bad_input_is_one_line(tokenizer_dir, pictures, args, message):
 
 
 def test_chat_keeps_history_and_reads_boxes(tokenizer_dir, pictures):
-    res = groma("chat", str(pictures / "pic1.png"), *model_args(tokenizer_dir),
-                stdin="What is <5,5,30,50>?\nAnd what is next to it?\n")
+    res = groma(
+        "chat",
+        str(pictures / "pic1.png"),
+        *model_args(tokenizer_dir),
+        stdin="What is <5,5,30,50>?\nAnd what is next to it?\n",
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("groma:") == 2

@@ -164,7 +164,9 @@ def test_ground_boxes_rewrite_ids_and_labels(tiny_model, images):
 def test_bad_refer_boxes_are_clear_errors(tiny_model, images, box, message):
     ids = prompt_ids(tiny_model, "What is <roi><refer_box></roi><refer_feat>?")
     with pytest.raises(InputError, match=rf"refer_boxes\[0\]: box 0 .*{message}"):
-        tiny_model.prepare_inputs(tiny_model.image_tokenizer.preprocess(images[:1]), [ids], refer_boxes=[torch.tensor([box])])
+        tiny_model.prepare_inputs(
+            tiny_model.image_tokenizer.preprocess(images[:1]), [ids], refer_boxes=[torch.tensor([box])]
+        )
 
 
 def test_batch_of_eight_mixed_prompts_equals_one_at_a_time(tiny_model):
@@ -175,8 +177,10 @@ def test_batch_of_eight_mixed_prompts_equals_one_at_a_time(tiny_model):
         ("Locate <p>the red square</p> in the image.", []),
         ("What is <roi><refer_box></roi><refer_feat>?", [[0.1, 0.1, 0.6, 0.5]]),
         ("[grounding]Give me a concise description of the image.", []),
-        ("Compare <roi><refer_box></roi><refer_feat> with <roi><refer_box></roi><refer_feat> please.",
-         [[0.0, 0.0, 0.5, 0.5], [0.4, 0.4, 1.0, 1.0]]),
+        (
+            "Compare <roi><refer_box></roi><refer_feat> with <roi><refer_box></roi><refer_feat> please.",
+            [[0.0, 0.0, 0.5, 0.5], [0.4, 0.4, 1.0, 1.0]],
+        ),
         ("Hi.", []),
         ("Is there a circle here? Tell me where it is.", []),
         ("Please describe <roi><refer_box></roi><refer_feat> in details.", [[0.2, 0.3, 0.9, 0.95]]),

@@ -90,7 +90,8 @@ def check_region_proposer(stage: RegionProposer, features: ImageFeatures | None 
     features = features or sample_features()
     with torch.no_grad():
         props = stage(features)
-        single = stage(ImageFeatures(features.tokens[1:], {k: v[1:] for k, v in features.levels.items()}))
+        images = features.images[1:] if features.images is not None else None
+        single = stage(ImageFeatures(features.tokens[1:], {k: v[1:] for k, v in features.levels.items()}, images))
     batch = features.batch_size
     _check_proposals(props, batch)
     _check_proposals(single, 1)
