@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from groma_core.boxes import cxcywh_to_xyxy
+from groma_core.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
 from groma_core.reference import ALIASED_MODULES
 from groma_core.stages import BuildContext, RegionProposer
 from groma_core.types import ImageFeatures, Proposals
@@ -153,6 +153,19 @@ class DeformableDetrProposer(RegionProposer):
                 "encoder_boxes_cxcywh": output.encoder_coord_logits.sigmoid(),
             },
         )
+
+    def detection_loss(self, proposals: Proposals, targets: list[Tensor], source: str) -> dict[str, Tensor]:
+        """Groma's stage-1 losses (:func:`~groma_plugin_deformable_detr.losses.detection_loss`) of this proposer's
+        ``proposals`` against ``targets[i]`` (n_i, 4) normalized xyxy; ``source`` (coco or sa1b) picks the
+        objectness head. Needs ``frozen: false`` (a frozen proposer runs without gradients)."""
+        from groma_plugin_deformable_detr.losses import detection_loss
+
+        if self.options.frozen:
+            raise RuntimeError(
+                "deformable-detr: the proposer is built with frozen: true (no gradients); set frozen: false to train it"
+            )
+        boxes = [{"boxes": xyxy_to_cxcywh(torch.as_tensor(t, dtype=torch.float32).reshape(-1, 4))} for t in targets]
+        return detection_loss(proposals.extras, boxes, source)
 
 
 def build_proposer(options: DeformableDetrOptions, context: BuildContext) -> DeformableDetrProposer:

@@ -1,0 +1,599 @@
+"""Training datasets: the reference Groma's annotation files (read by :mod:`groma_core.data`) turned into the
+engine's sample mappings (see :mod:`groma_core.training.data`), with the reference's prompts and label masking.
+
+Every language sample renders a conversation with the fixed first turn (``<image>``, ``<region>``) in the
+dataset's template (``default`` for stage 2, ``llava`` for stage 3), wraps each answer in ``<sep>``, supervises only
+what lies between a pair of ``<sep>`` (plus every ``</s>`` but the first one, which closes the fixed turn) and then
+deletes the ``<sep>`` tokens (the reference's ``preprocess`` of every dataset). ``<ground_box>`` placeholders come
+with their boxes in ``ground_boxes`` and ``<refer_box>``/``<refer_feat>`` with theirs in ``refer_boxes``
+(normalized xyxy of the original image). Random choices (instruction templates, augmentation) use the global
+generators, which the engine seeds per sample.
+
+The recipe's ``train.datasets`` section (:class:`DatasetSpec`) names each dataset's format and files;
+:func:`build_datasets` opens them for a model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import random
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from groma_core import tokens as T
+from groma_core.training.config import TrainingConfig
+
+IGNORE_INDEX = -100
+Box = tuple[float, float, float, float]
+Preprocess = Callable[[Sequence[Image.Image]], Tensor]
+
+# -- the reference's instruction templates (groma/data/datasets/*.py) ----------------------------------------
+REC_INSTRUCTIONS = (
+    "Locate {} in the image.",
+    "Can you spot {} in the photograph?",
+    "Identify where {} is located in the picture.",
+    "Please detect {} in the picture.",
+    "Which region matches the description {}?",
+    "Please identify the object that corresponds to {}.",
+)
+GROUNDING_INSTRUCTIONS = (
+    "Locate all {} in this image.",
+    "Identify all instances of {} in the photo.",
+    "Find all instances of {} in the image.",
+    "Point out all the {} visible in this picture.",
+    "Detect and list each {} that appears in this photo.",
+    "What is the position of each {} in the image?",
+)
+CAPTION_INSTRUCTIONS = (
+    "Give me a concise description of the image.",
+    "Please briefly summarize the content of this image.",
+    "What does this picture show? Please summarize briefly.",
+    "Can you give me a quick overview of what's depicted in this image?",
+    "Could you describe the key elements in this photograph?",
+    "Offer a brief explanation of what this image represents.",
+    "Sum up the contents of this picture in one or two sentences.",
+)
+REGION_INSTRUCTIONS = (
+    "What is {}?",
+    "Please briefly describe {}.",
+    "Provide a short description for {}.",
+    "Please give a concise description of region {}.",
+)
+DETAILED_REGION_INSTRUCTIONS = (
+    "Can you provide me with a detailed description of {}?",
+    "Please describe {} in details.",
+    "I'm curious about {} in the photo. Can you describe it in detail?",
+    "Please give a comprehensive description of the object {}.",
+    "What does the object {} in the picture look like? Could you give me a detailed description?",
+)
+REFER = T.ROI_OPEN + T.REFER_BOX + T.ROI_CLOSE + T.REFER_FEAT
+MULTI_ROUND_MAX_REGIONS = 10  #: regions per image of the multi-round region captions (MultiRoundsVG)
+MULTI_ROUND_NMS = 0.6  #: IoU of the random-score NMS over those regions
+
+FORMATS = (
+    "detection",
+    "rec",
+    "grounding",
+    "grounded-caption",
+    "region-caption",
+    "region-caption-multi",
+    "refcocog-caption",
+    "grit",
+    "conversation",
+    "instruct",
+)
+
+
+# -- rendering and masking -----------------------------------------------------------------------------------
+def render_conversation(tokenizer, template: str, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    """Ids and labels of a conversation of (user, assistant) turns after the fixed first turn, masked as the
+    reference does: only the answers and the ``</s>`` of every assistant turn but the fixed first one are
+    supervised (a ``default`` template has no ``</s>``: nothing ends a turn)."""
+    from groma_core.prompt import get_template
+
+    text = get_template(template).render([(user, T.SEP + answer + T.SEP) for user, answer in turns])
+    ids = tokenizer.encode(text)
+    sep, eos = tokenizer.token_id(T.SEP), tokenizer.eos_id
+    labels = list(ids)
+    marks = [j for j, t in enumerate(ids) if t == sep]
+    if len(marks) != 2 * len(turns):
+        raise ValueError(f"an answer holds {T.SEP}: {len(marks)} separators for {len(turns)} answers")
+    for i in range(0, len(marks), 2):
+        start = 0 if i == 0 else marks[i - 1]
+        labels[start : marks[i]] = [IGNORE_INDEX] * (marks[i] - start)
+    for j in [j for j, t in enumerate(ids) if t == eos][1:]:
+        labels[j] = eos
+    keep = [j for j, t in enumerate(ids) if t != sep]
+    return [ids[j] for j in keep], [labels[j] for j in keep]
+
+
+def grounded(phrase: str, count: int) -> str:
+    """``<p>phrase</p><roi><ground_box>...</roi>`` with ``count`` placeholders."""
+    return T.P_OPEN + phrase + T.P_CLOSE + T.ROI_OPEN + T.GROUND_BOX * count + T.ROI_CLOSE
+
+
+def normalized(boxes: Sequence[Box], width: int, height: int) -> Tensor:
+    """Pixel xyxy boxes as normalized xyxy (n, 4), clamped to the image."""
+    if not boxes:
+        return torch.zeros(0, 4)
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    return (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) / scale).clamp(0.0, 1.0)
+
+
+# -- detection augmentation (stage 1, det_data.py) -----------------------------------------------------------
+@dataclass(frozen=True)
+class DetectionAugment:
+    """The stage-1 train pipeline at the reference's 448-pixel input: shorter side resized to one of ``scales``
+    (longer side at most ``max_side``), a random crop of ``crop`` pixels per side (each side drawn in the range,
+    at most the image's), an anisotropic resize to the square input, boxes under ``min_box`` pixels dropped, a
+    horizontal flip with probability ``flip``."""
+
+    scales: tuple[int, ...] = (400, 500, 600)
+    crop: tuple[int, int] = (448, 896)
+    max_side: int = 4200
+    min_box: float = 2.0
+    flip: float = 0.5
+    reference_size: int = 448
+
+    def scaled(self, input_size: int) -> DetectionAugment:
+        """The same pipeline with pixel sizes scaled from ``reference_size`` to ``input_size``."""
+        f = input_size / self.reference_size
+        return DetectionAugment(
+            tuple(max(1, round(s * f)) for s in self.scales),
+            (max(1, round(self.crop[0] * f)), max(1, round(self.crop[1] * f))),
+            max(1, round(self.max_side * f)),
+            self.min_box,
+            self.flip,
+            input_size,
+        )
+
+
+CROP_ATTEMPTS = 10
+
+
+def augment_detection(
+    image: Image.Image, boxes: Sequence[Box], size: tuple[int, int], augment: DetectionAugment
+) -> tuple[Image.Image, Tensor, list[int]]:
+    """One draw of the stage-1 augmentation: the (W, H) = ``size`` image, its boxes as normalized xyxy and the
+    indices of the input boxes they come from. A crop that keeps no box is drawn again (the reference draws
+    another image); after ``CROP_ATTEMPTS`` the whole image is kept."""
+    w, h = image.size
+    scale = min(random.choice(augment.scales) / min(w, h), augment.max_side / max(w, h))
+    rw, rh = max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5))
+    image = image.resize((rw, rh), Image.BILINEAR)
+    px = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * [rw / w, rh / h, rw / w, rh / h]
+    crop_box, kept, cropped = (0, 0, rw, rh), np.arange(len(px)), px
+    for _ in range(CROP_ATTEMPTS):
+        ch = random.randint(min(rh, augment.crop[0]), min(rh, augment.crop[1]))
+        cw = random.randint(min(rw, augment.crop[0]), min(rw, augment.crop[1]))
+        oy, ox = random.randint(0, rh - ch), random.randint(0, rw - cw)
+        moved = px - [ox, oy, ox, oy]
+        moved[:, 0::2] = moved[:, 0::2].clip(0, cw)
+        moved[:, 1::2] = moved[:, 1::2].clip(0, ch)
+        inside = np.nonzero((moved[:, 2] > moved[:, 0]) & (moved[:, 3] > moved[:, 1]))[0]
+        if len(inside) or not len(px):
+            crop_box, kept, cropped = (ox, oy, ox + cw, oy + ch), inside, moved[inside]
+            break
+    image = image.crop(crop_box)
+    cw, ch = crop_box[2] - crop_box[0], crop_box[3] - crop_box[1]
+    out_w, out_h = size
+    image = image.resize((out_w, out_h), Image.BILINEAR)
+    cropped = cropped * [out_w / cw, out_h / ch, out_w / cw, out_h / ch]
+    big = ((cropped[:, 2] - cropped[:, 0]) >= augment.min_box) & ((cropped[:, 3] - cropped[:, 1]) >= augment.min_box)
+    cropped, kept = cropped[big], kept[big]
+    if random.random() < augment.flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        cropped = np.stack([out_w - cropped[:, 2], cropped[:, 1], out_w - cropped[:, 0], cropped[:, 3]], axis=1)
+    boxes_out = normalized([tuple(b) for b in cropped.tolist()], out_w, out_h)
+    return image, boxes_out, [int(k) for k in kept]
+
+
+# -- datasets ------------------------------------------------------------------------------------------------
+class _ImageDataset(torch.utils.data.Dataset):
+    """Records with an image file each; ``pixel_values`` come from the model's preprocessing."""
+
+    def __init__(self, records: Sequence[Any], images: str | Path, preprocess: Preprocess):
+        self.records = list(records)
+        self.images = Path(images)
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, file_name: str) -> Image.Image:
+        from groma_core.images import load_image
+
+        return load_image(self.images / file_name)
+
+    def pixels(self, image: Image.Image) -> Tensor:
+        return self.preprocess([image])[0]
+
+
+class DetectionDataset(_ImageDataset):
+    """Class-agnostic COCO detection (stage 1): ``pixel_values`` and ``boxes``, augmented as the reference."""
+
+    def __init__(
+        self,
+        ann: str | Path,
+        images: str | Path,
+        preprocess: Preprocess,
+        image_size: tuple[int, int],
+        augment: DetectionAugment | None = None,
+    ):
+        from groma_core.data import read_detection
+
+        super().__init__(read_detection(ann), images, preprocess)
+        self.image_size = (int(image_size[0]), int(image_size[1]))  # (H, W)
+        self.augment = augment or DetectionAugment().scaled(max(self.image_size))
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        record = self.records[i]
+        image = self.load(record.image.file_name)
+        size = (self.image_size[1], self.image_size[0])
+        image, boxes, _ = augment_detection(image, record.boxes, size, self.augment)
+        return {"pixel_values": self.pixels(image), "boxes": boxes}
+
+
+class _ConversationDataset(_ImageDataset):
+    """Language samples: the subclass gives the turns and the boxes of one record."""
+
+    def __init__(
+        self, records: Sequence[Any], images: str | Path, preprocess: Preprocess, tokenizer, template: str = "default"
+    ):
+        super().__init__(records, images, preprocess)
+        self.tokenizer = tokenizer
+        self.template = template
+
+    def sample(self, record: Any) -> tuple[str, list[tuple[str, str]], dict[str, Tensor]]:
+        """(image file, turns, {"ground_boxes" or "refer_boxes": normalized xyxy})."""
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        file_name, turns, boxes = self.sample(self.records[i])
+        ids, labels = render_conversation(self.tokenizer, self.template, turns)
+        return {"pixel_values": self.pixels(self.load(file_name)), "input_ids": ids, "labels": labels, **boxes}
+
+
+class RecDataset(_ConversationDataset):
+    """Referring expression comprehension (RefCOCO-style file): ``Locate <p>expr</p> in the image.`` ->
+    ``<roi><ground_box></roi>``."""
+
+    def __init__(self, ann, images, preprocess, tokenizer, template="default"):
+        from groma_core.data import read_rec
+
+        super().__init__(read_rec(ann), images, preprocess, tokenizer, template)
+
+    def sample(self, r):
+        question = random.choice(REC_INSTRUCTIONS).format(T.P_OPEN + r.expression.strip() + T.P_CLOSE)
+        answer = T.ROI_OPEN + T.GROUND_BOX + T.ROI_CLOSE
+        return (
+            r.image.file_name,
+            [(question, answer)],
+            {"ground_boxes": normalized([r.box], r.image.width, r.image.height)},
+        )
+
+
+class GroundingDataset(_ConversationDataset):
+    """Multi-object grounding (COCO/LVIS categories; LVIS-Ground file): ``Locate all <p>class</p> in this
+    image.`` -> ``<roi><ground_box>...</roi>``, one per instance."""
+
+    def __init__(self, ann, images, preprocess, tokenizer, template="default"):
+        from groma_core.data import read_lvis_ground
+
+        super().__init__(read_lvis_ground(ann), images, preprocess, tokenizer, template)
+
+    def sample(self, r):
+        question = random.choice(GROUNDING_INSTRUCTIONS).format(T.P_OPEN + r.category.strip().lower() + T.P_CLOSE)
+        answer = T.ROI_OPEN + T.GROUND_BOX * len(r.boxes) + T.ROI_CLOSE
+        return (
+            r.image.file_name,
+            [(question, answer)],
+            {"ground_boxes": normalized(r.boxes, r.image.width, r.image.height)},
+        )
+
+
+class GroundedCaptionDataset(_ConversationDataset):
+    """Grounded captions (Flickr30k Entities, MDETR style): ``[grounding]`` + a caption instruction -> the
+    caption with ``<p>phrase</p><roi><ground_box>...</roi>`` at the phrase spans."""
+
+    def __init__(self, ann, images, preprocess, tokenizer, template="default"):
+        from groma_core.data import read_grounded_captions
+
+        records = [r for r in read_grounded_captions(ann) if r.phrases]  # the reference skips unannotated images
+        super().__init__(records, images, preprocess, tokenizer, template)
+
+    def sample(self, r):
+        text, end, boxes = "", 0, []
+        for phrase in r.phrases:
+            start, stop = phrase.span
+            text += r.caption[end:start] + grounded(r.caption[start:stop], len(phrase.boxes))
+            boxes += phrase.boxes
+            end = stop
+        text += r.caption[end:]
+        question = T.GROUNDING + random.choice(CAPTION_INSTRUCTIONS)
+        return (
+            r.image.file_name,
+            [(question, text.strip())],
+            {"ground_boxes": normalized(boxes, r.image.width, r.image.height)},
+        )
+
+
+class RegionCaptionDataset(_ConversationDataset):
+    """Single-region captions (Visual Genome-style file, one sample per region): ``What is
+    <roi><refer_box></roi><refer_feat>?`` -> the caption, lower-cased and capitalized."""
+
+    instructions = REGION_INSTRUCTIONS
+
+    def __init__(self, ann, images, preprocess, tokenizer, template="default"):
+        from groma_core.data import read_region_captions
+
+        super().__init__(read_region_captions(ann), images, preprocess, tokenizer, template)
+
+    def sample(self, r):
+        question = random.choice(self.instructions).format(REFER)
+        return (
+            r.image.file_name,
+            [(question, r.caption.strip().lower().capitalize())],
+            {"refer_boxes": normalized([r.box], r.image.width, r.image.height)},
+        )
+
+
+class DetailedRegionCaptionDataset(RegionCaptionDataset):
+    """Detailed region captions from a RefCOCOg-style REC file: ``Please describe <roi><refer_box></roi>
+    <refer_feat> in details.`` -> the expression."""
+
+    instructions = DETAILED_REGION_INSTRUCTIONS
+
+    def __init__(self, ann, images, preprocess, tokenizer, template="default"):
+        from groma_core.data import RegionCaption, read_rec
+
+        records = [RegionCaption(r.image, r.box, r.expression) for r in read_rec(ann)]
+        _ConversationDataset.__init__(self, records, images, preprocess, tokenizer, template)
+
+
+class MultiRoundRegionCaptionDataset(_ConversationDataset):
+    """Multi-round region captions (MultiRoundsVG, one sample per image): the image's distinct regions thinned by
+    a random-score NMS (IoU 0.6), at most 10, one question each."""
+
+    def __init__(self, ann, images, preprocess, tokenizer, template="default"):
+        from groma_core.data import read_region_captions
+
+        by_image: dict[Any, list] = defaultdict(list)
+        for r in read_region_captions(ann):
+            if r.box not in [x.box for x in by_image[r.image.id]]:
+                by_image[r.image.id].append(r)
+        super().__init__(list(by_image.values()), images, preprocess, tokenizer, template)
+
+    def sample(self, regions):
+        from groma_core.boxes import nms
+
+        boxes = torch.tensor([r.box for r in regions], dtype=torch.float32)
+        keep = nms(boxes, torch.rand(len(regions)), MULTI_ROUND_NMS).tolist()[:MULTI_ROUND_MAX_REGIONS]
+        chosen = [regions[k] for k in keep]
+        turns = [
+            (random.choice(REGION_INSTRUCTIONS).format(REFER), r.caption.strip().lower().capitalize()) for r in chosen
+        ]
+        info = regions[0].image
+        return info.file_name, turns, {"refer_boxes": normalized([r.box for r in chosen], info.width, info.height)}
+
+
+class GritDataset(_ConversationDataset):
+    """GRIT-style REC (``[{filename, caption, ref_exps: [[start, end, x1, y1, x2, y2, ...], ...]}]``, normalized
+    boxes): one random expression, with every box of its span."""
+
+    def __init__(self, ann, images, preprocess, tokenizer, template="default"):
+        super().__init__(_read_grit(ann), images, preprocess, tokenizer, template)
+
+    def sample(self, r):
+        chosen = random.choice(r["ref_exps"])
+        boxes = [chosen[2:6]] + [e[2:6] for e in r["ref_exps"] if e[:2] == chosen[:2] and e != chosen]
+        label = r["caption"][int(chosen[0]) : int(chosen[1])]
+        question = random.choice(REC_INSTRUCTIONS).format(T.P_OPEN + label.strip() + T.P_CLOSE)
+        answer = T.ROI_OPEN + T.GROUND_BOX * len(boxes) + T.ROI_CLOSE
+        return (
+            r["filename"],
+            [(question, answer)],
+            {"ground_boxes": torch.tensor(boxes, dtype=torch.float32).clamp(0.0, 1.0)},
+        )
+
+
+class ConversationDataset(_ConversationDataset):
+    """Image-level conversations (LLaVA-Instruct, ShareGPT4V: ``[{image, conversations: [{from, value}]}]``):
+    the original turns, ``<image>`` removed and newlines turned into spaces."""
+
+    def __init__(self, ann, images, preprocess, tokenizer, template="default"):
+        super().__init__(_read_conversations(ann), images, preprocess, tokenizer, template)
+
+    def sample(self, r):
+        values = [c["value"].replace(T.IMAGE, "").replace("\n", " ") for c in r["conversations"]]
+        return r["image"], list(zip(values[0::2], values[1::2])), {}
+
+
+class InstructDataset(_ConversationDataset):
+    """Groma Instruct multi-turn grounded conversations: ``[grounding]`` + each human turn; the boxes of every
+    gpt turn's ``box_inds`` in order."""
+
+    def __init__(self, ann, images, preprocess, tokenizer, template="default"):
+        from groma_core.data import read_instruct
+
+        super().__init__(read_instruct(ann), images, preprocess, tokenizer, template)
+
+    def sample(self, r):
+        turns = [(T.GROUNDING + t.question, t.answer) for t in r.turns]
+        boxes = [b for t in r.turns for b in t.boxes]
+        return r.image.file_name, turns, {"ground_boxes": normalized(boxes, r.image.width, r.image.height)}
+
+
+def _read_json_list(path: str | Path, keys: Sequence[str]) -> list[dict]:
+    import json
+
+    from groma_core.errors import InputError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the annotation file ({exc.strerror or exc})") from exc
+    except ValueError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a list of records, got {type(data).__name__}")
+    for i, record in enumerate(data):
+        missing = [k for k in keys if not isinstance(record, dict) or k not in record]
+        if missing:
+            raise InputError(f"{path}: [{i}]: missing key(s) {', '.join(map(repr, missing))}")
+    return data
+
+
+def _read_conversations(path: str | Path) -> list[dict]:
+    from groma_core.errors import InputError
+
+    data = _read_json_list(path, ("image", "conversations"))
+    for i, record in enumerate(data):
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not turns or len(turns) % 2:
+            raise InputError(f"{path}: [{i}].conversations: expected human/gpt pairs")
+        for j, turn in enumerate(turns):
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+                raise InputError(f"{path}: [{i}].conversations[{j}]: expected {{from, value}} with a string value")
+    return data
+
+
+def _read_grit(path: str | Path) -> list[dict]:
+    from groma_core.errors import InputError
+
+    data = _read_json_list(path, ("filename", "caption", "ref_exps"))
+    for i, record in enumerate(data):
+        exps = record["ref_exps"]
+        if not isinstance(exps, list) or not exps or any(not isinstance(e, list) or len(e) < 6 for e in exps):
+            raise InputError(f"{path}: [{i}].ref_exps: expected [[start, end, x1, y1, x2, y2, ...], ...]")
+    return data
+
+
+LANGUAGE_FORMATS: dict[str, type[_ConversationDataset]] = {
+    "rec": RecDataset,
+    "grounding": GroundingDataset,
+    "grounded-caption": GroundedCaptionDataset,
+    "region-caption": RegionCaptionDataset,
+    "region-caption-multi": MultiRoundRegionCaptionDataset,
+    "refcocog-caption": DetailedRegionCaptionDataset,
+    "grit": GritDataset,
+    "conversation": ConversationDataset,
+    "instruct": InstructDataset,
+}
+
+
+# -- the recipe's train.datasets -----------------------------------------------------------------------------
+class DatasetSpec(BaseModel):
+    """One dataset of a recipe's ``train.datasets``: its format and files (paths relative to the recipe file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal[FORMATS] = Field(  # type: ignore[valid-type]
+        ...,
+        description="detection (COCO, class-agnostic; stage 1), rec (RefCOCO), grounding (COCO/LVIS categories, "
+        "LVIS-Ground file), grounded-caption (Flickr30k Entities), region-caption (Visual Genome, one region), "
+        "region-caption-multi (Visual Genome, up to 10 regions per image), refcocog-caption (RefCOCOg REC file as "
+        "detailed region captions), grit (GRIT REC), conversation (LLaVA / ShareGPT4V), instruct (Groma Instruct)",
+    )
+    ann: str = Field(..., min_length=1, description="annotation file")
+    images: str = Field(..., min_length=1, description="folder the annotation's image file names are relative to")
+    template: Literal["default", "llava"] = Field(
+        "default", description="conversation template (the reference: default in stage 2, llava in stage 3)"
+    )
+    source: str | None = Field(
+        None,
+        description="tag handed to the proposer's detection loss (coco or sa1b for deformable-detr); the default "
+        "of `source` in the stages' data entries",
+    )
+    scales: list[int] = Field(
+        [400, 500, 600], min_length=1, description="detection: shorter sides drawn from, at a 448-pixel input"
+    )
+    crop: tuple[int, int] = Field((448, 896), description="detection: random crop side range, at a 448-pixel input")
+    max_side: int = Field(4200, gt=0, description="detection: longest side after the multi-scale resize, at 448")
+    min_box: float = Field(2.0, ge=0.0, description="detection: drop boxes narrower or lower than this, in pixels")
+    flip: float = Field(0.5, ge=0.0, le=1.0, description="detection: probability of a horizontal flip")
+    scale_to_input: bool = Field(
+        True, description="detection: scale scales/crop/max_side from 448 pixels to the image tokenizer's input size"
+    )
+
+    def augment(self, input_size: int) -> DetectionAugment:
+        """The detection augmentation of this dataset for a square input of ``input_size`` pixels."""
+        base = DetectionAugment(tuple(self.scales), tuple(self.crop), self.max_side, self.min_box, self.flip)
+        return base.scaled(input_size) if self.scale_to_input else base
+
+
+class RecipeTraining(TrainingConfig):
+    """A recipe's ``train`` section: the engine's :class:`TrainingConfig` plus the datasets its stages name."""
+
+    datasets: dict[str, DatasetSpec] = Field(
+        default_factory=dict, description="dataset name -> format and files (the names the stages' `data` use)"
+    )
+
+    @model_validator(mode="after")
+    def _datasets_match_the_stages(self) -> RecipeTraining:
+        problems = []
+        for i, stage in enumerate(self.stages):
+            for j, source in enumerate(stage.data):
+                spec = self.datasets.get(source.name)
+                if spec is None:
+                    close = difflib.get_close_matches(source.name, list(self.datasets), n=1, cutoff=0.6)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    problems.append(f"stages.{i}.data.{j}.name: {source.name!r} is not in train.datasets{hint}")
+                    continue
+                if (spec.format == "detection") != (stage.objective == "detection"):
+                    problems.append(
+                        f"stages.{i}.data.{j}.name: a {stage.objective} stage cannot read {source.name!r} "
+                        f"(format {spec.format})"
+                    )
+                if source.source is None and spec.source is not None:
+                    source.source = spec.source
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def dataset_path_problems(config: RecipeTraining, base_dir: Path | None) -> list[str]:
+    """Every dataset file or folder of the stages that does not exist, with its path in the recipe."""
+    used = {d.name for s in config.stages for d in s.data}
+    problems = []
+    for name, spec in config.datasets.items():
+        if name not in used:
+            continue
+        for key, kind in (("ann", "file"), ("images", "folder")):
+            path = resolve_path(getattr(spec, key), base_dir)
+            ok = path.is_file() if kind == "file" else path.is_dir()
+            if not ok:
+                problems.append(f"train.datasets.{name}.{key}: no such {kind}: {path}")
+    return problems
+
+
+def resolve_path(value: str, base_dir: Path | None) -> Path:
+    """A recipe path: ``~`` expanded, relative paths taken from the recipe file's folder."""
+    p = Path(os.path.expanduser(value))
+    return p if p.is_absolute() or base_dir is None else base_dir / p
+
+
+def open_dataset(spec: DatasetSpec, model, base_dir: Path | None = None) -> torch.utils.data.Dataset:
+    """The dataset ``spec`` describes, rendered with ``model``'s tokenizer and image preprocessing."""
+    ann, images = resolve_path(spec.ann, base_dir), resolve_path(spec.images, base_dir)
+    tokenizer = model.image_tokenizer
+    if spec.format == "detection":
+        size = tuple(tokenizer.image_size)
+        return DetectionDataset(ann, images, tokenizer.preprocess, size, spec.augment(max(size)))
+    return LANGUAGE_FORMATS[spec.format](ann, images, tokenizer.preprocess, model.tokenizer, spec.template)
+
+
+def build_datasets(config: RecipeTraining, model, base_dir: Path | None = None) -> dict[str, Any]:
+    """The datasets the stages of ``config`` use, by name."""
+    used = {d.name for s in config.stages for d in s.data}
+    return {name: open_dataset(spec, model, base_dir) for name, spec in config.datasets.items() if name in used}
