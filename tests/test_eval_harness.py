@@ -228,3 +228,31 @@ def test_every_eval_command_runs_on_generated_shapes_data(dataset, tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         summary = json.loads((tmp_path / task / "summary.json").read_text())
         assert metric in summary["metrics"] and summary["num_samples"] == 3
+
+
+def test_absent_image_is_counted_and_the_run_goes_on(dataset, model, tmp_path):
+    ann = json.loads((dataset / "rec.json").read_text())
+    ann["images"][1]["file_name"] = "gone.png"
+    (tmp_path / "rec.json").write_text(json.dumps(ann))
+    summary = evaluate(RecTask(tmp_path / "rec.json", dataset / "images"), model, tmp_path / "out", progress=False)
+    assert summary["unreadable_images"] == 1 and summary["num_samples"] == 5
+    preds = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    assert "gone.png" in preds[1]["error"] and preds[1]["pred_box"] is None
+
+
+def test_missing_field_names_file_and_field(dataset, tmp_path):
+    ann = json.loads((dataset / "rec.json").read_text())
+    del ann["images"][2]["caption"]
+    (tmp_path / "rec.json").write_text(json.dumps(ann))
+    with pytest.raises(InputError, match=r"rec\.json: an entry lacks the field 'caption'"):
+        RecTask(tmp_path / "rec.json", dataset / "images")
+
+
+def test_resume_with_another_annotation_file_is_refused(dataset, model, tmp_path):
+    evaluate(RecTask(dataset / "rec.json", dataset / "images"), model, tmp_path / "out", limit=1, progress=False)
+    ann = json.loads((dataset / "rec.json").read_text())
+    ann["images"][0]["caption"] = "something else"
+    (tmp_path / "other.json").write_text(json.dumps(ann))
+    other = RecTask(tmp_path / "other.json", dataset / "images")
+    with pytest.raises(GromaError, match="--resume refused: .*annotation_sha256"):
+        evaluate(other, model, tmp_path / "out", resume=True, progress=False)

@@ -116,3 +116,57 @@ def test_chat_keeps_history_and_reads_boxes(tokenizer_dir, pictures):
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("groma:") == 2
+
+
+def test_bad_images_devices_and_models_are_one_line_errors(tokenizer_dir, pictures, tmp_path):
+    import io
+
+    cases = {}
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    cases["empty.jpg"] = "empty.jpg"
+    (tmp_path / "notes.jpg").write_text("just some text\n")
+    cases["notes.jpg"] = "not an image"
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    cases["cut.jpg"] = "cut.jpg"
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    cases["dot.png"] = "1x1"
+    out = tmp_path / "annotated.png"
+    for name, message in cases.items():
+        res = groma("ground", str(tmp_path / name), "Hi.", "--out", str(out), *model_args(tokenizer_dir))
+        assert res.returncode == 1 and message in res.stderr and name in res.stderr, (name, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1 and not out.exists()
+    env_big = {"GROMA_MAX_IMAGE_PIXELS": "100"}
+    big = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "groma_core.cli",
+            "ground",
+            str(pictures / "pic0.png"),
+            "Hi.",
+            *model_args(tokenizer_dir),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env_big},
+        timeout=300,
+    )
+    assert big.returncode == 1 and "pic0.png" in big.stderr and "GROMA_MAX_IMAGE_PIXELS" in big.stderr
+    res = groma("ground", str(pictures / "pic0.png"), "Hi.", *model_args(tokenizer_dir), "--device", "tpu9")
+    assert res.returncode == 1 and "--device 'tpu9'" in res.stderr and "Traceback" not in res.stderr
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "recipe.yaml").write_text(
+        (Path(__file__).parents[1] / "recipes" / "groma-tiny.yaml").read_text() + "\nweights: .\n"
+    )
+    res = groma(
+        "ground",
+        str(pictures / "pic0.png"),
+        "Hi.",
+        "--model",
+        str(tmp_path / "model"),
+        "--set",
+        f"language_backbone.tokenizer={tokenizer_dir}",
+    )
+    assert res.returncode == 1 and "no .safetensors files" in res.stderr and "Traceback" not in res.stderr

@@ -33,6 +33,7 @@ from groma_core.evaluation.metrics import (
     lvis_ground_recall,
     rec_accuracy,
 )
+from groma_core.images import load_image
 from groma_core.inference import REFER, Request
 
 
@@ -42,7 +43,7 @@ class Sample:
 
     id: str
     index: int
-    image: Path
+    image: Path | Any  # a path, or the decoded PIL image once the harness has read it
     data: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,7 +82,12 @@ class Task(ABC):
         self.images_dir = Path(images_dir)
         if not self.images_dir.is_dir():
             raise InputError(f"{self.images_dir}: image folder not found")
-        self.samples = self.load_samples(_read_json(self.ann_file))
+        try:
+            self.samples = self.load_samples(_read_json(self.ann_file))
+        except KeyError as exc:
+            raise InputError(f"{self.ann_file}: an entry lacks the field {exc.args[0]!r}") from None
+        except (TypeError, ValueError, IndexError) as exc:
+            raise InputError(f"{self.ann_file}: malformed entry ({exc})") from None
         if not self.samples:
             raise InputError(f"{self.ann_file}: no samples")
 
@@ -100,6 +106,10 @@ class Task(ABC):
     @abstractmethod
     def score(self, predictions: list[dict[str, Any]]) -> dict[str, float]:
         """The benchmark's metrics over all predictions."""
+
+    @abstractmethod
+    def failed(self, sample: Sample, reason: str) -> dict[str, Any]:
+        """The record of a sample whose image could not be read: an empty answer (scored as wrong) and the reason."""
 
 
 def _image_path(images_dir: Path, file_name: str) -> Path:
@@ -149,6 +159,9 @@ class RecTask(Task):
                 {"id": s.id, "prompt": r.turns[0][0], "answer": a.raw_text, "pred_box": box, "gt_box": s.data["gt_box"]}
             )
         return out
+
+    def failed(self, sample, reason):
+        return {"id": sample.id, "error": reason, "pred_box": None, "gt_box": sample.data["gt_box"]}
 
     def score(self, predictions):
         result = rec_accuracy([p["pred_box"] for p in predictions], [p["gt_box"] for p in predictions])
@@ -203,6 +216,10 @@ class LvisGroundTask(Task):
             }
             for s, a in zip(samples, answers)
         ]
+
+    def failed(self, sample, reason):
+        keys = ("image_id", "category_id", "gt_boxes", "gt_areas")
+        return {"id": sample.id, "error": reason, "pred_boxes": [], **{k: sample.data[k] for k in keys}}
 
     def score(self, predictions):
         samples = [
@@ -267,6 +284,9 @@ class RegionCaptionTask(Task):
             for s, a in zip(samples, answers)
         ]
 
+    def failed(self, sample, reason):
+        return {"id": sample.id, "error": reason, "caption": "", "references": sample.data["references"]}
+
     def score(self, predictions):
         preds = {p["id"]: p["caption"] for p in predictions}
         refs = {p["id"]: p["references"] for p in predictions}
@@ -300,8 +320,6 @@ class DetectionTask(Task):
 
     @torch.no_grad()
     def predict(self, model, samples, seed, batch_size):
-        from groma_core.images import load_image
-
         images = [load_image(s.image) for s in samples]
         pixels = model.image_tokenizer.preprocess(images).to(model.device, model.image_projector.layers[0].weight.dtype)
         proposals = model.region_proposer(model.encode_images(pixels, images))
@@ -320,6 +338,16 @@ class DetectionTask(Task):
                 }
             )
         return out
+
+    def failed(self, sample, reason):
+        return {
+            "id": sample.id,
+            "error": reason,
+            "pred_boxes": [],
+            "pred_scores": [],
+            "gt_boxes": sample.data["gt_boxes"],
+            "gt_areas": sample.data["gt_areas"],
+        }
 
     def score(self, predictions):
         return detection_metrics(
@@ -374,6 +402,13 @@ def _read_predictions(out_dir: Path) -> dict[str, dict]:
     return done
 
 
+def _recipe_hash(model) -> str | None:
+    recipe = getattr(model, "recipe", None)
+    if recipe is None:
+        return None
+    return hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -417,6 +452,22 @@ def evaluate(
         if not resume and any(out_dir.glob("predictions*.jsonl")):
             raise GromaError(f"{out_dir} already holds predictions: pass --resume to continue, or choose another --out")
     _barrier()
+    identity = {
+        "task": task.name,
+        "model": model_name,
+        "recipe_sha256": _recipe_hash(model),
+        "annotation_sha256": sha256_of(task.ann_file),
+        "seed": seed,
+    }
+    run_file = out_dir / "run.json"
+    if rank == 0:
+        if resume and run_file.is_file():
+            before = json.loads(run_file.read_text(encoding="utf-8"))
+            changed = [f"{k} ({before.get(k)!r} then, {v!r} now)" for k, v in identity.items() if before.get(k) != v]
+            if changed:
+                raise GromaError(f"--resume refused: {out_dir} holds a run with a different " + "; ".join(changed))
+        run_file.write_text(json.dumps(identity, indent=1), encoding="utf-8")
+    _barrier()
     done = _read_predictions(out_dir) if resume else {}
     mine = [s for s in samples if s.index % world == rank and s.id not in done]
     shard = out_dir / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.part.jsonl")
@@ -429,8 +480,16 @@ def evaluate(
     with open(shard, "a", encoding="utf-8") as f:
         for i in range(0, len(mine), batch_size):
             batch = mine[i : i + batch_size]
-            for record in task.predict(model, batch, seed, batch_size):
-                f.write(json.dumps(record) + "\n")
+            readable, records = [], {}
+            for sample in batch:  # each image is read once, here; a broken one is recorded, not fatal
+                try:
+                    readable.append(Sample(sample.id, sample.index, load_image(sample.image), sample.data))
+                except InputError as exc:
+                    records[sample.id] = task.failed(sample, str(exc))
+            if readable:
+                records.update((r["id"], r) for r in task.predict(model, readable, seed, batch_size))
+            for sample in batch:
+                f.write(json.dumps(records[sample.id]) + "\n")
                 f.flush()
             if bar:
                 bar.update(len(batch))
@@ -451,10 +510,17 @@ def evaluate(
             part.unlink()
         tmp.replace(final)
         recipe = getattr(model, "recipe", None)
+        failures = [r for r in merged if r.get("error")]
+        if failures:
+            print(
+                f"{len(failures)} sample(s) could not be read and count as wrong, e.g. {failures[0]['error']}",
+                file=sys.stderr,
+            )
         summary = {
             "task": task.name,
             "metrics": task.score(merged),
             "num_samples": len(merged),
+            "unreadable_images": len(failures),
             "model": model_name,
             "recipe": recipe.to_dict() if recipe is not None else None,
             "annotation_file": str(task.ann_file),
