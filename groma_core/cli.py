@@ -7,6 +7,7 @@ import json
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from groma_core import __version__
 from groma_core.errors import GromaError, RecipeError
@@ -235,6 +236,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a model through the stages of its recipe's ``train`` section: the recipe and every dataset path are
+    checked before any weight is loaded; checkpoints, logs and the final model go to --out."""
+    from groma_core.api import build
+    from groma_core.recipe import load_recipe
+    from groma_core.training import build_datasets, dataset_path_problems, run_training
+
+    manager = _manager()
+    recipe = load_recipe(args.recipe, args.overrides, manager)
+    train = recipe.core.train
+    if train is None:
+        raise RecipeError(recipe.source, ["train: missing section (the training stages and their datasets)"])
+    problems = dataset_path_problems(train, recipe.base_dir)
+    if problems:
+        raise RecipeError(recipe.source, problems)
+    out = Path(args.out or f"runs/train-{recipe.core.name or Path(recipe.source).stem}")
+    resume: bool | Path = False
+    if args.resume is not None:
+        resume = True if args.resume == "" else _checkpoint_folder(Path(args.resume))
+    model = build(recipe, manager=manager)
+    datasets = build_datasets(train, model, recipe.base_dir)
+    result = run_training(model, train, datasets, out, resume=resume)
+    steps = ", ".join(f"{name} {n} steps" for name, n in result.steps.items()) or "nothing left to train"
+    print(f"trained: {steps}; final model in {result.final_dir} (load it with --model {result.final_dir})")
+    return 0
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    """A checkpoint folder given to --resume: itself, or the newest checkpoint of a training output folder."""
+    from groma_core.training.checkpoint import CHECKPOINTS, STATE_FILE, latest_checkpoint
+
+    if (path / STATE_FILE).is_file():
+        return path
+    latest = latest_checkpoint(path / CHECKPOINTS) if (path / CHECKPOINTS).is_dir() else None
+    if latest is None:
+        raise GromaError(f"--resume {path}: neither a checkpoint folder nor a training output folder with checkpoints")
+    return latest
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory or recipe")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
@@ -302,6 +342,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style", default="vg", choices=["vg", "refcocog"], help="region-caption prompts (default vg)")
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "train", help="train a model through its recipe's training stages", description=cmd_train.__doc__
+    )
+    _add_recipe_args(p)
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="continue from the newest checkpoint in --out, or from DIR (a checkpoint folder or a training output)",
+    )
+    p.add_argument("--out", help="output folder for checkpoints, logs and the final model (default runs/train-NAME)")
+    p.set_defaults(func=cmd_train)
 
     from groma_core.cli_data import add_data_commands
 

@@ -67,6 +67,14 @@ def boxes_from_text(text: str) -> tuple[str, list[tuple[float, float, float, flo
     return BOX_IN_TEXT.sub(replace, text), boxes
 
 
+def attach_masks(answer: GroundedAnswer, source_index: torch.Tensor, masks: Sequence[Any]) -> None:
+    """Give each grounded box of ``answer`` the mask of the proposal its region came from (None for user boxes);
+    ``source_index``: the regions' indices among the proposals (-1 for user boxes), ``masks``: one per proposal."""
+    sources = source_index.tolist()
+    for phrase in answer.phrases:
+        phrase.masks = [masks[sources[k]] if sources[k] >= 0 else None for k in phrase.region_ids]
+
+
 class TasksMixin:
     """The user-facing calls of a :class:`~groma_core.model.GromaModel`."""
 
@@ -85,10 +93,15 @@ class TasksMixin:
         settings = self.generation_settings(**generation)
         pixels = self.image_tokenizer.preprocess(images).to(self.device, self.image_projector.layers[0].weight.dtype)
         out = self.generate(pixels, prompts, refer_boxes=[b.to(self.device) for b in boxes], images=images, **settings)
-        return [
+        answers = [
             parse_grounded(seq, self.tokenizer, out.regions.boxes[i], img.size, out.regions.scores[i])
             for i, (seq, img) in enumerate(zip(out.sequences, images))
         ]
+        masks = out.proposal_extras.get("masks")
+        if masks is not None:  # a proposer that gives masks: each grounded box carries its proposal's mask
+            for i, answer in enumerate(answers):
+                attach_masks(answer, out.regions.source_index[i], masks[i])
+        return answers
 
     def generation_settings(self: GromaModel, **overrides: Any) -> dict[str, Any]:
         """The recipe's generation settings with per-call overrides."""

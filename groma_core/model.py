@@ -64,6 +64,7 @@ class GenerationOutput:
     prompt_ids: list[list[int]]
     regions: Regions
     step_logits: list[Tensor] = field(default_factory=list)  # each (B, V), one per step
+    proposal_extras: dict[str, Any] = field(default_factory=dict)  # the proposer's extras (e.g. masks)
 
 
 class GromaModel(TasksMixin, nn.Module):
@@ -320,7 +321,7 @@ class GromaModel(TasksMixin, nn.Module):
             generator=generator,
             keep_step_logits=keep_step_logits,
         )
-        return GenerationOutput(sequences, inputs.prompt_ids, inputs.regions, step_logits)
+        return GenerationOutput(sequences, inputs.prompt_ids, inputs.regions, step_logits, inputs.proposals.extras)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from groma_core.errors import PluginConflictError, RecipeError, UnknownPluginErr
 from groma_core.plugins import PluginManager
 from groma_core.selection import SelectionConfig
 from groma_core.stages import STAGE_KINDS
+from groma_core.training.datasets import RecipeTraining
 
 STAGE_SECTIONS = tuple(STAGE_KINDS)  # image_tokenizer, region_proposer, region_encoder, language_backbone
 
@@ -62,6 +64,11 @@ class CoreRecipe(BaseModel):
     template: Literal["llava", "default"] = Field("llava", description="conversation template")
     region_selection: SelectionConfig = Field(default_factory=SelectionConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    train: RecipeTraining | None = Field(
+        None,
+        description="training stages and the datasets they read (`groma train`); dataset paths are checked only "
+        "when training starts",
+    )
 
 
 @dataclass
@@ -136,7 +143,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Apply ``key.sub=value`` overrides to a recipe mapping (a copy); return it and {dotted path: override}."""
+    """Apply ``key.sub=value`` overrides to a recipe mapping (a copy); return it and {dotted path: override}.
+    A number indexes a list (``train.stages.0.lr=1e-4``)."""
     import copy
 
     data = copy.deepcopy(data)
@@ -145,19 +153,28 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> tuple[dic
     for text in overrides:
         parts, value = parse_override(text)
         node: Any = data
-        for i, part in enumerate(parts[:-1]):
-            if not isinstance(node, dict):
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    problems.append(
+                        f"override {text!r}: {'.'.join(parts[:i])} is a list of {len(node)}; "
+                        f"{part!r} is not an index of it"
+                    )
+                    break
+                key: Any = int(part)
+            elif isinstance(node, dict):
+                key = part
+            else:
                 problems.append(f"override {text!r}: {'.'.join(parts[:i])} is not a section")
                 break
-            if part not in node or node[part] is None:
-                node[part] = {}
-            node = node[part]
-        else:
-            if not isinstance(node, dict):
-                problems.append(f"override {text!r}: {'.'.join(parts[:-1])} is not a section")
-                continue
-            node[parts[-1]] = value
-            origin[".".join(parts)] = text
+            if last:
+                node[key] = value
+                origin[".".join(parts)] = text
+            else:
+                if isinstance(node, dict) and (key not in node or node[key] is None):
+                    node[key] = {}
+                node = node[key]
     if problems:
         raise RecipeError("overrides", problems)
     return data, origin
@@ -169,15 +186,27 @@ def _did_you_mean(name: str, choices: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (directly, optional, or as list items / mapping values)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in reversed(typing.get_args(annotation)):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _fields_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
     """Field names of the (nested) model that holds location ``loc``."""
     current: Any = model
     for part in loc[:-1]:
         fields = getattr(current, "model_fields", None)
-        if not fields or part not in fields:
+        if fields is None:
             return []
-        annotation = fields[part].annotation
-        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if part not in fields:
+            continue  # a list index or a mapping key: the items' model stays current
+        current = _model_in(fields[part].annotation)
         if current is None:
             return []
     fields = getattr(current, "model_fields", None)
@@ -195,6 +224,9 @@ def _pydantic_problems(exc: ValidationError, model: type[BaseModel], prefix: str
             problems.append(f"{path}: unknown option{hint}; valid options: {', '.join(allowed)}")
         elif err["type"] == "missing":
             problems.append(f"{path}: required option is missing")
+        elif err["type"] == "value_error":  # a model's own check: its message names what is wrong
+            message = str(err["ctx"]["error"]) if "error" in err.get("ctx", {}) else err["msg"]
+            problems += [f"{path}: {line}" for line in message.splitlines()]
         else:
             given = err.get("input")
             problems.append(f"{path}: {err['msg']} (got {given!r})")

@@ -47,7 +47,7 @@ def select_regions(
         )
     if generator is None and config.shuffle and config.seed is not None:
         generator = torch.Generator().manual_seed(config.seed)
-    out_boxes, out_scores, refer_idx, ground_idx = [], [], [], []
+    out_boxes, out_scores, refer_idx, ground_idx, source_idx = [], [], [], [], []
     for i in range(batch):
         boxes = proposals.boxes[i].float()
         scores = proposals.scores[i].float()
@@ -68,11 +68,13 @@ def select_regions(
             perm = torch.randperm(keep.numel(), generator=generator).to(device)
             keep = keep[perm]
         regions = cand[keep]
+        n_proposals = boxes.shape[0]
+        source_idx.append(torch.where(keep < n_proposals, keep, torch.full_like(keep, -1)))
         out_boxes.append(regions)
         out_scores.append(cand_scores[keep])
         refer_idx.append(_match(refer, regions))
         ground_idx.append(_match(ground, regions))
-    return Regions(out_boxes, out_scores, refer_idx, ground_idx)
+    return Regions(out_boxes, out_scores, refer_idx, ground_idx, source_idx)
 
 
 def _as_boxes(boxes: Tensor | None, device: torch.device) -> Tensor:

@@ -68,12 +68,15 @@ class Regions:
 
     ``refer_index[i]``: (n_i,) index of each user box of image i among its regions (the K of its ``<rK>``).
     ``ground_index[i]``: the same for training ground-truth boxes (empty at inference).
+    ``source_index[i]``: for each region, its index among the image's proposals, or -1 for a user or ground-truth
+    box (so per-proposal extras such as masks can follow the regions).
     """
 
     boxes: list[Tensor]
     scores: list[Tensor]
     refer_index: list[Tensor]
     ground_index: list[Tensor]
+    source_index: list[Tensor] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -127,6 +130,7 @@ class GroundedAnswer:
                     "region_ids": p.region_ids,
                     "boxes": [list(b) for b in p.boxes],
                     "boxes_px": [list(b) for b in p.boxes_px],
+                    "has_masks": p.masks is not None,
                 }
                 for p in self.phrases
             ],

@@ -194,3 +194,26 @@ def test_batch_of_eight_mixed_prompts_equals_one_at_a_time(tiny_model):
     for i in range(8):
         alone = model.generate(pixels[i : i + 1], [ids[i]], refer_boxes=[boxes[i]], max_new_tokens=5, eos_id=-1)
         assert alone.sequences[0] == batched.sequences[i], f"sample {i}"
+
+
+def test_proposal_masks_follow_the_selected_regions_into_the_answer(tiny_model, images):
+    from groma_core.grounding import parse_grounded
+    from groma_core.inference import attach_masks
+
+    model = tiny_model
+    ids = prompt_ids(model, "What is <roi><refer_box></roi><refer_feat>?")
+    user = torch.tensor([[0.05, 0.07, 0.4, 0.35]])
+    inputs = model.prepare_inputs(model.image_tokenizer.preprocess(images[:1]), [ids], refer_boxes=[user])
+    sources = inputs.regions.source_index[0]
+    n_props = inputs.proposals.boxes[0].shape[0]
+    assert sources[inputs.regions.refer_index[0][0]] == -1  # the user box is no proposal
+    kept = sources[sources >= 0]
+    assert torch.equal(inputs.proposals.boxes[0][kept], inputs.regions.boxes[0][sources >= 0])
+    masks = [torch.full((4, 4), p, dtype=torch.int64) for p in range(n_props)]  # mask p holds the value p
+    answer = parse_grounded(
+        model.tokenizer.encode("<p>it</p><roi><r0><r1></roi>", add_bos=False), model.tokenizer, inputs.regions.boxes[0]
+    )
+    attach_masks(answer, sources, masks)
+    got = answer.phrases[0].masks
+    for k, mask in zip([0, 1], got):
+        assert (mask is None) if sources[k] < 0 else int(mask[0, 0]) == int(sources[k])

@@ -32,10 +32,12 @@ def sample_images() -> list[Image.Image]:
 
 
 def sample_features(batch: int = 2, channels: int = 16, size: int = 8, seed: int = 0) -> ImageFeatures:
-    """Random image features with the four standard level names."""
+    """Random image features with the four standard level names, carrying the sample images (for stages that work
+    on pixels)."""
     g = torch.Generator().manual_seed(seed)
     levels = {n: torch.randn(batch, channels, size, size, generator=g) for n in ("last-3", "last-2", "last-1", "last")}
-    return ImageFeatures(tokens=levels["last"].flatten(2).transpose(1, 2), levels=levels)
+    images = (sample_images() * batch)[:batch]
+    return ImageFeatures(tokens=levels["last"].flatten(2).transpose(1, 2), levels=levels, images=images)
 
 
 def _close(a: Tensor, b: Tensor, what: str, atol: float = 1e-4) -> None:

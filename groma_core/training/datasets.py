@@ -535,9 +535,17 @@ class DatasetSpec(BaseModel):
 class RecipeTraining(TrainingConfig):
     """A recipe's ``train`` section: the engine's :class:`TrainingConfig` plus the datasets its stages name."""
 
+    data_root: str = Field(
+        ".",
+        description="folder that relative dataset paths start from; itself relative to the recipe file's folder",
+    )
     datasets: dict[str, DatasetSpec] = Field(
         default_factory=dict, description="dataset name -> format and files (the names the stages' `data` use)"
     )
+
+    def root(self, base_dir: Path | None) -> Path:
+        """The folder relative dataset paths start from."""
+        return resolve_path(self.data_root, base_dir)
 
     @model_validator(mode="after")
     def _datasets_match_the_stages(self) -> RecipeTraining:
@@ -548,7 +556,7 @@ class RecipeTraining(TrainingConfig):
                 if spec is None:
                     close = difflib.get_close_matches(source.name, list(self.datasets), n=1, cutoff=0.6)
                     hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    problems.append(f"stages.{i}.data.{j}.name: {source.name!r} is not in train.datasets{hint}")
+                    problems.append(f"stages.{i}.data.{j}.name: {source.name!r} is not in datasets{hint}")
                     continue
                 if (spec.format == "detection") != (stage.objective == "detection"):
                     problems.append(
@@ -558,7 +566,7 @@ class RecipeTraining(TrainingConfig):
                 if source.source is None and spec.source is not None:
                     source.source = spec.source
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))
         return self
 
 
@@ -570,7 +578,7 @@ def dataset_path_problems(config: RecipeTraining, base_dir: Path | None) -> list
         if name not in used:
             continue
         for key, kind in (("ann", "file"), ("images", "folder")):
-            path = resolve_path(getattr(spec, key), base_dir)
+            path = resolve_path(getattr(spec, key), config.root(base_dir))
             ok = path.is_file() if kind == "file" else path.is_dir()
             if not ok:
                 problems.append(f"train.datasets.{name}.{key}: no such {kind}: {path}")
@@ -584,7 +592,8 @@ def resolve_path(value: str, base_dir: Path | None) -> Path:
 
 
 def open_dataset(spec: DatasetSpec, model, base_dir: Path | None = None) -> torch.utils.data.Dataset:
-    """The dataset ``spec`` describes, rendered with ``model``'s tokenizer and image preprocessing."""
+    """The dataset ``spec`` describes (relative paths from ``base_dir``), rendered with ``model``'s tokenizer and
+    image preprocessing."""
     ann, images = resolve_path(spec.ann, base_dir), resolve_path(spec.images, base_dir)
     tokenizer = model.image_tokenizer
     if spec.format == "detection":
@@ -594,6 +603,53 @@ def open_dataset(spec: DatasetSpec, model, base_dir: Path | None = None) -> torc
 
 
 def build_datasets(config: RecipeTraining, model, base_dir: Path | None = None) -> dict[str, Any]:
-    """The datasets the stages of ``config`` use, by name."""
+    """The datasets the stages of ``config`` use, by name (``base_dir``: the recipe file's folder)."""
     used = {d.name for s in config.stages for d in s.data}
-    return {name: open_dataset(spec, model, base_dir) for name, spec in config.datasets.items() if name in used}
+    root = config.root(base_dir)
+    return {name: open_dataset(spec, model, root) for name, spec in config.datasets.items() if name in used}
+
+
+def dataset_text(config: RecipeTraining, base_dir: Path | None = None) -> list[str]:
+    """The text of the language datasets the stages use (instructions, answers, prompts' fixed parts), one line
+    per string, without Groma's special tokens: what a tokenizer for them is trained on."""
+    from groma_core import data as D
+    from groma_core.prompt import IMAGE_TURN, IMAGE_TURN_REPLY, SYSTEM
+
+    lines = [SYSTEM, IMAGE_TURN, IMAGE_TURN_REPLY, "USER: ASSISTANT:"]
+    lines += [t.format("") for t in REC_INSTRUCTIONS + GROUNDING_INSTRUCTIONS + REGION_INSTRUCTIONS]
+    lines += list(CAPTION_INSTRUCTIONS) + [t.format("") for t in DETAILED_REGION_INSTRUCTIONS]
+    used = {d.name for s in config.stages for d in s.data}
+    root = config.root(base_dir)
+    for name, spec in config.datasets.items():
+        if name not in used or spec.format == "detection":
+            continue
+        ann = resolve_path(spec.ann, root)
+        if spec.format in ("rec", "refcocog-caption"):
+            lines += [r.expression for r in D.read_rec(ann)]
+        elif spec.format == "grounding":
+            lines += [r.category for r in D.read_lvis_ground(ann)]
+        elif spec.format == "grounded-caption":
+            lines += [r.caption for r in D.read_grounded_captions(ann)]
+        elif spec.format in ("region-caption", "region-caption-multi"):
+            lines += [r.caption.strip().lower().capitalize() for r in D.read_region_captions(ann)]
+        elif spec.format == "grit":
+            lines += [r["caption"] for r in _read_grit(ann)]
+        elif spec.format == "conversation":
+            lines += [c["value"] for r in _read_conversations(ann) for c in r["conversations"]]
+        elif spec.format == "instruct":
+            lines += [text for r in D.read_instruct(ann) for t in r.turns for text in (t.question, t.answer)]
+    specials = sorted(T.NEW_TOKENS, key=len, reverse=True)
+    out = []
+    for line in dict.fromkeys(lines):
+        for token in specials:
+            line = line.replace(token, " ")
+        out += [part.strip() for part in line.splitlines() if part.strip()]
+    return out
+
+
+def make_tokenizer(config: RecipeTraining, out: str | Path, base_dir: Path | None = None, vocab_size: int = 1000):
+    """Train a LLaMA-style SentencePiece tokenizer (BPE with byte fallback; unk 0, bos 1, eos 2) of ``vocab_size``
+    pieces on :func:`dataset_text` into ``out/tokenizer.model`` (for models trained from scratch)."""
+    from groma_core.testing.tiny import make_sentencepiece
+
+    return make_sentencepiece(out, vocab_size, "\n".join(dataset_text(config, base_dir)))
