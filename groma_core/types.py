@@ -90,7 +90,8 @@ class GroundedPhrase:
     """A phrase of the answer and the regions it was grounded to.
 
     ``span``: (start, end) character offsets in :attr:`GroundedAnswer.text`. ``boxes`` are normalized xyxy;
-    ``boxes_px`` are in pixels of the original image. ``region_ids`` are the K of each ``<rK>``.
+    ``boxes_px`` are in pixels of the original image. ``region_ids`` are the K of each ``<rK>``. ``masks``: one
+    (H, W) bool mask per box when the proposer gives masks (None for a box without one, e.g. a user box), else None.
     """
 
     phrase: str
@@ -98,6 +99,7 @@ class GroundedPhrase:
     region_ids: list[int]
     boxes: list[tuple[float, float, float, float]]
     boxes_px: list[tuple[float, float, float, float]]
+    masks: list[Any] | None = None
 
 
 @dataclass
