@@ -16,6 +16,8 @@ from groma_core.training.datasets import (
     augment_detection,
     build_datasets,
     dataset_path_problems,
+    dataset_text,
+    make_tokenizer,
     open_dataset,
     render_conversation,
 )
@@ -40,6 +42,8 @@ __all__ = [
     "check_training",
     "collate",
     "dataset_path_problems",
+    "dataset_text",
+    "make_tokenizer",
     "open_dataset",
     "param_groups",
     "render_conversation",
