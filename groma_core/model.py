@@ -138,24 +138,25 @@ class GromaModel(TasksMixin, nn.Module):
             out[j] = region_ids[k]
         return out
 
-    def _expand(self, ids: list[int], n_regions: int, n_image_tokens: int) -> tuple[list[int], list[bool]]:
-        """Expand ``<image>`` and ``<region>``; also return which positions were inserted (never supervised)."""
+    def _expand(self, ids: list[int], n_regions: int, n_image_tokens: int) -> tuple[list[int], list[int]]:
+        """Expand ``<image>`` and ``<region>``; also return, for every expanded position, the index of the prompt
+        token it stands for, or -1 for a position the expansion inserted (never supervised)."""
         tok = self.tokenizer
         image_id, region_id = tok.token_id(T.IMAGE), tok.token_id(T.REGION)
         out: list[int] = []
-        inserted: list[bool] = []
-        for t in ids:
+        origin: list[int] = []
+        for j, t in enumerate(ids):
             if t == image_id:
                 out += [image_id] * n_image_tokens
-                inserted += [True] * n_image_tokens
+                origin += [-1] * n_image_tokens
             elif t == region_id:
                 for k in range(n_regions):
                     out += [tok.region_ids[k], region_id]
-                inserted += [True] * (2 * n_regions)
+                origin += [-1] * (2 * n_regions)
             else:
                 out.append(t)
-                inserted.append(False)
-        return out, inserted
+                origin.append(j)
+        return out, origin
 
     def prepare_inputs(
         self,
@@ -219,7 +220,7 @@ class GromaModel(TasksMixin, nn.Module):
             ids = self._rewrite(ids_list[i], refer_id, regions.refer_index[i], "<refer_box>", i)
             ids = self._rewrite(ids, ground_id, regions.ground_index[i], "<ground_box>", i)
             prompt_ids.append(ids)
-            exp, inserted = self._expand(ids, regions.boxes[i].shape[0], features.tokens.shape[1])
+            exp, origin = self._expand(ids, regions.boxes[i].shape[0], features.tokens.shape[1])
             expanded.append(exp)
             if label_list is not None:
                 original = ids_list[i]
@@ -228,8 +229,7 @@ class GromaModel(TasksMixin, nn.Module):
                     raise InputError(f"sample {i}: {len(lab)} labels for {len(original)} prompt ids")
                 # supervised placeholders follow their rewritten ids (<ground_box> -> <rK>)
                 lab = [ids[j] if t != IGNORE_INDEX and t == original[j] else t for j, t in enumerate(lab)]
-                kept = iter(lab)
-                label_rows.append([IGNORE_INDEX if ins else next(kept) for ins in inserted])
+                label_rows.append([IGNORE_INDEX if j < 0 else lab[j] for j in origin])
 
         device = self.device
         length = max(len(e) for e in expanded)

@@ -217,3 +217,22 @@ def test_proposal_masks_follow_the_selected_regions_into_the_answer(tiny_model, 
     got = answer.phrases[0].masks
     for k, mask in zip([0, 1], got):
         assert (mask is None) if sources[k] < 0 else int(mask[0, 0]) == int(sources[k])
+
+
+def test_labels_stay_on_their_tokens_after_expansion(tiny_model, images):
+    model = tiny_model
+    tok = model.tokenizer
+    text = TEMPLATES["llava"].render([("Locate <p>the red square</p> in the image.", "<roi><ground_box></roi>")])
+    ids = tok.encode(text)
+    labels = [-100] * (len(ids) - 4) + ids[-4:]
+    out = model.prepare_inputs(
+        model.image_tokenizer.preprocess(images[:1]),
+        [ids],
+        ground_boxes=[torch.tensor([[0.06, 0.08, 0.5, 0.5]])],
+        labels=[labels],
+    )
+    row_ids, row_labels = out.ids[0], out.labels[0]
+    supervised = (row_labels != -100).nonzero().flatten()
+    assert len(supervised) == 4
+    assert torch.equal(row_labels[supervised], row_ids[supervised])  # each label sits on its own token
+    assert supervised[-1] == len(row_ids) - 1

@@ -283,11 +283,6 @@ def test_detection_samples_and_three_stage1_steps(shapes, model, tmp_path):
     model.load_state_dict(before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: GromaModel.prepare_inputs never consumes the labels of the <image>/<region> placeholders it "
-    "expands, so every label after them lands 2 positions late (groma_core/model.py _expand's inserted mask)",
-)
 def test_expanded_labels_stay_on_their_tokens(shapes, model):
     data = open_dataset(spec(shapes, "rec", "llava"), model)
     with seeded(0):
