@@ -284,6 +284,7 @@ def test_detection_samples_and_three_stage1_steps(shapes, model, tmp_path):
 
 
 def test_expanded_labels_stay_on_their_tokens(shapes, model):
+    """The model supervises exactly the answer tokens of a dataset sample after expanding <image>/<region>."""
     data = open_dataset(spec(shapes, "rec", "llava"), model)
     with seeded(0):
         sample = data[0]
