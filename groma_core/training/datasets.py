@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import os
 import random
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -244,7 +245,7 @@ class DetectionDataset(_ImageDataset):
         return {"pixel_values": self.pixels(image), "boxes": boxes}
 
 
-class _ConversationDataset(_ImageDataset):
+class _ConversationDataset(_ImageDataset, ABC):
     """Language samples: the subclass gives the turns and the boxes of one record."""
 
     def __init__(
@@ -254,9 +255,9 @@ class _ConversationDataset(_ImageDataset):
         self.tokenizer = tokenizer
         self.template = template
 
+    @abstractmethod
     def sample(self, record: Any) -> tuple[str, list[tuple[str, str]], dict[str, Tensor]]:
         """(image file, turns, {"ground_boxes" or "refer_boxes": normalized xyxy})."""
-        raise NotImplementedError
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         file_name, turns, boxes = self.sample(self.records[i])
