@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from groma_core.prompt import (
     HFTokenizerCodec,
     SentencePieceCodec,
 )
+from groma_core.testing.tiny import make_sentencepiece
 
 TRAINING_LINES = [
     SYSTEM,
@@ -37,32 +37,10 @@ TRAINING_LINES = [
 
 
 def train_sentencepiece(directory: Path, model_type: str = "bpe", vocab_size: int = 380) -> Path:
-    """Train a tiny LLaMA-like SentencePiece model (unk 0 / bos 1 / eos 2, byte fallback, identity normalization, no
-    whitespace folding) into ``directory/tokenizer.model``."""
-    import sentencepiece as spm
-
-    directory.mkdir(parents=True, exist_ok=True)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TRAINING_LINES * 20),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        byte_fallback=True,
-        split_digits=True,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        num_threads=1,
-        minloglevel=2,
+    """Train a tiny LLaMA-like SentencePiece model into ``directory/tokenizer.model``."""
+    return make_sentencepiece(
+        directory, vocab_size, lines=TRAINING_LINES, repeat=20, model_type=model_type, split_digits=True, num_threads=1
     )
-    path = directory / "tokenizer.model"
-    path.write_bytes(model.getvalue())
-    return path
 
 
 def vocabulary_fingerprint(model_file: Path) -> str:

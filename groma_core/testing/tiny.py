@@ -206,8 +206,19 @@ give me a concise description of the image where is it
 """
 
 
-def make_sentencepiece(directory: str | Path, vocab_size: int = 400, text: str = TRAINING_TEXT) -> Path:
-    """Train a small LLaMA-style SentencePiece model (unk 0, bos 1, eos 2) into ``directory/tokenizer.model``."""
+def make_sentencepiece(
+    directory: str | Path,
+    vocab_size: int = 400,
+    text: str = TRAINING_TEXT,
+    *,
+    lines: list[str] | None = None,
+    repeat: int = 4,
+    model_type: str = "bpe",
+    **options: Any,
+) -> Path:
+    """Train a small LLaMA-style SentencePiece model (unk 0, bos 1, eos 2, byte fallback, no normalisation) into
+    ``directory/tokenizer.model``. ``lines`` (default: the lines of ``text``) are fed ``repeat`` times; ``options``
+    are passed to the trainer as they are (e.g. ``split_digits=True, num_threads=1``)."""
     import io
 
     import sentencepiece as spm
@@ -216,10 +227,10 @@ def make_sentencepiece(directory: str | Path, vocab_size: int = 400, text: str =
     directory.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text.splitlines() * 4),
+        sentence_iterator=iter((lines if lines is not None else text.splitlines()) * repeat),
         model_writer=model,
         vocab_size=vocab_size,
-        model_type="bpe",
+        model_type=model_type,
         unk_id=0,
         bos_id=1,
         eos_id=2,
@@ -229,6 +240,7 @@ def make_sentencepiece(directory: str | Path, vocab_size: int = 400, text: str =
         normalization_rule_name="identity",
         character_coverage=1.0,
         minloglevel=2,
+        **options,
     )
     path = directory / "tokenizer.model"
     path.write_bytes(model.getvalue())

@@ -53,22 +53,6 @@ TINY_RT_DETR = {
 }
 
 
-class ImagesByBatch(RegionProposer):
-    """Runs a pixel-based proposer inside the contract kit: the kit's single-image call rebuilds ImageFeatures
-    without ``images`` (groma_core.testing.contract.check_region_proposer), so the last images of the batch are
-    attached again when they are missing."""
-
-    def __init__(self, stage: RegionProposer, images: list[Image.Image]):
-        super().__init__()
-        self.stage = stage
-        self.images = list(images)
-
-    def forward(self, features: ImageFeatures) -> Proposals:
-        if features.images is None:
-            features = ImageFeatures(features.tokens, features.levels, images=self.images[-features.batch_size :])
-        return self.stage(features)
-
-
 @pytest.fixture
 def features_of():
     """``features_of(images)``: random feature maps (the detectors do not read them) carrying the images."""
@@ -86,7 +70,7 @@ def check_contract(features_of):
     """``check_contract(stage, images)``: the core's contract kit on a pixel-based proposer."""
 
     def check(stage: RegionProposer, images: list[Image.Image]) -> Proposals:
-        return check_region_proposer(ImagesByBatch(stage, images), features_of(images))
+        return check_region_proposer(stage, features_of(images))
 
     return check
 

@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from groma_core.prompt import IMAGE_TURN, IMAGE_TURN_REPLY, SYSTEM
+from groma_core.testing.tiny import make_sentencepiece
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -31,33 +32,8 @@ SP_VOCAB_SIZE = 400
 
 
 def train_sentencepiece(directory: Path, vocab_size: int = SP_VOCAB_SIZE) -> Path:
-    """Train a tiny LLaMA-like SentencePiece model (BPE, unk 0 / bos 1 / eos 2, byte fallback, no whitespace
-    normalization) and save it as ``directory/tokenizer.model``."""
-    import sentencepiece as spm
-
-    directory.mkdir(parents=True, exist_ok=True)
-    corpus = directory / "corpus.txt"
-    corpus.write_text("\n".join(TRAINING_LINES * 20) + "\n")
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(directory / "tokenizer"),
-        vocab_size=vocab_size,
-        model_type="bpe",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        byte_fallback=True,
-        split_digits=True,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        num_threads=1,
-        minloglevel=2,
-    )
-    corpus.unlink()
-    (directory / "tokenizer.vocab").unlink()
-    return directory / "tokenizer.model"
+    """Train a tiny LLaMA-like SentencePiece model (BPE) and save it as ``directory/tokenizer.model``."""
+    return make_sentencepiece(directory, vocab_size, lines=TRAINING_LINES, repeat=20, split_digits=True, num_threads=1)
 
 
 def vocabulary_fingerprint(model_file: Path) -> str:
