@@ -134,6 +134,13 @@ def image_batch(gs: GoldenSet, names: list[str]) -> dict[str, Tensor]:
     }
 
 
+def fixture_features(gs: GoldenSet, names: Sequence[str]) -> ImageFeatures:
+    """The reference's image features of images ``names`` (batched in that order): merged image tokens and the last
+    four DINOv2 layers as the named level maps, ready to feed the proposer or the region encoder."""
+    img = image_batch(gs, list(names))
+    return ImageFeatures(img["image_tokens_merged"], fixture_levels(img["vis_hidden_states_last4"]))
+
+
 def run_set(gs: GoldenSet, report: Report) -> None:
     """Every comparison for one fixture set."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,13 +152,13 @@ def run_set(gs: GoldenSet, report: Report) -> None:
             png = Image.open(gs.dir / gs.meta["images"][img]["png"])
             report.add(f"{img}/pixel_values", model.image_tokenizer.preprocess([png]), tensors["pixel_values"], BOX_TOL)
             feats = model.image_tokenizer(tensors["pixel_values"])
-            levels = fixture_levels(tensors["vis_hidden_states_last4"])
+            fixture_feats = fixture_features(gs, [img])
+            levels = fixture_feats.levels
             for name in LEVEL_NAMES:
                 report.add(f"{img}/image_tokenizer.levels[{name}]", feats.levels[name], levels[name], FEATURE_TOL)
             report.add(f"{img}/image_tokenizer.tokens", feats.tokens, tensors["image_tokens_merged"], FEATURE_TOL)
             projected = model.image_projector(tensors["image_tokens_merged"])
             report.add(f"{img}/image_projector", projected, tensors["image_tokens_projected"], FEATURE_TOL)
-            fixture_feats = ImageFeatures(tensors["image_tokens_merged"], levels)
             props = model.region_proposer(fixture_feats)
             report.add(
                 f"{img}/proposer.boxes_xyxy", props.boxes[0][None], cxcywh_to_xyxy(tensors["ddetr_pred_boxes"]), BOX_TOL
@@ -171,8 +178,7 @@ def run_case(gs: GoldenSet, model: GromaModel, name: str, case: dict, report: Re
     if len(images) != batch:  # batch2 lists its images in order
         images = [gs.images()[i] for i in range(batch)]
     img = image_batch(gs, images)
-    levels = fixture_levels(img["vis_hidden_states_last4"])
-    feats = ImageFeatures(img["image_tokens_merged"], levels)
+    feats = fixture_features(gs, images)
     refer = [t.get(f"refer_boxes.{b}", torch.zeros(0, 4)) for b in range(batch)]
     refer_xyxy = [cxcywh_to_xyxy(r) for r in refer]
     sel = model.selection

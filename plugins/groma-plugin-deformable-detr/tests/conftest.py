@@ -8,12 +8,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
-import torch
 from groma_plugin_deformable_detr import DeformableDetrOptions, DeformableDetrProposer, build_proposer
 
 from groma_core.reference import load_reference_weights
 from groma_core.stages import BuildContext
 from groma_core.testing.fixtures import GoldenSet, golden_sets
+from groma_core.testing.golden import fixture_features
 from groma_core.types import ImageFeatures
 
 LEVELS = ["last-3", "last-2", "last-1", "last"]
@@ -21,16 +21,7 @@ LEVELS = ["last-3", "last-2", "last-1", "last"]
 
 def golden_features(golden: GoldenSet, images: list[str]) -> ImageFeatures:
     """The tokenizer's levels for ``images`` (batched in that order), made from the fixture's DINOv2 hidden states."""
-    maps, tokens = [], []
-    for image in images:
-        tensors = golden.tensors(f"image_{image}")
-        hidden = tensors["vis_hidden_states_last4"][:, :, 1:]  # (4, 1, h*w, C), CLS dropped
-        levels, batch, count, channels = hidden.shape
-        side = int(count**0.5)
-        maps.append(hidden.reshape(levels, batch, side, side, channels).permute(0, 1, 4, 2, 3))
-        tokens.append(tensors["image_tokens_merged"])
-    stacked = torch.cat(maps, dim=1)
-    return ImageFeatures(tokens=torch.cat(tokens), levels={name: stacked[i] for i, name in enumerate(LEVELS)})
+    return fixture_features(golden, images)
 
 
 def golden_proposer(golden: GoldenSet, **overrides) -> DeformableDetrProposer:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from functools import cache
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from groma_core.boxes import cxcywh_to_xyxy
 from groma_core.reference import load_reference_weights
 from groma_core.stages import BuildContext
 from groma_core.testing.fixtures import GoldenSet, golden_sets
+from groma_core.testing.golden import fixture_features
 from groma_core.types import ImageFeatures
 
 LEVELS = ("last-3", "last-2", "last-1", "last")  # vis_hidden_states_last4[0..3]
@@ -69,15 +69,7 @@ def _case_images(golden: GoldenSet, case: str) -> tuple[str, ...]:
 
 def _features(golden: GoldenSet, images: tuple[str, ...]) -> ImageFeatures:
     """The reference's last four DINOv2 layers (CLS dropped) as (B, C, 32, 32) maps."""
-    hidden = torch.cat([golden.tensors(f"image_{image}")["vis_hidden_states_last4"] for image in images], dim=1)
-    _, batch, tokens, channels = hidden.shape
-    grid = math.isqrt(tokens - 1)
-    levels = {
-        name: hidden[i, :, 1:].reshape(batch, grid, grid, channels).permute(0, 3, 1, 2).contiguous()
-        for i, name in enumerate(LEVELS)
-    }
-    merged = torch.cat([golden.tensors(f"image_{image}")["image_tokens_merged"] for image in images])
-    return ImageFeatures(tokens=merged, levels=levels)
+    return fixture_features(golden, images)
 
 
 @cache
