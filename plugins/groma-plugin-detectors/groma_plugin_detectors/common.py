@@ -13,6 +13,7 @@ from torch import Tensor
 
 from groma_core.config import StageOptions
 from groma_core.errors import InputError
+from groma_core.stages import RegionProposer
 from groma_core.types import ImageFeatures
 
 #: config keys that transformers accepts without listing them in ``to_dict()``
@@ -144,3 +145,22 @@ def load_processor(processor_class: type, processor_file: Path | None, side: int
     if processor_file is None:
         return processor_class(size=size)
     return processor_class.from_pretrained(str(processor_file.parent), size=size)
+
+
+class FrozenDetectorProposer(RegionProposer):
+    """A proposer wrapping a transformers detector (``self.detector``) and its image processor
+    (``self.processor``): the detector stays frozen in eval mode, and images go through the detector's own
+    preprocessing."""
+
+    detector: Any
+    processor: Any
+
+    def train(self, mode: bool = True):
+        """Frozen detector: it stays in eval mode (BatchNorm statistics untouched) whatever the pipeline's mode."""
+        super().train(mode)
+        self.detector.eval()
+        return self
+
+    def preprocess(self, images: list[Any]) -> Tensor:
+        """The detector's own preprocessing: (B, 3, input_size, input_size)."""
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]

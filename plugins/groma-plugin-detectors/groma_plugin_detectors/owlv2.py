@@ -9,10 +9,11 @@ from pydantic import model_validator
 from torch import Tensor
 
 from groma_core.boxes import cxcywh_to_xyxy
-from groma_core.stages import RegionProposer, module_device, module_dtype
+from groma_core.stages import module_device, module_dtype
 from groma_core.types import ImageFeatures, Proposals
 from groma_plugin_detectors.common import (
     DetectorOptions,
+    FrozenDetectorProposer,
     best_first,
     check_architecture,
     check_pretrained,
@@ -78,7 +79,7 @@ def padded_square_to_original(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     return boxes * boxes.new_tensor([side / width, side / height, side / width, side / height])
 
 
-class Owlv2Proposer(RegionProposer):
+class Owlv2Proposer(FrozenDetectorProposer):
     """Proposals from OWLv2: one box per image patch, scored by ``sigmoid(objectness_logits)``, on the original
     images (``features.images``) with OWLv2's own preprocessing (pad to a square, resize, CLIP normalization)."""
 
@@ -110,16 +111,6 @@ class Owlv2Proposer(RegionProposer):
         self.processor = load_processor(_processor_class(), processor_file, side)
         self.input_size = side
         self.interpolate_pos_encoding = side != vision.image_size
-
-    def train(self, mode: bool = True) -> Owlv2Proposer:
-        """Frozen detector: it stays in eval mode whatever the pipeline's mode."""
-        super().train(mode)
-        self.detector.eval()
-        return self
-
-    def preprocess(self, images: list[Any]) -> Tensor:
-        """OWLv2's preprocessing: (B, 3, input_size, input_size) of the zero-padded square images."""
-        return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
     @torch.no_grad()
     def detect(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:

@@ -9,10 +9,11 @@ from pydantic import model_validator
 from torch import Tensor
 
 from groma_core.boxes import cxcywh_to_xyxy
-from groma_core.stages import RegionProposer, module_device, module_dtype
+from groma_core.stages import module_device, module_dtype
 from groma_core.types import ImageFeatures, Proposals
 from groma_plugin_detectors.common import (
     DetectorOptions,
+    FrozenDetectorProposer,
     best_first,
     check_architecture,
     check_pretrained,
@@ -54,7 +55,7 @@ def _processor_class():
     return RTDetrImageProcessorPil
 
 
-class RTDetrProposer(RegionProposer):
+class RTDetrProposer(FrozenDetectorProposer):
     """Proposals from RT-DETR: every decoder query's box, scored by its best class probability (sigmoid for the
     focal-loss models, softmax without the last class otherwise, as transformers' post-processing), on the
     original images (``features.images``) resized to a square without keeping the aspect ratio."""
@@ -89,16 +90,6 @@ class RTDetrProposer(RegionProposer):
             )
         self.processor = load_processor(_processor_class(), processor_file, side)
         self.input_size = side
-
-    def train(self, mode: bool = True) -> RTDetrProposer:
-        """Frozen detector: it stays in eval mode (BatchNorm statistics untouched) whatever the pipeline's mode."""
-        super().train(mode)
-        self.detector.eval()
-        return self
-
-    def preprocess(self, images: list[Any]) -> Tensor:
-        """RT-DETR's preprocessing: (B, 3, input_size, input_size), resized (bilinear) and scaled to [0, 1]."""
-        return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
     @torch.no_grad()
     def detect(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
