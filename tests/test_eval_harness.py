@@ -13,7 +13,14 @@ import pytest
 from PIL import Image, ImageDraw
 
 from groma_core.errors import GromaError, InputError
-from groma_core.evaluation.harness import DetectionTask, LvisGroundTask, RecTask, RegionCaptionTask, evaluate
+from groma_core.evaluation.harness import (
+    DetectionTask,
+    LvisGroundTask,
+    RecTask,
+    RegionCaptionTask,
+    Sample,
+    evaluate,
+)
 from groma_core.testing.tiny import make_sentencepiece
 
 SHAPES = [  # (file, size, [(category, colour, xywh)])
@@ -97,6 +104,78 @@ def test_template_choice_is_seeded(dataset):
     a = [task.template_for(s, 0) for s in task.samples]
     assert a == [task.template_for(s, 0) for s in task.samples]
     assert any(a != [task.template_for(s, seed) for s in task.samples] for seed in range(1, 6))
+
+
+# The reference's eval prompts, verbatim (FoundationVision/Groma): groma/eval/eval_rec.py:14,36 draws from
+# groma/data/datasets/refcoco_rec.py:12-19, eval_lvis.py:16,69 from coco.py:12-19, model_vg.py:14,43 from
+# visual_genome.py:15-20 and model_refcocog.py:15,81 from refcoco_cap.py:12-18.
+REFERENCE_REC = (
+    "Locate <p>{}</p> in the image.",
+    "Can you spot <p>{}</p> in the photograph?",
+    "Identify where <p>{}</p> is located in the picture.",
+    "Please detect <p>{}</p> in the picture.",
+    "Which region matches the description <p>{}</p>?",
+    "Please identify the object that corresponds to <p>{}</p>.",
+)
+REFERENCE_LVIS = (
+    "Locate all <p>{}</p> in this image.",
+    "Identify all instances of <p>{}</p> in the photo.",
+    "Find all instances of <p>{}</p> in the image.",
+    "Point out all the <p>{}</p> visible in this picture.",
+    "Detect and list each <p>{}</p> that appears in this photo.",
+    "What is the position of each <p>{}</p> in the image?",
+)
+REF = "<roi><refer_box></roi><refer_feat>"
+REFERENCE_VG = (
+    f"What is {REF}?",
+    f"Please briefly describe {REF}.",
+    f"Provide a short description for {REF}.",
+    f"Please give a concise description of region {REF}.",
+)
+REFERENCE_REFCOCOG = (
+    f"Can you provide me with a detailed description of {REF}?",
+    f"Please describe {REF} in details.",
+    f"I'm curious about {REF} in the photo. Can you describe it in detail?",
+    f"Please give a comprehensive description of the object {REF}.",
+    f"What does the object {REF} in the picture look like? Could you give me a detailed description?",
+)
+
+
+def test_template_sets_are_the_references_and_every_one_is_drawn(dataset):
+    tasks = [
+        (RecTask(dataset / "rec.json", dataset / "images"), REFERENCE_REC),
+        (LvisGroundTask(dataset / "lvis.json", dataset / "images"), REFERENCE_LVIS),
+        (RegionCaptionTask(dataset / "vg.json", dataset / "images", style="vg"), REFERENCE_VG),
+        (RegionCaptionTask(dataset / "vg.json", dataset / "images", style="refcocog"), REFERENCE_REFCOCOG),
+    ]
+    for task, reference in tasks:
+        assert task.templates == reference  # 6, 6, 4 and 5 templates, in the reference's order
+        # the reference's eval scripts draw a template per sample (an unseeded random.choice over the whole list),
+        # not a fixed one: the seeded draw reaches every template, in roughly equal shares
+        drawn = [task.template_for(Sample(str(i), i, None), seed=0) for i in range(600)]
+        assert set(drawn) == set(reference)
+        assert min(drawn.count(t) for t in reference) > 600 / len(reference) / 2
+
+
+def test_prompts_normalise_the_text_as_the_reference_does(dataset, tmp_path):
+    ann = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 120, "height": 90, "caption": " the red circle "}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [10, 10, 40, 40], "area": 1600}],
+        "categories": [{"id": 7, "name": "Band_Aid"}],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    lvis = LvisGroundTask(tmp_path / "ann.json", dataset / "images")
+    assert lvis.samples[0].data["category"] == "band aid"  # eval_lvis.py:58: replace('_', ' ').strip().lower()
+
+    class Recorder:
+        def answer(self, requests, **kwargs):
+            self.prompts = [r.turns[0][0] for r in requests]
+            return []
+
+    model = Recorder()
+    rec = RecTask(tmp_path / "ann.json", dataset / "images")
+    rec.predict(model, rec.samples, 0, 1)
+    assert model.prompts == [rec.template_for(rec.samples[0], 0).format("the red circle")]  # label.strip()
 
 
 def test_resume_continues_without_recomputing(dataset, model, tmp_path):

@@ -3,8 +3,12 @@ prediction as a JSON line as soon as it exists, resumes where a run stopped, sha
 processes, and writes a summary with the metric, the model, the recipe, the annotation file's sha256, the seed and
 the software versions. Protocols: ``shared/reference/groma-reference.md`` §5.
 
-The result does not depend on the number of processes or the batch size: each sample's template is drawn from a
-generator seeded by (seed, sample id), and batched generation gives the answers of one-at-a-time generation.
+The instructions are the reference's template sets (``REC_INSTRUCTIONS`` etc. in
+:mod:`groma_core.training.datasets`, the lists the released weights were trained on). The reference's eval scripts
+draw one template per sample with an unseeded ``random.choice`` over the whole set; here each sample's template is
+drawn from the same set with a generator seeded by (seed, sample id), so the result does not depend on the number
+of processes or the batch size (batched generation gives the answers of one-at-a-time generation) and a run can be
+repeated exactly.
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ from groma_core.evaluation.metrics import (
 )
 from groma_core.images import load_image
 from groma_core.inference import REFER, Request
+from groma_core.tokens import P_CLOSE, P_OPEN
+from groma_core.training.datasets import (
+    DETAILED_REGION_INSTRUCTIONS,
+    GROUNDING_INSTRUCTIONS,
+    REC_INSTRUCTIONS,
+    REGION_INSTRUCTIONS,
+)
 
 
 @dataclass
@@ -92,7 +103,8 @@ class Task(ABC):
             raise InputError(f"{self.ann_file}: no samples")
 
     def template_for(self, sample: Sample, seed: int) -> str:
-        """The instruction template of a sample, drawn with a generator seeded by (seed, sample id)."""
+        """The instruction template of a sample, drawn from :attr:`templates` with a generator seeded by (seed, sample
+        id) (the reference draws with an unseeded ``random.choice`` over the same set)."""
         return random.Random(f"{seed}:{self.name}:{sample.id}").choice(self.templates)
 
     @abstractmethod
@@ -120,11 +132,8 @@ class RecTask(Task):
     """Referring expression comprehension (RefCOCO-style annotations: each "image" entry is one expression)."""
 
     name = "rec"
-    templates = (
-        "Locate <p>{}</p> in the image.",
-        "Can you spot <p>{}</p> in the photograph?",
-        "Which region matches the description <p>{}</p>?",
-    )
+    # groma/eval/eval_rec.py:14,36: random.choice over refcoco_rec.py's six INSTRUCTIONS, expression in <p></p>
+    templates = tuple(t.format(P_OPEN + "{}" + P_CLOSE) for t in REC_INSTRUCTIONS)
     max_new_tokens = 3
 
     def load_samples(self, ann: Any) -> list[Sample]:
@@ -148,7 +157,7 @@ class RecTask(Task):
 
     def predict(self, model, samples, seed, batch_size):
         requests = [
-            Request(s.image, [(self.template_for(s, seed).format(s.data["expression"]), None)]) for s in samples
+            Request(s.image, [(self.template_for(s, seed).format(s.data["expression"].strip()), None)]) for s in samples
         ]
         answers = model.answer(requests, max_new_tokens=self.max_new_tokens, do_sample=False)
         out = []
@@ -172,7 +181,8 @@ class LvisGroundTask(Task):
     """LVIS-Ground: one query per (image, category present), every box of the answer in order; AS-MANY recall."""
 
     name = "lvis-ground"
-    templates = ("Locate all <p>{}</p> in this image.",)
+    # groma/eval/eval_lvis.py:16,69: random.choice over coco.py's six INSTRUCTIONS (= lvis.py's), category in <p></p>
+    templates = tuple(t.format(P_OPEN + "{}" + P_CLOSE) for t in GROUNDING_INSTRUCTIONS)
     max_new_tokens = 10
 
     def load_samples(self, ann: Any) -> list[Sample]:
@@ -196,7 +206,7 @@ class LvisGroundTask(Task):
                     {
                         "image_id": image_id,
                         "category_id": cat,
-                        "category": names[cat].replace("_", " "),
+                        "category": names[cat].replace("_", " ").strip().lower(),  # groma/eval/eval_lvis.py:58
                         "gt_boxes": [_xywh_to_xyxy(a["bbox"]) for a in anns],
                         "gt_areas": [float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns],
                     },
@@ -240,9 +250,11 @@ class RegionCaptionTask(Task):
     (Visual Genome style: a ``caption`` per annotation; RefCOCOg style: the "image" entry's ``caption``)."""
 
     name = "region-caption"
+    # random.choice over the reference's lists, the box as <roi><refer_box></roi><refer_feat>: vg, groma/eval/
+    # model_vg.py:14,43 (visual_genome.py's four); refcocog, groma/eval/model_refcocog.py:15,81 (refcoco_cap.py's five)
     styles = {
-        "vg": ("What is " + REFER + "?",),
-        "refcocog": ("Please describe " + REFER + " in details.",),
+        "vg": tuple(t.format(REFER) for t in REGION_INSTRUCTIONS),
+        "refcocog": tuple(t.format(REFER) for t in DETAILED_REGION_INSTRUCTIONS),
     }
     max_new_tokens = 100
 
