@@ -119,6 +119,38 @@ def test_train_kill_resume_then_ground(shapes, tmp_path):
     assert result[0]["image"] == str(image) and "text" in result[0]
 
 
+def test_train_reports_dropped_boxes_and_goes_on_past_unreadable_images(shapes, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes / "data", data)
+    rec_file = data / "annotations" / "rec_train.json"
+    rec = json.loads(rec_file.read_text())
+    rec["annotations"][0]["bbox"] = [-50, -50, 20, 20]  # above-left of its image
+    rec_file.write_text(json.dumps(rec))
+    images = sorted((data / "images").glob("*.png"))
+    for image in images[::2]:
+        image.write_bytes(b"")
+    args = [*overrides(shapes), f"train.data_root={data}", "train.stages.1.max_steps=2"]
+    done = groma("train", str(RECIPE), *args, "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert "final model in" in done.stdout
+    n = len(rec["images"])
+    for name in ("rec_pt", "rec_ft", "refcocog_ft"):
+        assert (
+            f"dataset {name!r} ({rec_file}): dropped 1 box outside the image, 1 sample that lost a box its text "
+            f"needs ({n - 1} of {n} samples kept)"
+        ) in done.stderr.splitlines()
+    skipped = [line for line in done.stderr.splitlines() if "skipping an unreadable image" in line]
+    assert skipped and all(f"{images[0].parent}/" in line and "the file is empty (0 bytes)" in line for line in skipped)
+    log = [json.loads(x) for x in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    last = {x["stage"]: x["skipped_images"] for x in log}
+    assert sum(last.values()) > 0
+    for stage, count in last.items():
+        if count:
+            assert f"stage {stage!r}: {count} sample(s) were replaced by the next one" in done.stderr
+
+
 def test_problems_are_reported_before_loading_weights(shapes, tmp_path, capsys):
     from groma_core.cli import main
 

@@ -249,7 +249,8 @@ def test_detection_samples_and_three_stage1_steps(shapes, model, tmp_path):
     data = open_dataset(spec(shapes, "detection", source="coco"), model)
     with seeded(1):
         sample = data[0]
-    assert set(sample) == {"pixel_values", "boxes"}
+    assert set(sample) == {"pixel_values", "boxes", "image_file", "skipped"}
+    assert sample["image_file"] == data.records[0].image.file_name and sample["skipped"] == 0
     assert sample["boxes"].shape[1] == 4 and len(sample["boxes"]) >= 1
     config = TrainingConfig.model_validate(
         {

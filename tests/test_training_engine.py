@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from groma_core.boxes import box_iou
-from groma_core.errors import CheckpointError, RecipeError
+from groma_core.errors import CheckpointError, GromaError, RecipeError
 from groma_core.model import IGNORE_INDEX, GromaModel
 from groma_core.prompt import TEMPLATES, GromaTokenizer, SentencePieceCodec
 from groma_core.selection import SelectionConfig
@@ -26,7 +27,7 @@ from groma_core.training import (
     param_groups,
     run_training,
 )
-from groma_core.training.checkpoint import latest_checkpoint
+from groma_core.training.checkpoint import latest_checkpoint, load_weights
 from groma_core.training.objectives import Objective
 from groma_core.training.schedule import lr_factor, warmup_steps
 from groma_core.types import Proposals
@@ -469,3 +470,53 @@ def test_exported_model_loads_with_its_recipe(tiny_model, manager, tmp_path):
     loaded = load(result.final_dir, manager=manager)
     for name, value in loaded.state_dict().items():
         assert torch.equal(value, tiny_model.state_dict()[name]), name
+
+
+def finite_checkpoint_weights(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    assert weights and all(torch.isfinite(t).all() for t in weights.values()), folder
+    return weights
+
+
+def test_a_nan_loss_stops_the_run_naming_the_sample_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
+    sp, _ = tiny
+    model = make_model(sp)
+    samples = lm_samples(model, 8, 5)
+    stage = {**STAGE2, "data": [{"name": "poisoned"}], "max_steps": 4}  # batch_size 1, grad_accum 2
+    cfg = config(stage, save_every=1)
+    stage_seed = int(np.random.SeedSequence([cfg.seed, 0]).generate_state(1)[0])
+    order = MixtureSampler([8], [1.0], ["poisoned"], 1, 2, 1, 0, stage_seed)
+    bad = order.micro_batches(2)[1][0][1]  # step 3, second micro-batch
+    samples[bad]["pixel_values"] = torch.full_like(samples[bad]["pixel_values"], float("nan"))
+
+    with pytest.raises(GromaError) as err:
+        run_training(model, cfg, {"poisoned": samples}, tmp_path)
+    latest = tmp_path / "checkpoints" / "alignment" / "step-0000002"
+    assert str(err.value) == (
+        f"stage 'alignment', step 3 of 4: the loss is nan (batch: dataset 'poisoned', samples [{bad}]); training "
+        f"stopped before the optimizer step and nothing of this step was saved; the latest checkpoint is still {latest}"
+    )
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "alignment/step-0000002"
+    assert latest_checkpoint(tmp_path / "checkpoints") == latest
+    assert not (tmp_path / "final").exists()
+    weights = finite_checkpoint_weights(latest)
+    state = model.state_dict()
+    for name, value in weights.items():  # the failed step changed nothing
+        assert torch.equal(state[name], value), name
+    log = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2]
+
+
+def test_a_diverging_lr_stops_the_run_and_no_checkpoint_holds_non_finite_weights(tiny, tmp_path):
+    sp, datasets = tiny
+    model = make_model(sp)
+    stage = {**STAGE2, "data": [{"name": "grounding"}], "lr": 1e30, "warmup_ratio": 0.0, "max_steps": 6}
+    with pytest.raises(GromaError, match=r"^stage 'alignment', step \d of 6: the (loss|gradient norm) is (nan|inf)"):
+        run_training(model, config(stage, save_every=1), datasets, tmp_path)
+    folders = sorted((tmp_path / "checkpoints" / "alignment").glob("step-*"))
+    assert folders and latest_checkpoint(tmp_path / "checkpoints") == folders[-1]
+    for folder in folders:
+        finite_checkpoint_weights(folder)
+    assert load_weights(make_model(sp), folders[-1] / "model.safetensors")

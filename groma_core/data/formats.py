@@ -3,7 +3,9 @@ reference's own ``groma_data`` files of the same layout).
 
 Each reader checks the structure it relies on and raises :class:`InputError` naming the file, the record and the
 key that is wrong. Boxes come back as ``(x1, y1, x2, y2)`` pixels of the original image (the files hold COCO
-``[x, y, w, h]``), the unit :mod:`groma_core.evaluation` scores in. Category names of LVIS files come back as the
+``[x, y, w, h]``), the unit :mod:`groma_core.evaluation` scores in, as the file gives them: boxes without area
+(w or h <= 0), with coordinates that are not finite, or outside their image are returned too, for the caller to
+judge (the training datasets clip or drop them with a count). Category names of LVIS files come back as the
 reference's prompts use them: ``_`` replaced by a space, stripped and lower-cased.
 """
 
@@ -132,8 +134,6 @@ def _xywh_to_xyxy(value: object, where: str) -> Box:
     if not (isinstance(value, list) and len(value) == 4 and all(isinstance(v, (int, float)) for v in value)):
         raise InputError(f"{where}: expected a box [x, y, w, h] of 4 numbers, got {value!r}")
     x, y, w, h = (float(v) for v in value)
-    if w < 0 or h < 0:
-        raise InputError(f"{where}: a box [x, y, w, h] needs w >= 0 and h >= 0, got {value!r}")
     return x, y, x + w, y + h
 
 

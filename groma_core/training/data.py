@@ -4,6 +4,8 @@ sharded by rank, resumable at any step.
 A sample is a mapping. Every objective reads ``pixel_values`` (3, H, W). The ``lm`` objective reads
 ``input_ids`` and ``labels`` (equal-length int sequences, -100 = not supervised) and optionally ``refer_boxes``
 (n, 4) and ``ground_boxes`` (m, 4); the ``detection`` objective reads ``boxes`` (n, 4). Boxes are normalized xyxy.
+Optional, for the logs and error messages: ``image_file`` (the image the sample was read from) and ``skipped``
+(1 when the sample stands in for one whose image could not be read).
 
 A dataset is read under a seed that depends only on the step and the sample's place in it (Python's ``random``,
 NumPy's and torch's global generators are seeded, then restored): random augmentations repeat exactly after a
@@ -118,8 +120,8 @@ class StepBatches:
 
 
 class MixtureDataset(torch.utils.data.Dataset):
-    """Reads ``(dataset, index)`` keys from the stage's datasets and tags each sample with its dataset and
-    source."""
+    """Reads ``(dataset, index)`` keys from the stage's datasets and tags each sample with its dataset, source
+    and index."""
 
     def __init__(self, datasets: Sequence[Any], names: Sequence[str], sources: Sequence[str]):
         self.datasets, self.names, self.sources = list(datasets), list(names), list(sources)
@@ -133,7 +135,7 @@ class MixtureDataset(torch.utils.data.Dataset):
             sample = self.datasets[d][i]
         if not isinstance(sample, Mapping):
             raise TypeError(f"dataset {self.names[d]!r}: sample {i} is a {type(sample).__name__}, expected a mapping")
-        return {**sample, "dataset": self.names[d], "source": self.sources[d]}
+        return {**sample, "dataset": self.names[d], "source": self.sources[d], "index": i}
 
 
 @contextlib.contextmanager
@@ -153,11 +155,15 @@ def seeded(seed: int) -> Iterator[None]:
 
 def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stack ``pixel_values``; keep ids, labels and box lists per sample (the model pads them itself).
-    Optional box fields are None when no sample of the batch has them."""
+    Optional box fields are None when no sample of the batch has them. ``indices`` and ``image_files`` (None
+    where unknown) name the samples, ``skipped`` counts the samples that stand in for an unreadable one."""
     out: dict[str, Any] = {
         "pixel_values": torch.stack([torch.as_tensor(s["pixel_values"]) for s in samples]),
         "dataset": samples[0]["dataset"],
         "source": samples[0]["source"],
+        "indices": [s.get("index") for s in samples],
+        "image_files": [s.get("image_file") for s in samples],
+        "skipped": sum(int(s.get("skipped", 0)) for s in samples),
     }
     for key in ("input_ids", "labels"):
         if key in samples[0]:

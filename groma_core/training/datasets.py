@@ -9,6 +9,12 @@ with their boxes in ``ground_boxes`` and ``<refer_box>``/``<refer_feat>`` with t
 (normalized xyxy of the original image). Random choices (instruction templates, augmentation) use the global
 generators, which the engine seeds per sample.
 
+Bad data does not stop training: when a dataset is opened, boxes partly outside their image are clipped to it,
+degenerate boxes and boxes entirely outside are dropped, and so are the samples whose text needs a dropped box;
+one summary line per dataset goes to the ``groma_core.training`` logger and the counts stay on the dataset
+(``dropped``, ``clipped``). A sample whose image cannot be read is replaced by the next sample, with a warning
+naming the file (see :class:`_ImageDataset`).
+
 The recipe's ``train.datasets`` section (:class:`DatasetSpec`) names each dataset's format and files;
 :func:`build_datasets` opens them for a model.
 """
@@ -16,12 +22,14 @@ The recipe's ``train.datasets`` section (:class:`DatasetSpec`) names each datase
 from __future__ import annotations
 
 import difflib
+import logging
+import math
 import os
 import random
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,13 +40,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from groma_core import tokens as T
+from groma_core.errors import GromaError, InputError
+from groma_core.images import BOX_TOLERANCE_PX
 from groma_core.training.config import TrainingConfig
+
+logger = logging.getLogger("groma_core.training")
 
 IGNORE_INDEX = -100
 Box = tuple[float, float, float, float]
 Preprocess = Callable[[Sequence[Image.Image]], Tensor]
 
-# -- the reference's instruction templates (groma/data/datasets/*.py) ----------------------------------------
+# -- the reference's instruction templates (FoundationVision/Groma@cf01ed8, groma/data/datasets/*.py) -------
+# Verbatim: the released weights were trained on these strings, so they are kept character for character.
+# refcoco_rec.py:12-19 (the same list in grit.py:15-22); the REC eval, groma/eval/eval_rec.py:14,36, draws from it.
 REC_INSTRUCTIONS = (
     "Locate {} in the image.",
     "Can you spot {} in the photograph?",
@@ -47,6 +61,7 @@ REC_INSTRUCTIONS = (
     "Which region matches the description {}?",
     "Please identify the object that corresponds to {}.",
 )
+# coco.py:12-19 (the same list in lvis.py:12-19); the LVIS-Ground eval, groma/eval/eval_lvis.py:16,69, draws from it.
 GROUNDING_INSTRUCTIONS = (
     "Locate all {} in this image.",
     "Identify all instances of {} in the photo.",
@@ -55,6 +70,7 @@ GROUNDING_INSTRUCTIONS = (
     "Detect and list each {} that appears in this photo.",
     "What is the position of each {} in the image?",
 )
+# flickr.py:14-22 (asked after the [grounding] prefix).
 CAPTION_INSTRUCTIONS = (
     "Give me a concise description of the image.",
     "Please briefly summarize the content of this image.",
@@ -64,12 +80,14 @@ CAPTION_INSTRUCTIONS = (
     "Offer a brief explanation of what this image represents.",
     "Sum up the contents of this picture in one or two sentences.",
 )
+# visual_genome.py:15-20; the VG region-caption eval, groma/eval/model_vg.py:14,43, draws from it.
 REGION_INSTRUCTIONS = (
     "What is {}?",
     "Please briefly describe {}.",
     "Provide a short description for {}.",
     "Please give a concise description of region {}.",
 )
+# refcoco_cap.py:12-18; the RefCOCOg region-caption eval, groma/eval/model_refcocog.py:15,81, draws from it.
 DETAILED_REGION_INSTRUCTIONS = (
     "Can you provide me with a detailed description of {}?",
     "Please describe {} in details.",
@@ -199,29 +217,174 @@ def augment_detection(
     return image, boxes_out, [int(k) for k in kept]
 
 
-# -- datasets ------------------------------------------------------------------------------------------------
-class _ImageDataset(torch.utils.data.Dataset):
-    """Records with an image file each; ``pixel_values`` come from the model's preprocessing."""
+# -- checking boxes against their image ----------------------------------------------------------------------
+NORMALIZED_BOX_TOLERANCE = 1e-3
+"""How far a normalized box corner may lie outside [0, 1] before the box counts as clipped."""
 
-    def __init__(self, records: Sequence[Any], images: str | Path, preprocess: Preprocess):
-        self.records = list(records)
+DROP_REASONS = {
+    "box_degenerate": ("degenerate box (no width or height, or not finite)",
+                       "degenerate boxes (no width or height, or not finite)"),
+    "box_outside_image": ("box outside the image", "boxes outside the image"),
+    "image_size": ("sample whose image entry has no positive width and height",
+                   "samples whose image entry has no positive width and height"),
+    "expression_lost_box": ("expression that lost one of its boxes", "expressions that lost one of their boxes"),
+    "sample_lost_box": ("sample that lost a box its text needs", "samples that lost a box their text needs"),
+    "sample_no_box": ("sample left without any box", "samples left without any box"),
+}  # fmt: skip
+"""What a dataset drops when it is opened (the keys of ``dataset.dropped``), as its summary line says it."""
+
+
+def fit_box(
+    box: Sequence[float], width: float, height: float, tolerance: float = BOX_TOLERANCE_PX
+) -> tuple[Box | None, str]:
+    """``box`` (xyxy) clipped to a ``width`` x ``height`` image, and what happened to it: ``"kept"``,
+    ``"clipped"`` (a corner lay more than ``tolerance`` outside the image), ``"degenerate"`` (a coordinate is not
+    finite, or the box has no width or height: None) or ``"outside"`` (no area left inside the image: None)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x2 <= x1 or y2 <= y1:
+        return None, "degenerate"
+    fitted = (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height))
+    if fitted[2] <= fitted[0] or fitted[3] <= fitted[1]:
+        return None, "outside"
+    moved = max(abs(a - b) for a, b in zip(fitted, (x1, y1, x2, y2)))
+    return fitted, "clipped" if moved > tolerance else "kept"
+
+
+def _plural(n: int, singular: str, plural: str) -> str:
+    return f"{n} {singular if n == 1 else plural}"
+
+
+class _UnreadableImage(Exception):
+    """An image file that :func:`groma_core.images.load_image` refused (the message names the file and why)."""
+
+    def __init__(self, file_name: str, reason: str):
+        super().__init__(reason)
+        self.file_name = file_name
+
+
+# -- datasets ------------------------------------------------------------------------------------------------
+class _ImageDataset(torch.utils.data.Dataset, ABC):
+    """Records of an annotation file with an image file each; ``pixel_values`` come from the model's
+    preprocessing.
+
+    When opened, boxes partly outside their image are clipped to it, and boxes that are degenerate or entirely
+    outside are dropped, with the records whose text needs them; ``dropped`` (reason -> count, the keys of
+    :data:`DROP_REASONS`) and ``clipped`` keep the counts and one summary line goes to the
+    ``groma_core.training`` logger (a warning when anything was dropped or clipped).
+
+    A sample whose image cannot be read is replaced by the next one (deterministically, so a resumed run reads
+    the same samples); the file is named once in a warning and kept in ``unreadable`` (file -> reason), and the
+    sample that stands in for it has ``skipped`` 1 (else 0). Reading fails with :class:`GromaError` when
+    ``max_unreadable_in_a_row`` images in a row, or more than ``max_unreadable_fraction`` of the records (and
+    more than ``max_unreadable_in_a_row``), cannot be read."""
+
+    max_unreadable_in_a_row = 20
+    max_unreadable_fraction = 0.1
+
+    def __init__(self, ann: str | Path, images: str | Path, preprocess: Preprocess, name: str | None = None):
+        self.ann = Path(ann)
         self.images = Path(images)
         self.preprocess = preprocess
+        self.name = name or self.ann.stem
+        self.dropped: dict[str, int] = {}
+        self.clipped = 0
+        self.unreadable: dict[str, str] = {}
+        raw = self.read(self.ann)
+        self.records = [c for c in map(self.clean, raw) if c is not None]
+        self._report(len(raw))
+
+    @abstractmethod
+    def read(self, ann: Path) -> list[Any]:
+        """The records of the annotation file."""
+
+    def clean(self, record: Any) -> Any | None:
+        """The record with its boxes fitted to its image, or None to drop it (counted in ``dropped``)."""
+        return record
+
+    @abstractmethod
+    def item(self, record: Any) -> dict[str, Any]:
+        """The sample of one record, with ``image_file`` (raises :class:`_UnreadableImage` through ``load``)."""
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        tries = min(self.max_unreadable_in_a_row, len(self.records))
+        last: _UnreadableImage | None = None
+        for skipped in range(tries):
+            try:
+                sample = self.item(self.records[(i + skipped) % len(self.records)])
+            except _UnreadableImage as exc:
+                self._unreadable(exc)
+                last = exc
+                continue
+            return {**sample, "skipped": int(skipped > 0)}
+        raise GromaError(
+            f"dataset {self.name!r}: {tries} images in a row cannot be read (the last: {last}); check the image "
+            f"folder {self.images}"
+        )
+
     def load(self, file_name: str) -> Image.Image:
         from groma_core.images import load_image
 
-        return load_image(self.images / file_name)
+        try:
+            return load_image(self.images / file_name)
+        except InputError as exc:
+            raise _UnreadableImage(file_name, str(exc)) from exc
 
     def pixels(self, image: Image.Image) -> Tensor:
         return self.preprocess([image])[0]
 
+    def fit(
+        self, boxes: Sequence[Sequence[float]], width: float, height: float, tolerance: float = BOX_TOLERANCE_PX
+    ) -> list[Box | None]:
+        """Each box clipped to the image, or None where it is dropped (counted)."""
+        out = []
+        for box in boxes:
+            fitted, status = fit_box(box, width, height, tolerance)
+            if fitted is None:
+                self.count("box_degenerate" if status == "degenerate" else "box_outside_image")
+            self.clipped += status == "clipped"
+            out.append(fitted)
+        return out
+
+    def sized(self, info: Any) -> bool:
+        """Whether an image entry has a positive size (else the record is counted as dropped)."""
+        if info.width > 0 and info.height > 0:
+            return True
+        self.count("image_size")
+        return False
+
+    def count(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def _report(self, total: int) -> None:
+        where = f"dataset {self.name!r} ({self.ann})"
+        parts = [_plural(self.dropped[k], *DROP_REASONS[k]) for k in DROP_REASONS if self.dropped.get(k)]
+        if not parts and not self.clipped:
+            logger.info("%s: %d samples, every box inside its image", where, len(self.records))
+            return
+        changes = (["dropped " + ", ".join(parts)] if parts else []) + (
+            [f"clipped {_plural(self.clipped, 'box', 'boxes')} to the image"] if self.clipped else []
+        )
+        logger.warning("%s: %s (%d of %d samples kept)", where, "; ".join(changes), len(self.records), total)
+
+    def _unreadable(self, exc: _UnreadableImage) -> None:
+        if exc.file_name in self.unreadable:
+            return
+        self.unreadable[exc.file_name] = str(exc)
+        logger.warning("dataset %r: skipping an unreadable image, the next sample takes its place: %s", self.name, exc)
+        limit = max(self.max_unreadable_in_a_row, self.max_unreadable_fraction * len(self.records))
+        if len(self.unreadable) > limit:
+            raise GromaError(
+                f"dataset {self.name!r}: {len(self.unreadable)} of its {len(self.records)} samples' images cannot be "
+                f"read (e.g. {exc}); check the image folder {self.images}"
+            )
+
 
 class DetectionDataset(_ImageDataset):
-    """Class-agnostic COCO detection (stage 1): ``pixel_values`` and ``boxes``, augmented as the reference."""
+    """Class-agnostic COCO detection (stage 1): ``pixel_values`` and ``boxes``, augmented as the reference. An
+    image that loses every one of its boxes is dropped (its objects would be taken for background)."""
 
     def __init__(
         self,
@@ -230,49 +393,86 @@ class DetectionDataset(_ImageDataset):
         preprocess: Preprocess,
         image_size: tuple[int, int],
         augment: DetectionAugment | None = None,
+        name: str | None = None,
     ):
-        from groma_core.data import read_detection
-
-        super().__init__(read_detection(ann), images, preprocess)
         self.image_size = (int(image_size[0]), int(image_size[1]))  # (H, W)
         self.augment = augment or DetectionAugment().scaled(max(self.image_size))
+        super().__init__(ann, images, preprocess, name)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        record = self.records[i]
+    def read(self, ann):
+        from groma_core.data import read_detection
+
+        return read_detection(ann)
+
+    def clean(self, r):
+        if not r.boxes:
+            return r
+        if not self.sized(r.image):
+            return None
+        fitted = self.fit(r.boxes, r.image.width, r.image.height)
+        if all(b is None for b in fitted):
+            self.count("sample_no_box")
+            return None
+        boxes = tuple(b for b in fitted if b is not None)
+        return replace(r, boxes=boxes, areas=tuple(a for a, b in zip(r.areas, fitted) if b is not None))
+
+    def item(self, record):
         image = self.load(record.image.file_name)
         size = (self.image_size[1], self.image_size[0])
         image, boxes, _ = augment_detection(image, record.boxes, size, self.augment)
-        return {"pixel_values": self.pixels(image), "boxes": boxes}
+        return {"pixel_values": self.pixels(image), "boxes": boxes, "image_file": record.image.file_name}
 
 
-class _ConversationDataset(_ImageDataset, ABC):
+class _ConversationDataset(_ImageDataset):
     """Language samples: the subclass gives the turns and the boxes of one record."""
 
     def __init__(
-        self, records: Sequence[Any], images: str | Path, preprocess: Preprocess, tokenizer, template: str = "default"
+        self,
+        ann: str | Path,
+        images: str | Path,
+        preprocess: Preprocess,
+        tokenizer,
+        template: str = "default",
+        name: str | None = None,
     ):
-        super().__init__(records, images, preprocess)
         self.tokenizer = tokenizer
         self.template = template
+        super().__init__(ann, images, preprocess, name)
 
     @abstractmethod
     def sample(self, record: Any) -> tuple[str, list[tuple[str, str]], dict[str, Tensor]]:
         """(image file, turns, {"ground_boxes" or "refer_boxes": normalized xyxy})."""
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        file_name, turns, boxes = self.sample(self.records[i])
+    def item(self, record):
+        file_name, turns, boxes = self.sample(record)
         ids, labels = render_conversation(self.tokenizer, self.template, turns)
-        return {"pixel_values": self.pixels(self.load(file_name)), "input_ids": ids, "labels": labels, **boxes}
+        pixels = self.pixels(self.load(file_name))
+        return {"pixel_values": pixels, "input_ids": ids, "labels": labels, **boxes, "image_file": file_name}
+
+    def fit_all(self, boxes: Sequence[Box], info: Any) -> list[Box] | None:
+        """The boxes a record's text needs, clipped to its image; None (the record dropped, counted) when one of
+        them is dropped."""
+        if not self.sized(info):
+            return None
+        fitted = self.fit(boxes, info.width, info.height)
+        if any(b is None for b in fitted):
+            self.count("sample_lost_box")
+            return None
+        return fitted
 
 
 class RecDataset(_ConversationDataset):
     """Referring expression comprehension (RefCOCO-style file): ``Locate <p>expr</p> in the image.`` ->
     ``<roi><ground_box></roi>``."""
 
-    def __init__(self, ann, images, preprocess, tokenizer, template="default"):
+    def read(self, ann):
         from groma_core.data import read_rec
 
-        super().__init__(read_rec(ann), images, preprocess, tokenizer, template)
+        return read_rec(ann)
+
+    def clean(self, r):
+        boxes = self.fit_all([r.box], r.image)
+        return None if boxes is None else replace(r, box=boxes[0])
 
     def sample(self, r):
         question = random.choice(REC_INSTRUCTIONS).format(T.P_OPEN + r.expression.strip() + T.P_CLOSE)
@@ -286,12 +486,22 @@ class RecDataset(_ConversationDataset):
 
 class GroundingDataset(_ConversationDataset):
     """Multi-object grounding (COCO/LVIS categories; LVIS-Ground file): ``Locate all <p>class</p> in this
-    image.`` -> ``<roi><ground_box>...</roi>``, one per instance."""
+    image.`` -> ``<roi><ground_box>...</roi>``, one per instance (a dropped box is left out of the answer)."""
 
-    def __init__(self, ann, images, preprocess, tokenizer, template="default"):
+    def read(self, ann):
         from groma_core.data import read_lvis_ground
 
-        super().__init__(read_lvis_ground(ann), images, preprocess, tokenizer, template)
+        return read_lvis_ground(ann)
+
+    def clean(self, r):
+        if not self.sized(r.image):
+            return None
+        fitted = self.fit(r.boxes, r.image.width, r.image.height)
+        if all(b is None for b in fitted):
+            self.count("sample_no_box")
+            return None
+        boxes = tuple(b for b in fitted if b is not None)
+        return replace(r, boxes=boxes, areas=tuple(a for a, b in zip(r.areas, fitted) if b is not None))
 
     def sample(self, r):
         question = random.choice(GROUNDING_INSTRUCTIONS).format(T.P_OPEN + r.category.strip().lower() + T.P_CLOSE)
@@ -307,11 +517,20 @@ class GroundedCaptionDataset(_ConversationDataset):
     """Grounded captions (Flickr30k Entities, MDETR style): ``[grounding]`` + a caption instruction -> the
     caption with ``<p>phrase</p><roi><ground_box>...</roi>`` at the phrase spans."""
 
-    def __init__(self, ann, images, preprocess, tokenizer, template="default"):
+    def read(self, ann):
         from groma_core.data import read_grounded_captions
 
-        records = [r for r in read_grounded_captions(ann) if r.phrases]  # the reference skips unannotated images
-        super().__init__(records, images, preprocess, tokenizer, template)
+        return [r for r in read_grounded_captions(ann) if r.phrases]  # the reference skips unannotated images
+
+    def clean(self, r):
+        boxes = self.fit_all([b for p in r.phrases for b in p.boxes], r.image)
+        if boxes is None:
+            return None
+        phrases, start = [], 0
+        for p in r.phrases:
+            phrases.append(replace(p, boxes=tuple(boxes[start : start + len(p.boxes)])))
+            start += len(p.boxes)
+        return replace(r, phrases=tuple(phrases))
 
     def sample(self, r):
         text, end, boxes = "", 0, []
@@ -335,10 +554,14 @@ class RegionCaptionDataset(_ConversationDataset):
 
     instructions = REGION_INSTRUCTIONS
 
-    def __init__(self, ann, images, preprocess, tokenizer, template="default"):
+    def read(self, ann):
         from groma_core.data import read_region_captions
 
-        super().__init__(read_region_captions(ann), images, preprocess, tokenizer, template)
+        return read_region_captions(ann)
+
+    def clean(self, r):
+        boxes = self.fit_all([r.box], r.image)
+        return None if boxes is None else replace(r, box=boxes[0])
 
     def sample(self, r):
         question = random.choice(self.instructions).format(REFER)
@@ -355,25 +578,35 @@ class DetailedRegionCaptionDataset(RegionCaptionDataset):
 
     instructions = DETAILED_REGION_INSTRUCTIONS
 
-    def __init__(self, ann, images, preprocess, tokenizer, template="default"):
+    def read(self, ann):
         from groma_core.data import RegionCaption, read_rec
 
-        records = [RegionCaption(r.image, r.box, r.expression) for r in read_rec(ann)]
-        _ConversationDataset.__init__(self, records, images, preprocess, tokenizer, template)
+        return [RegionCaption(r.image, r.box, r.expression) for r in read_rec(ann)]
 
 
 class MultiRoundRegionCaptionDataset(_ConversationDataset):
     """Multi-round region captions (MultiRoundsVG, one sample per image): the image's distinct regions thinned by
-    a random-score NMS (IoU 0.6), at most 10, one question each."""
+    a random-score NMS (IoU 0.6), at most 10, one question each (a dropped region is not asked about)."""
 
-    def __init__(self, ann, images, preprocess, tokenizer, template="default"):
+    def read(self, ann):
         from groma_core.data import read_region_captions
 
         by_image: dict[Any, list] = defaultdict(list)
         for r in read_region_captions(ann):
             if r.box not in [x.box for x in by_image[r.image.id]]:
                 by_image[r.image.id].append(r)
-        super().__init__(list(by_image.values()), images, preprocess, tokenizer, template)
+        return list(by_image.values())
+
+    def clean(self, regions):
+        info = regions[0].image
+        if not self.sized(info):
+            return None
+        fitted = self.fit([r.box for r in regions], info.width, info.height)
+        kept = [replace(r, box=b) for r, b in zip(regions, fitted) if b is not None]
+        if not kept:
+            self.count("sample_no_box")
+            return None
+        return kept
 
     def sample(self, regions):
         from groma_core.boxes import nms
@@ -390,10 +623,21 @@ class MultiRoundRegionCaptionDataset(_ConversationDataset):
 
 class GritDataset(_ConversationDataset):
     """GRIT-style REC (``[{filename, caption, ref_exps: [[start, end, x1, y1, x2, y2, ...], ...]}]``, normalized
-    boxes): one random expression, with every box of its span."""
+    boxes): one random expression, with every box of its span (an expression that loses a box is dropped)."""
 
-    def __init__(self, ann, images, preprocess, tokenizer, template="default"):
-        super().__init__(_read_grit(ann), images, preprocess, tokenizer, template)
+    def read(self, ann):
+        return _read_grit(ann)
+
+    def clean(self, r):
+        fitted = self.fit([e[2:6] for e in r["ref_exps"]], 1.0, 1.0, NORMALIZED_BOX_TOLERANCE)
+        lost = {tuple(e[:2]) for e, b in zip(r["ref_exps"], fitted) if b is None}
+        for _ in lost:
+            self.count("expression_lost_box")
+        exps = [[*e[:2], *b, *e[6:]] for e, b in zip(r["ref_exps"], fitted) if tuple(e[:2]) not in lost]
+        if not exps:
+            self.count("sample_no_box")
+            return None
+        return {**r, "ref_exps": exps}
 
     def sample(self, r):
         chosen = random.choice(r["ref_exps"])
@@ -412,8 +656,8 @@ class ConversationDataset(_ConversationDataset):
     """Image-level conversations (LLaVA-Instruct, ShareGPT4V: ``[{image, conversations: [{from, value}]}]``):
     the original turns, ``<image>`` removed and newlines turned into spaces."""
 
-    def __init__(self, ann, images, preprocess, tokenizer, template="default"):
-        super().__init__(_read_conversations(ann), images, preprocess, tokenizer, template)
+    def read(self, ann):
+        return _read_conversations(ann)
 
     def sample(self, r):
         values = [c["value"].replace(T.IMAGE, "").replace("\n", " ") for c in r["conversations"]]
@@ -424,10 +668,20 @@ class InstructDataset(_ConversationDataset):
     """Groma Instruct multi-turn grounded conversations: ``[grounding]`` + each human turn; the boxes of every
     gpt turn's ``box_inds`` in order."""
 
-    def __init__(self, ann, images, preprocess, tokenizer, template="default"):
+    def read(self, ann):
         from groma_core.data import read_instruct
 
-        super().__init__(read_instruct(ann), images, preprocess, tokenizer, template)
+        return read_instruct(ann)
+
+    def clean(self, r):
+        boxes = self.fit_all([b for t in r.turns for b in t.boxes], r.image)
+        if boxes is None:
+            return None
+        turns, start = [], 0
+        for t in r.turns:
+            turns.append(replace(t, boxes=tuple(boxes[start : start + len(t.boxes)])))
+            start += len(t.boxes)
+        return replace(r, turns=tuple(turns))
 
     def sample(self, r):
         turns = [(T.GROUNDING + t.question, t.answer) for t in r.turns]
@@ -475,9 +729,17 @@ def _read_grit(path: str | Path) -> list[dict]:
     data = _read_json_list(path, ("filename", "caption", "ref_exps"))
     for i, record in enumerate(data):
         exps = record["ref_exps"]
-        if not isinstance(exps, list) or not exps or any(not isinstance(e, list) or len(e) < 6 for e in exps):
-            raise InputError(f"{path}: [{i}].ref_exps: expected [[start, end, x1, y1, x2, y2, ...], ...]")
+        if not isinstance(exps, list) or not exps or any(not _is_ref_exp(e) for e in exps):
+            raise InputError(f"{path}: [{i}].ref_exps: expected [[start, end, x1, y1, x2, y2, ...], ...] of numbers")
     return data
+
+
+def _is_ref_exp(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) >= 6
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value[:6])
+    )
 
 
 LANGUAGE_FORMATS: dict[str, type[_ConversationDataset]] = {
@@ -592,22 +854,24 @@ def resolve_path(value: str, base_dir: Path | None) -> Path:
     return p if p.is_absolute() or base_dir is None else base_dir / p
 
 
-def open_dataset(spec: DatasetSpec, model, base_dir: Path | None = None) -> torch.utils.data.Dataset:
+def open_dataset(
+    spec: DatasetSpec, model, base_dir: Path | None = None, name: str | None = None
+) -> torch.utils.data.Dataset:
     """The dataset ``spec`` describes (relative paths from ``base_dir``), rendered with ``model``'s tokenizer and
-    image preprocessing."""
+    image preprocessing; ``name`` (default: the annotation file's stem) is what its messages call it."""
     ann, images = resolve_path(spec.ann, base_dir), resolve_path(spec.images, base_dir)
     tokenizer = model.image_tokenizer
     if spec.format == "detection":
         size = tuple(tokenizer.image_size)
-        return DetectionDataset(ann, images, tokenizer.preprocess, size, spec.augment(max(size)))
-    return LANGUAGE_FORMATS[spec.format](ann, images, tokenizer.preprocess, model.tokenizer, spec.template)
+        return DetectionDataset(ann, images, tokenizer.preprocess, size, spec.augment(max(size)), name=name)
+    return LANGUAGE_FORMATS[spec.format](ann, images, tokenizer.preprocess, model.tokenizer, spec.template, name)
 
 
 def build_datasets(config: RecipeTraining, model, base_dir: Path | None = None) -> dict[str, Any]:
     """The datasets the stages of ``config`` use, by name (``base_dir``: the recipe file's folder)."""
     used = {d.name for s in config.stages for d in s.data}
     root = config.root(base_dir)
-    return {name: open_dataset(spec, model, root) for name, spec in config.datasets.items() if name in used}
+    return {name: open_dataset(spec, model, root, name) for name, spec in config.datasets.items() if name in used}
 
 
 def dataset_text(config: RecipeTraining, base_dir: Path | None = None) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import math
 import random
 import time
@@ -43,6 +44,8 @@ from groma_core.training.schedule import make_scheduler
 LOG_FILE = "train_log.jsonl"
 FINAL = "final"
 
+logger = logging.getLogger("groma_core.training")
+
 
 @dataclass
 class StepInfo:
@@ -66,6 +69,7 @@ class TrainingResult:
     last_checkpoint: Path | None
     steps: dict[str, int]
     last_loss: dict[str, float]
+    skipped_images: dict[str, int] = field(default_factory=dict)  # per stage: samples replaced (unreadable image)
 
 
 def check_training(model: GromaModel, config: TrainingConfig, datasets: Mapping[str, Sequence[Any]]) -> list[str]:
@@ -121,6 +125,11 @@ def run_training(
 
     On return the model holds the trained weights, ``requires_grad`` as the last stage set it; after an ``fsdp``
     stage its parameters stay sharded: load ``<out_dir>/final`` instead.
+
+    A loss or gradient norm that is not finite stops the run with a :class:`GromaError` naming the stage, the step
+    and the batch, before the optimizer step; a checkpoint is never written with non-finite weights, so the
+    ``latest`` checkpoint stays the last good one. Samples that a dataset replaced because their image could not
+    be read are counted (``skipped_images`` in the log and the result, a warning at the end of each stage).
     """
     if not isinstance(config, TrainingConfig):
         try:
@@ -170,21 +179,22 @@ class _Run:
             start_stage = int(state["stage_index"])
             self.last_checkpoint = folder
         self._open_logs(state)
-        steps, losses = {}, {}
+        steps, losses, skipped = {}, {}, {}
         wrapped: nn.Module = self.model
         try:
             self.model.train()
             for i in range(start_stage, len(self.config.stages)):
                 resumed = state if state is not None and i == int(state["stage_index"]) else None
                 stage = self.config.stages[i]
-                steps[stage.name], losses[stage.name], wrapped = self._run_stage(i, stage, resumed, folder)
+                result = self._run_stage(i, stage, resumed, folder)
+                steps[stage.name], losses[stage.name], skipped[stage.name], wrapped = result
             final = self._export(wrapped)
         finally:
             if self.log is not None:
                 self.log.close()
             if self.tb is not None:
                 self.tb.close()
-        return TrainingResult(self.out, final, self.last_checkpoint, steps, losses)
+        return TrainingResult(self.out, final, self.last_checkpoint, steps, losses, skipped)
 
     def _resume_point(self, resume: bool | str | Path) -> tuple[dict[str, Any] | None, Path | None]:
         if resume is False:
@@ -226,7 +236,7 @@ class _Run:
     # -- one stage -----------------------------------------------------------------------------------------
     def _run_stage(
         self, index: int, stage: StageConfig, resumed: dict[str, Any] | None, folder: Path | None
-    ) -> tuple[int, float, nn.Module]:
+    ) -> tuple[int, float, int, nn.Module]:
         ctx, config = self.ctx, self.config
         stage_seed = int(np.random.SeedSequence([config.seed, index]).generate_state(1)[0])
         _seed_everything(stage_seed + ctx.rank)
@@ -247,13 +257,14 @@ class _Run:
             )
         total = stage.max_steps or max(1, math.ceil(stage.epochs * sampler.steps_per_epoch))
         start = int(resumed["step"]) if resumed is not None else 0
+        skipped = int(resumed.get("skipped_images", 0)) if resumed is not None else 0
         if resumed is not None and int(resumed["global_batch"]) != sampler.global_batch:
             raise CheckpointError(
                 f"{folder}: global batch was {resumed['global_batch']} ({resumed['world_size']} processes), now "
                 f"{sampler.global_batch} ({ctx.world_size}): the data order would differ"
             )
         if start >= total:  # finished in the checkpoint: its weights are loaded already
-            return start, float("nan"), self.model
+            return start, float("nan"), skipped, self.model
 
         apply_trainable(self.model, stage)
         if stage.gradient_checkpointing:
@@ -267,6 +278,7 @@ class _Run:
         if start > 0:
             self._restore(folder, wrapped, optimizer, scheduler, generator)
         params = [p for g in groups for p in g["params"]]
+        trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
         loader = torch.utils.data.DataLoader(
             MixtureDataset(
@@ -288,38 +300,103 @@ class _Run:
             for step in range(start, total):
                 sums: dict[str, torch.Tensor] = {}
                 dataset = ""
+                micro: list[tuple[torch.Tensor, dict[str, Any]]] = []  # each micro-batch's loss and what it read
+                step_skipped = 0
                 for a in range(stage.grad_accum):
                     batch = to_device(next(batches), ctx.device)
                     dataset = batch["dataset"]
+                    step_skipped += int(batch.get("skipped", 0))
                     with (
                         gradient_sync(wrapped, a == stage.grad_accum - 1),
                         torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=stage.bf16),
                     ):
                         loss, terms = wrapped(batch)
                     (loss / stage.grad_accum).backward()
+                    micro.append((loss.detach().float(), _batch_names(batch)))
                     for k, v in {"loss": loss.detach().float(), **terms}.items():
                         sums[k] = sums.get(k, 0.0) + v / stage.grad_accum
                 grad_norm = clip_gradients(params, stage.max_grad_norm)
+                keys = sorted(sums)
+                counts = sums["loss"].new_tensor([float(step_skipped)])
+                means = mean_across(ctx, torch.cat([torch.stack([sums[k] for k in keys]), counts])).tolist()
+                skipped += round(means.pop() * ctx.world_size)
+                metrics = dict(zip(keys, means))
+                loss_value = metrics.pop("loss")
+                done = step + 1
+                if not math.isfinite(loss_value) or (grad_norm is not None and not math.isfinite(grad_norm)):
+                    raise self._diverged(stage, done, total, loss_value, grad_norm, micro)
                 lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_factor"]
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                keys = sorted(sums)
-                means = mean_across(ctx, torch.stack([sums[k] for k in keys])).tolist()
-                metrics = dict(zip(keys, means))
-                loss_value = metrics.pop("loss")
-                done = step + 1
-                self._log(index, stage, done, total, sampler, loss_value, lr, grad_norm, dataset, metrics, began)
+                self._log(
+                    index, stage, done, total, sampler, loss_value, lr, grad_norm, dataset, metrics, skipped, began
+                )
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", refresh=False)
                 bar.update(1)
                 if self.on_step is not None:
                     self.on_step(StepInfo(stage.name, index, done, total, loss_value, lr, metrics))
                 if config.save_every and done % config.save_every == 0 and done < total:
-                    self._save(index, stage, done, total, sampler, wrapped, optimizer, scheduler, generator)
+                    self._check_weights(trained, stage, done, total)
+                    self._save(index, stage, done, total, sampler, wrapped, optimizer, scheduler, generator, skipped)
         finally:
             bar.close()
-        self._save(index, stage, total, total, sampler, wrapped, optimizer, scheduler, generator)
-        return total, loss_value, wrapped
+        self._check_weights(trained, stage, total, total)
+        self._save(index, stage, total, total, sampler, wrapped, optimizer, scheduler, generator, skipped)
+        if skipped and ctx.is_main:
+            logger.warning(
+                "stage %r: %d sample(s) were replaced by the next one because their image could not be read (the "
+                "files are named in the warnings above; skipped_images in %s counts them)",
+                stage.name,
+                skipped,
+                self.out / LOG_FILE,
+            )
+        return total, loss_value, skipped, wrapped
+
+    def _diverged(
+        self,
+        stage: StageConfig,
+        step: int,
+        total: int,
+        loss: float,
+        grad_norm: float | None,
+        micro: list[tuple[torch.Tensor, dict[str, Any]]],
+    ) -> GromaError:
+        """The error that stops a run whose loss or gradient norm is not finite, naming the samples to blame: those
+        of the micro-batches whose loss is not finite, else all of the step's."""
+        what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+        values = torch.stack([v for v, _ in micro]).tolist()
+        blamed = [names for (_, names), v in zip(micro, values) if not math.isfinite(v)]
+        batch = _describe_samples(blamed or [names for _, names in micro])
+        if not blamed and not math.isfinite(loss):  # this process's losses are finite: another process diverged
+            batch = f"another process's; this process read {batch}"
+        rank = f" on process {self.ctx.rank}" if self.ctx.active else ""
+        return GromaError(
+            f"stage {stage.name!r}, step {step} of {total}{rank}: {what} (batch: {batch}); training stopped "
+            f"before the optimizer step and nothing of this step was saved; {self._latest_text()}"
+        )
+
+    def _latest_text(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint was written"
+        return f"the latest checkpoint is still {self.last_checkpoint}"
+
+    def _check_weights(
+        self, trained: list[tuple[str, nn.Parameter]], stage: StageConfig, step: int, total: int
+    ) -> None:
+        """Refuse to checkpoint trained parameters that hold NaN or infinity (collective: every rank calls it)."""
+        if not trained:
+            return
+        local = [p.to_local() if hasattr(p, "to_local") else p for _, p in trained]  # the shard under FSDP
+        finite = torch.stack([torch.isfinite(t.detach()).all() for t in local]).float()
+        finite = mean_across(self.ctx, finite).tolist()
+        bad = [n for (n, _), f in zip(trained, finite) if f < 1.0]
+        if bad:
+            raise GromaError(
+                f"stage {stage.name!r}, step {step} of {total}: {len(bad)} trained parameter(s) hold NaN or infinite "
+                f"values ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); the checkpoint of this step is not "
+                f"written; {self._latest_text()}"
+            )
 
     def _restore(self, folder: Path, wrapped, optimizer, scheduler, generator) -> None:
         ctx = self.ctx
@@ -333,7 +410,7 @@ class _Run:
         if rng_file.is_file():
             ckpt.restore_rng(torch.load(rng_file, map_location="cpu", weights_only=True), generator)
 
-    def _save(self, index, stage, step, total, sampler, wrapped, optimizer, scheduler, generator) -> None:
+    def _save(self, index, stage, step, total, sampler, wrapped, optimizer, scheduler, generator, skipped) -> None:
         ctx, config = self.ctx, self.config
         weights = full_state(wrapped, self.model) if ctx.is_main or is_sharded(wrapped) else None
         if weights is not None and config.checkpoint_weights == "trained":
@@ -349,6 +426,7 @@ class _Run:
             "epoch": step // sampler.steps_per_epoch,
             "step_in_epoch": step % sampler.steps_per_epoch,
             "samples_seen": step * sampler.global_batch,
+            "skipped_images": skipped,
             "global_batch": sampler.global_batch,
             "world_size": ctx.world_size,
             "seed": config.seed,
@@ -412,7 +490,7 @@ class _Run:
                 return
             self.tb = SummaryWriter(str(self.out / "tensorboard"))
 
-    def _log(self, index, stage, step, total, sampler, loss, lr, grad_norm, dataset, metrics, began) -> None:
+    def _log(self, index, stage, step, total, sampler, loss, lr, grad_norm, dataset, metrics, skipped, began) -> None:
         if not self.ctx.is_main or (step % self.config.log_every and step != total):
             return
         record = {
@@ -426,6 +504,7 @@ class _Run:
             "grad_norm": grad_norm,
             "dataset": dataset,
             "samples": step * sampler.global_batch,
+            "skipped_images": skipped,
             "elapsed_s": round(time.monotonic() - began, 3),
             **metrics,
         }
@@ -435,6 +514,32 @@ class _Run:
             for key in ("loss", "lr", "grad_norm", *metrics):
                 if record[key] is not None:
                     self.tb.add_scalar(f"{stage.name}/{key}", record[key], step)
+
+
+def _batch_names(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """What a micro-batch read: its dataset, source, sample indices and image files (None where unknown)."""
+    return {
+        "dataset": batch.get("dataset"),
+        "source": batch.get("source"),
+        "indices": list(batch.get("indices") or []),
+        "files": list(batch.get("image_files") or []),
+    }
+
+
+def _describe_samples(micro: Sequence[Mapping[str, Any]]) -> str:
+    """``dataset 'a', samples [3, 5], images x.png, y.png`` for micro-batches (one dataset per step)."""
+    datasets = list(dict.fromkeys(str(m["dataset"]) for m in micro))
+    sources = list(dict.fromkeys(str(m["source"]) for m in micro))
+    text = "dataset " + ", ".join(map(repr, datasets))
+    if sources != datasets:
+        text += " (source " + ", ".join(map(repr, sources)) + ")"
+    indices = [i for m in micro for i in m["indices"]]
+    if any(i is not None for i in indices):
+        text += f", samples {indices}"
+    files = [f for m in micro for f in m["files"]]
+    if any(f is not None for f in files):
+        text += ", images " + ", ".join(str(f) for f in files)
+    return text
 
 
 def _log_position(line: str) -> tuple[int, int]:
