@@ -22,11 +22,12 @@ def build(recipe, overrides=(), manager=None):
     return _build(recipe, overrides, manager)
 
 
-def load(model, overrides=(), manager=None):
-    """Load a model from a checkpoint directory or a recipe (see :func:`groma_core.api.load`)."""
+def load(model=None, overrides=(), manager=None, *, quantize=None):
+    """Load a model from a checkpoint directory or a recipe; with no ``model``, the embedded default model (a tiny
+    Groma trained on synthetic shapes). See :func:`groma_core.api.load`."""
     from groma_core.api import load as _load
 
-    return _load(model, overrides, manager)
+    return _load(model, overrides, manager, quantize=quantize)
 
 
 __all__ = [

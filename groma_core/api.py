@@ -12,6 +12,7 @@ from torch import nn
 from groma_core.errors import CheckpointError, GromaError
 from groma_core.model import GromaModel
 from groma_core.plugins import PluginManager
+from groma_core.quantization import check_quantization, quantize_model
 from groma_core.recipe import Recipe, load_recipe
 from groma_core.stages import BuildContext
 
@@ -61,9 +62,16 @@ def build(
     recipe: Recipe | str | Path,
     overrides: Sequence[str] = (),
     manager: PluginManager | None = None,
+    *,
+    quantize: str | None = None,
 ) -> GromaModel:
     """Build the pipeline a recipe describes (stages in the design's order), with freshly initialised weights
-    unless the recipe names ``weights``; returned in the recipe's dtype, on CPU (move it with ``.to()``)."""
+    unless the recipe names ``weights``; returned in the recipe's dtype, on CPU (move it with ``.to()``).
+    ``quantize="8bit"`` or ``"4bit"``: the language model's decoder layers are loaded in 8 or 4 bits through
+    bitsandbytes and the model is returned on the device ``auto`` picks (made for CUDA; the CPU works, slowly, with
+    bitsandbytes >= 0.50; see :mod:`groma_core.quantization`; checked before any weight is read)."""
+    if quantize is not None:
+        check_quantization(quantize)
     manager = manager or PluginManager()
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides, manager)
@@ -77,7 +85,8 @@ def build(
         load_weights(model, weights)
     else:
         model = _construct(recipe, manager)
-    return model.to(DTYPES[recipe.core.dtype])
+    model = model.to(DTYPES[recipe.core.dtype])
+    return quantize_model(model, quantize) if quantize is not None else model
 
 
 PATH_OPTIONS = ("pretrained", "tokenizer")
@@ -191,17 +200,40 @@ def load_weights(model: nn.Module, path: str | Path, partial: bool = False, excl
     model.load_state_dict(state, strict=not (partial or exclude), assign=True)
 
 
+#: the embedded default model: a tiny Groma trained on the synthetic shapes data (``recipes/shapes-tiny.yaml``),
+#: shipped inside the package so that ``load()`` and the CLI work with nothing downloaded
+DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
+
+
+def default_model() -> Path:
+    """The folder of the embedded default model (a checkpoint directory: recipe, weights, tokenizer)."""
+    if not (DEFAULT_MODEL / "recipe.yaml").is_file() or not weight_files_present(DEFAULT_MODEL):
+        raise CheckpointError(
+            f"{DEFAULT_MODEL}: the embedded default model is missing from this installation (a source checkout "
+            "without its files?); pass a model explicitly"
+        )
+    return DEFAULT_MODEL
+
+
+def weight_files_present(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors"))
+
+
 def load(
-    model: str | Path,
+    model: str | Path | None = None,
     overrides: Sequence[str] = (),
     manager: PluginManager | None = None,
+    *,
+    quantize: str | None = None,
 ) -> GromaModel:
     """Load a model from a checkpoint directory (one holding ``recipe.yaml`` and safetensors weights, as written
-    by ``groma convert`` or training) or from a recipe file / shipped recipe name."""
-    path = Path(model)
+    by ``groma convert`` or training), a recipe file / shipped recipe name, or, when ``model`` is None, the
+    embedded default model (:data:`DEFAULT_MODEL`). ``quantize``: "8bit" or "4bit" language model layers (CUDA, or CPU)
+    through bitsandbytes (see :func:`build`)."""
+    path = default_model() if model is None else Path(model)
     if path.is_dir():
         recipe_file = path / "recipe.yaml"
         if not recipe_file.is_file():
             raise CheckpointError(f"{path}: not a groma-core checkpoint directory (no recipe.yaml)")
-        return build(recipe_file, overrides, manager).eval()
-    return build(path if path.suffix else str(model), overrides, manager).eval()
+        return build(recipe_file, overrides, manager, quantize=quantize).eval()
+    return build(path if path.suffix else str(path), overrides, manager, quantize=quantize).eval()

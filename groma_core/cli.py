@@ -108,14 +108,13 @@ def _load_model(args: argparse.Namespace):
     """The model named by --model (a checkpoint directory or a recipe), on --device in --dtype."""
     from groma_core.api import DTYPES, load, resolve_device
 
-    if not args.model:
-        raise GromaError(
-            "no --model given: pass a checkpoint directory (from `groma convert` or training) or a recipe; "
-            "the embedded default model is not part of this build yet"
-        )
-    model = load(args.model, args.set, _manager())
+    model = load(args.model or None, args.set, _manager())  # no --model: the embedded default
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else None
+    if args.quantize:  # cast first: the 4-bit layers compute in the model's dtype
+        from groma_core.quantization import quantize_model
+
+        return quantize_model(model.to(dtype=dtype), args.quantize, device)
     return model.to(device=device, dtype=dtype)
 
 
@@ -276,10 +275,18 @@ def _checkpoint_folder(path: Path) -> Path:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint directory or recipe")
+    p.add_argument(
+        "--model", help="checkpoint directory or recipe (default: the embedded tiny model trained on synthetic shapes)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default: the recipe's)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer in tokens")
+    p.add_argument(
+        "--quantize",
+        choices=["8bit", "4bit"],
+        help="load the language model's decoder layers in 8 or 4 bits through bitsandbytes (made for CUDA; runs on "
+        "the CPU too, slowly, with bitsandbytes >= 0.50; they compute in --dtype, on CUDA best float16 or bfloat16)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="key.sub=value", help="override a recipe value")
 
 
@@ -386,6 +393,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    if getattr(args, "quantize", None):  # an option this machine cannot honour is a usage error, found before any work
+        from groma_core.api import resolve_device
+        from groma_core.quantization import check_quantization
+
+        try:
+            check_quantization(args.quantize, resolve_device(args.device))
+        except GromaError as exc:
+            if args.debug:
+                raise
+            print(f"groma: error: {exc}", file=sys.stderr)
+            return 2
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
