@@ -32,6 +32,7 @@ def draw_answer(image: Image.Image, answer: GroundedAnswer, width: int | None = 
     line = width or max(2, round(min(canvas.size) / 150))
     font = ImageFont.load_default(size=max(10, round(min(canvas.size) / 30)))
     w, h = canvas.size
+    stacked: dict[tuple[float, ...], int] = {}  # labels already on a box: phrases sharing a box stack theirs
     for i, phrase in enumerate(answer.phrases):
         colour = PALETTE[i % len(PALETTE)]
         for k, box in zip(phrase.region_ids, phrase.boxes):
@@ -40,7 +41,14 @@ def draw_answer(image: Image.Image, answer: GroundedAnswer, width: int | None = 
             draw.rectangle(rect, outline=colour, width=line)
             label = phrase.phrase or f"<r{k}>"
             left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
-            tx, ty = rect[0], max(0.0, rect[1] - (bottom - top) - 2 * line)
-            draw.rectangle((tx, ty, tx + right - left + 2 * line, ty + bottom - top + 2 * line), fill=colour)
+            tag_h = bottom - top + 2 * line
+            key = tuple(round(v, 4) for v in rect)
+            below = stacked.get(key, 0)
+            stacked[key] = below + 1
+            ty = rect[1] - tag_h * (below + 1)
+            if ty < 0:  # no room above the box: inside it, from its top down
+                ty = rect[1] + tag_h * below
+            tx = rect[0]
+            draw.rectangle((tx, ty, tx + right - left + 2 * line, ty + tag_h), fill=colour)
             draw.text((tx + line, ty + line - top), label, fill=(255, 255, 255), font=font)
     return canvas
