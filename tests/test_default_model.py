@@ -97,7 +97,7 @@ def test_rec_on_held_out_images_answers_every_expression_with_a_box(rec_summary)
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 5 item 7, open: the shipped 20-minute CPU model reaches REC 0.22 on held-out shapes (target 0.85 "
+    reason="issue 5 item 7, open: the shipped 26-minute CPU model reaches REC 0.21 on held-out shapes (target 0.85 "
     "here, 0.90 on 500 images); its language model does not learn to bind <rK> to regions in that budget",
 )
 def test_rec_accuracy_on_held_out_images_reaches_the_target(rec_summary):

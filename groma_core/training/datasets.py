@@ -348,6 +348,18 @@ class _ImageDataset(torch.utils.data.Dataset, ABC):
             out.append(fitted)
         return out
 
+    def keep_fitted_boxes(self, r: Any) -> Any | None:
+        """A record with ``image``, ``boxes`` and ``areas`` (detection, LVIS-Ground) with its boxes fitted to its
+        image and the dropped ones left out; None (counted) when its image has no size or no box is left."""
+        if not self.sized(r.image):
+            return None
+        fitted = self.fit(r.boxes, r.image.width, r.image.height)
+        if all(b is None for b in fitted):
+            self.count("sample_no_box")
+            return None
+        boxes = tuple(b for b in fitted if b is not None)
+        return replace(r, boxes=boxes, areas=tuple(a for a, b in zip(r.areas, fitted) if b is not None))
+
     def sized(self, info: Any) -> bool:
         """Whether an image entry has a positive size (else the record is counted as dropped)."""
         if info.width > 0 and info.height > 0:
@@ -405,16 +417,7 @@ class DetectionDataset(_ImageDataset):
         return read_detection(ann)
 
     def clean(self, r):
-        if not r.boxes:
-            return r
-        if not self.sized(r.image):
-            return None
-        fitted = self.fit(r.boxes, r.image.width, r.image.height)
-        if all(b is None for b in fitted):
-            self.count("sample_no_box")
-            return None
-        boxes = tuple(b for b in fitted if b is not None)
-        return replace(r, boxes=boxes, areas=tuple(a for a, b in zip(r.areas, fitted) if b is not None))
+        return self.keep_fitted_boxes(r) if r.boxes else r
 
     def item(self, record):
         image = self.load(record.image.file_name)
@@ -494,14 +497,7 @@ class GroundingDataset(_ConversationDataset):
         return read_lvis_ground(ann)
 
     def clean(self, r):
-        if not self.sized(r.image):
-            return None
-        fitted = self.fit(r.boxes, r.image.width, r.image.height)
-        if all(b is None for b in fitted):
-            self.count("sample_no_box")
-            return None
-        boxes = tuple(b for b in fitted if b is not None)
-        return replace(r, boxes=boxes, areas=tuple(a for a, b in zip(r.areas, fitted) if b is not None))
+        return self.keep_fitted_boxes(r)
 
     def sample(self, r):
         question = random.choice(GROUNDING_INSTRUCTIONS).format(T.P_OPEN + r.category.strip().lower() + T.P_CLOSE)
