@@ -82,6 +82,7 @@ def main() -> None:
     cold = run(["ground", str(EXAMPLE), CAPTION, "--out", str(answer), *model])
     warm_began = time.perf_counter()
     import groma_core
+    from groma_core.api import DEFAULT_MODEL
 
     loaded = groma_core.load(args.model) if args.model else groma_core.load()
     load_s = time.perf_counter() - warm_began
@@ -93,7 +94,8 @@ def main() -> None:
     print(f"machine: {machine()}")
     if args.train_log:
         print(training_time(args.train_log))
-    size = sum(f.stat().st_size for f in Path(loaded_dir(args.model)).rglob("*") if f.is_file())
+    folder = Path(args.model) if args.model else DEFAULT_MODEL
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     print(f"model folder: {size / 2**20:.1f} MiB")
     print(f"held-out data: {args.images} images, seed {args.seed}")
     print(
@@ -106,12 +108,6 @@ def main() -> None:
     print(f"detection ({det['num_samples']} images): {recalls}")
     print(f"`groma ground` on the example image, cold process (import + load + answer + draw): {cold:.1f} s")
     print(f"in process: load {load_s:.2f} s, one grounded caption {answer_s:.2f} s")
-
-
-def loaded_dir(model: str | None) -> Path:
-    from groma_core.api import DEFAULT_MODEL
-
-    return Path(model) if model else DEFAULT_MODEL
 
 
 if __name__ == "__main__":

@@ -207,16 +207,12 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
 
 def default_model() -> Path:
     """The folder of the embedded default model (a checkpoint directory: recipe, weights, tokenizer)."""
-    if not (DEFAULT_MODEL / "recipe.yaml").is_file() or not weight_files_present(DEFAULT_MODEL):
+    if not (DEFAULT_MODEL / "recipe.yaml").is_file() or not (DEFAULT_MODEL / "model.safetensors").is_file():
         raise CheckpointError(
             f"{DEFAULT_MODEL}: the embedded default model is missing from this installation (a source checkout "
             "without its files?); pass a model explicitly"
         )
     return DEFAULT_MODEL
-
-
-def weight_files_present(folder: Path) -> bool:
-    return any(folder.glob("*.safetensors"))
 
 
 def load(

@@ -22,7 +22,6 @@ from groma_core.cli import build_parser
 from groma_core.errors import GromaError, InputError
 from groma_core.inference import Request
 from groma_core.quantization import check_quantization, quantizable_linears, quantize_model
-from groma_core.testing.tiny import make_sentencepiece
 
 pytestmark = pytest.mark.filterwarnings(  # torch's own, when importing bitsandbytes imports torch.utils.mkldnn
     "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
@@ -40,10 +39,8 @@ PROJECTIONS += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tok")
-    make_sentencepiece(d)
-    return d
+def tok(sp_dir) -> Path:
+    return sp_dir  # the session's SentencePiece model (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -11,23 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from groma_core.data import ShapesConfig, write_shapes_dataset
+from groma_core.data import FORMAT_FILES, ShapesConfig, write_shapes_dataset
 from groma_core.errors import GromaError
 from groma_core.training import DatasetSpec, TrainingConfig, open_dataset, run_training
 from groma_core.training.data import seeded
 from groma_core.training.datasets import GritDataset
 
 LOGGER = "groma_core.training"
-FILES = {
-    "detection": "detection_train",
-    "rec": "rec_train",
-    "grounding": "lvis_ground_train",
-    "grounded-caption": "flickr_train",
-    "region-caption": "region_captions_train",
-    "region-caption-multi": "region_captions_multi_train",
-    "refcocog-caption": "rec_train",
-    "instruct": "instruct_train",
-}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +39,7 @@ def shapes(tmp_path) -> Path:
 
 
 def ann_file(shapes: Path, fmt: str) -> Path:
-    return shapes / "annotations" / f"{FILES[fmt]}.json"
+    return shapes / "annotations" / f"{FORMAT_FILES[fmt]}_train.json"
 
 
 def spec(shapes: Path, fmt: str) -> DatasetSpec:

@@ -12,21 +12,12 @@ import pytest
 import torch
 
 from groma_core import tokens as T
-from groma_core.data import ShapesConfig, write_shapes_dataset
+from groma_core.data import FORMAT_FILES, ShapesConfig, write_shapes_dataset
 from groma_core.model import IGNORE_INDEX
 from groma_core.training import DatasetSpec, DetectionAugment, augment_detection, open_dataset, run_training
 from groma_core.training.data import seeded
 
-LM_FORMATS = {
-    "rec": "rec_train",
-    "grounding": "lvis_ground_train",
-    "grounded-caption": "flickr_train",
-    "region-caption": "region_captions_train",
-    "region-caption-multi": "region_captions_multi_train",
-    "refcocog-caption": "rec_train",
-    "conversation": "captions_train",
-    "instruct": "instruct_train",
-}
+LM_FORMATS = [f for f in FORMAT_FILES if f != "detection"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +41,7 @@ def model(sp_dir):
 
 
 def spec(shapes, fmt: str, template: str = "default", **extra) -> DatasetSpec:
-    file = "detection_train" if fmt == "detection" else LM_FORMATS[fmt]
+    file = f"{FORMAT_FILES[fmt]}_train"
     return DatasetSpec(
         format=fmt, ann=str(shapes / "annotations" / f"{file}.json"), images=str(shapes / "images"),
         template=template, **extra,

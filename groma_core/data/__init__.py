@@ -19,6 +19,7 @@ from groma_core.data.formats import (
     read_region_captions,
 )
 from groma_core.data.shapes import (
+    FORMAT_FILES,
     PALETTE,
     SHAPES,
     ReferringExpression,
@@ -32,6 +33,7 @@ from groma_core.data.shapes import (
 )
 
 __all__ = [
+    "FORMAT_FILES",
     "PALETTE",
     "SHAPES",
     "ChatTurn",

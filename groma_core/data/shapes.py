@@ -98,6 +98,19 @@ RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 SUPERLATIVES: tuple[str, ...] = ("leftmost", "rightmost", "topmost", "bottommost", "biggest", "smallest")
 SPLITS: tuple[str, ...] = ("train", "val")
 
+#: the annotation file (``annotations/{stem}_{split}.json``) that each ``groma train`` dataset format reads
+FORMAT_FILES: dict[str, str] = {
+    "detection": "detection",
+    "rec": "rec",
+    "grounding": "lvis_ground",
+    "grounded-caption": "flickr",
+    "region-caption": "region_captions",
+    "region-caption-multi": "region_captions_multi",
+    "refcocog-caption": "rec",
+    "conversation": "captions",
+    "instruct": "instruct",
+}
+
 MIN_SIDE = 64  #: smallest image side the generator accepts
 MIN_VISIBLE_FRACTION = 0.6  #: share of a shape's pixels that stays visible when later shapes cover it
 MIN_SHAPE_PIXELS = 150  #: fewest visible pixels of a shape

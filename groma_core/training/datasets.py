@@ -463,6 +463,18 @@ class _ConversationDataset(_ImageDataset):
             return None
         return fitted
 
+    def fit_parts(self, parts: Sequence[Any], info: Any) -> tuple | None:
+        """``parts`` (phrases, turns: each with ``boxes`` the text needs) with their boxes clipped to the image;
+        None (the record dropped, counted) when one of them is dropped."""
+        boxes = self.fit_all([b for p in parts for b in p.boxes], info)
+        if boxes is None:
+            return None
+        out, start = [], 0
+        for p in parts:
+            out.append(replace(p, boxes=tuple(boxes[start : start + len(p.boxes)])))
+            start += len(p.boxes)
+        return tuple(out)
+
 
 class RecDataset(_ConversationDataset):
     """Referring expression comprehension (RefCOCO-style file): ``Locate <p>expr</p> in the image.`` ->
@@ -519,14 +531,8 @@ class GroundedCaptionDataset(_ConversationDataset):
         return [r for r in read_grounded_captions(ann) if r.phrases]  # the reference skips unannotated images
 
     def clean(self, r):
-        boxes = self.fit_all([b for p in r.phrases for b in p.boxes], r.image)
-        if boxes is None:
-            return None
-        phrases, start = [], 0
-        for p in r.phrases:
-            phrases.append(replace(p, boxes=tuple(boxes[start : start + len(p.boxes)])))
-            start += len(p.boxes)
-        return replace(r, phrases=tuple(phrases))
+        phrases = self.fit_parts(r.phrases, r.image)
+        return None if phrases is None else replace(r, phrases=phrases)
 
     def sample(self, r):
         text, end, boxes = "", 0, []
@@ -670,14 +676,8 @@ class InstructDataset(_ConversationDataset):
         return read_instruct(ann)
 
     def clean(self, r):
-        boxes = self.fit_all([b for t in r.turns for b in t.boxes], r.image)
-        if boxes is None:
-            return None
-        turns, start = [], 0
-        for t in r.turns:
-            turns.append(replace(t, boxes=tuple(boxes[start : start + len(t.boxes)])))
-            start += len(t.boxes)
-        return replace(r, turns=tuple(turns))
+        turns = self.fit_parts(r.turns, r.image)
+        return None if turns is None else replace(r, turns=turns)
 
     def sample(self, r):
         turns = [(T.GROUNDING + t.question, t.answer) for t in r.turns]
