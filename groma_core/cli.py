@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from groma_core import __version__
@@ -238,6 +241,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a model through the stages of its recipe's ``train`` section: the recipe and every dataset path are
     checked before any weight is loaded; checkpoints, logs and the final model go to --out."""
+    with _training_messages():
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     from groma_core.api import build
     from groma_core.recipe import load_recipe
     from groma_core.training import build_datasets, dataset_path_problems, run_training
@@ -260,6 +268,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     steps = ", ".join(f"{name} {n} steps" for name, n in result.steps.items()) or "nothing left to train"
     print(f"trained: {steps}; final model in {result.final_dir} (load it with --model {result.final_dir})")
     return 0
+
+
+@contextlib.contextmanager
+def _training_messages() -> Iterator[None]:
+    """While training, show the training logger's messages (dataset summaries, skipped images) on stderr as
+    ``groma train: ...``, INFO included; the logger is restored afterwards (``main`` may run in-process). Under
+    torchrun every process opens the same datasets, so only the first one (RANK 0) prints what opening them found
+    (records marked ``once``); every process still prints what happens to its own samples."""
+    log = logging.getLogger("groma_core.training")
+    handler = logging.StreamHandler(sys.stderr)
+    rank = os.environ.get("RANK", "0")
+    handler.setFormatter(
+        logging.Formatter("groma train: %(message)s" if rank == "0" else f"groma train [rank {rank}]: %(message)s")
+    )
+    if rank != "0":
+        handler.addFilter(lambda record: not getattr(record, "once", False))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def _checkpoint_folder(path: Path) -> Path:

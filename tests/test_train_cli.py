@@ -138,9 +138,15 @@ def test_train_reports_dropped_boxes_and_goes_on_past_unreadable_images(shapes, 
     n = len(rec["images"])
     for name in ("rec_pt", "rec_ft", "refcocog_ft"):
         assert (
-            f"dataset {name!r} ({rec_file}): dropped 1 box outside the image, 1 sample that lost a box its text "
-            f"needs ({n - 1} of {n} samples kept)"
+            f"groma train: dataset {name!r} ({rec_file}): dropped 1 box outside the image, 1 sample that lost a box "
+            f"its text needs ({n - 1} of {n} samples kept)"
         ) in done.stderr.splitlines()
+    # a dataset with nothing to fix says so too
+    detection = data / "annotations" / "detection_train.json"
+    assert any(
+        line.startswith(f"groma train: dataset 'detection' ({detection}): ") and "every box inside its image" in line
+        for line in done.stderr.splitlines()
+    ), done.stderr
     skipped = [line for line in done.stderr.splitlines() if "skipping an unreadable image" in line]
     assert skipped and all(f"{images[0].parent}/" in line and "the file is empty (0 bytes)" in line for line in skipped)
     log = [json.loads(x) for x in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
@@ -149,6 +155,30 @@ def test_train_reports_dropped_boxes_and_goes_on_past_unreadable_images(shapes, 
     for stage, count in last.items():
         if count:
             assert f"stage {stage!r}: {count} sample(s) were replaced by the next one" in done.stderr
+
+
+def test_only_the_first_process_reports_what_opening_the_datasets_found():
+    code = (
+        "import logging; from groma_core.cli import _training_messages; from groma_core.training.datasets import ONCE\n"
+        "log = logging.getLogger('groma_core.training')\n"
+        "with _training_messages():\n"
+        "    log.warning('dataset x: dropped 1 box', extra=ONCE)\n"
+        "    log.warning('dataset x: skipping an unreadable image')\n"
+        "log.warning('after training')\n"
+        "assert log.level == logging.NOTSET and not log.handlers"
+    )
+    outputs = {}
+    for rank in ("0", "1"):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**ENV, "RANK": rank})
+        assert done.returncode == 0, done.stderr
+        outputs[rank] = done.stderr.splitlines()
+    # after training the logger is as it was (Python's last-resort handler prints the bare message)
+    assert outputs["0"] == [
+        "groma train: dataset x: dropped 1 box",
+        "groma train: dataset x: skipping an unreadable image",
+        "after training",
+    ]
+    assert outputs["1"] == ["groma train [rank 1]: dataset x: skipping an unreadable image", "after training"]
 
 
 def test_problems_are_reported_before_loading_weights(shapes, tmp_path, capsys):

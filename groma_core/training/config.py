@@ -33,9 +33,10 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="stage name (checkpoint folders and logs use it)")
-    objective: Literal["lm", "detection"] = Field(
+    objective: Literal["lm", "detection", "text"] = Field(
         "lm",
-        description="lm: the model's next-token loss; detection: the region proposer's detection_loss",
+        description="lm: the model's next-token loss; detection: the region proposer's detection_loss; text: the "
+        "language backbone's next-token loss on text alone (no image; e.g. the synthetic `recall` format)",
     )
     train: list[str] = Field(
         ...,

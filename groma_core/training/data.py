@@ -1,7 +1,8 @@
 """Data order and batching: one dataset per optimizer step (the reference's ``RandomBatchSampler``), seeded,
 sharded by rank, resumable at any step.
 
-A sample is a mapping. Every objective reads ``pixel_values`` (3, H, W). The ``lm`` objective reads
+A sample is a mapping. The ``lm`` and ``detection`` objectives read ``pixel_values`` (3, H, W) (a ``text`` sample
+has none: it reads ``input_ids`` and ``labels`` alone). The ``lm`` objective reads
 ``input_ids`` and ``labels`` (equal-length int sequences, -100 = not supervised) and optionally ``refer_boxes``
 (n, 4) and ``ground_boxes`` (m, 4); the ``detection`` objective reads ``boxes`` (n, 4). Boxes are normalized xyxy.
 Optional, for the logs and error messages: ``image_file`` (the image the sample was read from) and ``skipped``
@@ -157,8 +158,9 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stack ``pixel_values``; keep ids, labels and box lists per sample (the model pads them itself).
     Optional box fields are None when no sample of the batch has them. ``indices`` and ``image_files`` (None
     where unknown) name the samples, ``skipped`` counts the samples that stand in for an unreadable one."""
+    images = [s.get("pixel_values") for s in samples]
     out: dict[str, Any] = {
-        "pixel_values": torch.stack([torch.as_tensor(s["pixel_values"]) for s in samples]),
+        "pixel_values": torch.stack([torch.as_tensor(x) for x in images]) if images[0] is not None else None,
         "dataset": samples[0]["dataset"],
         "source": samples[0]["source"],
         "indices": [s.get("index") for s in samples],

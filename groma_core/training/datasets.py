@@ -45,6 +45,7 @@ from groma_core.images import BOX_TOLERANCE_PX
 from groma_core.training.config import TrainingConfig
 
 logger = logging.getLogger("groma_core.training")
+ONCE = {"once": True}  #: marks a message every process would repeat (what opening a dataset found)
 
 IGNORE_INDEX = -100
 Box = tuple[float, float, float, float]
@@ -110,7 +111,10 @@ FORMATS = (
     "grit",
     "conversation",
     "instruct",
+    "recall",
 )
+#: formats generated on the fly (no files), read by ``text`` stages
+SYNTHETIC_FORMATS = ("recall",)
 
 
 # -- rendering and masking -----------------------------------------------------------------------------------
@@ -374,12 +378,14 @@ class _ImageDataset(torch.utils.data.Dataset, ABC):
         where = f"dataset {self.name!r} ({self.ann})"
         parts = [_plural(self.dropped[k], *DROP_REASONS[k]) for k in DROP_REASONS if self.dropped.get(k)]
         if not parts and not self.clipped:
-            logger.info("%s: %d samples, every box inside its image", where, len(self.records))
+            logger.info("%s: %d samples, every box inside its image", where, len(self.records), extra=ONCE)
             return
         changes = (["dropped " + ", ".join(parts)] if parts else []) + (
             [f"clipped {_plural(self.clipped, 'box', 'boxes')} to the image"] if self.clipped else []
         )
-        logger.warning("%s: %s (%d of %d samples kept)", where, "; ".join(changes), len(self.records), total)
+        logger.warning(
+            "%s: %s (%d of %d samples kept)", where, "; ".join(changes), len(self.records), total, extra=ONCE
+        )
 
     def _unreadable(self, exc: _UnreadableImage) -> None:
         if exc.file_name in self.unreadable:
@@ -762,10 +768,18 @@ class DatasetSpec(BaseModel):
         description="detection (COCO, class-agnostic; stage 1), rec (RefCOCO), grounding (COCO/LVIS categories, "
         "LVIS-Ground file), grounded-caption (Flickr30k Entities), region-caption (Visual Genome, one region), "
         "region-caption-multi (Visual Genome, up to 10 regions per image), refcocog-caption (RefCOCOg REC file as "
-        "detailed region captions), grit (GRIT REC), conversation (LLaVA / ShareGPT4V), instruct (Groma Instruct)",
+        "detailed region captions), grit (GRIT REC), conversation (LLaVA / ShareGPT4V), instruct (Groma Instruct), "
+        "recall (synthetic text for a `text` stage: in-context copying and region binding, no files; see "
+        "groma_core.training.synthetic)",
     )
-    ann: str = Field(..., min_length=1, description="annotation file")
-    images: str = Field(..., min_length=1, description="folder the annotation's image file names are relative to")
+    ann: str | None = Field(None, min_length=1, description="annotation file")
+    images: str | None = Field(
+        None, min_length=1, description="folder the annotation's image file names are relative to"
+    )
+    size: int = Field(20000, ge=1, description="recall: samples per epoch")
+    regions: int = Field(16, ge=1, le=100, description="recall: a binding sample lists 1 to this many regions")
+    queries: int = Field(8, ge=1, description="recall: REC turns per binding sample")
+    copy_fraction: float = Field(0.5, ge=0.0, le=1.0, description="recall: fraction of copying samples")
     template: Literal["default", "llava"] = Field(
         "default", description="conversation template (the reference: default in stage 2, llava in stage 3)"
     )
@@ -784,6 +798,18 @@ class DatasetSpec(BaseModel):
     scale_to_input: bool = Field(
         True, description="detection: scale scales/crop/max_side from 448 pixels to the image tokenizer's input size"
     )
+
+    @model_validator(mode="after")
+    def _files(self) -> DatasetSpec:
+        if self.format in SYNTHETIC_FORMATS:
+            given = [k for k in ("ann", "images") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"format {self.format} is generated, it reads no files: remove {', '.join(given)}")
+        else:
+            missing = [k for k in ("ann", "images") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"format {self.format} needs {' and '.join(missing)}")
+        return self
 
     def augment(self, input_size: int) -> DetectionAugment:
         """The detection augmentation of this dataset for a square input of ``input_size`` pixels."""
@@ -817,7 +843,7 @@ class RecipeTraining(TrainingConfig):
                     hint = f" (did you mean {close[0]!r}?)" if close else ""
                     problems.append(f"stages.{i}.data.{j}.name: {source.name!r} is not in datasets{hint}")
                     continue
-                if (spec.format == "detection") != (stage.objective == "detection"):
+                if objective_of(spec.format) != stage.objective:
                     problems.append(
                         f"stages.{i}.data.{j}.name: a {stage.objective} stage cannot read {source.name!r} "
                         f"(format {spec.format})"
@@ -829,12 +855,19 @@ class RecipeTraining(TrainingConfig):
         return self
 
 
+def objective_of(format: str) -> str:
+    """The stage objective that reads a dataset format: detection, text (synthetic text) or lm."""
+    if format == "detection":
+        return "detection"
+    return "text" if format in SYNTHETIC_FORMATS else "lm"
+
+
 def dataset_path_problems(config: RecipeTraining, base_dir: Path | None) -> list[str]:
     """Every dataset file or folder of the stages that does not exist, with its path in the recipe."""
     used = {d.name for s in config.stages for d in s.data}
     problems = []
     for name, spec in config.datasets.items():
-        if name not in used:
+        if name not in used or spec.format in SYNTHETIC_FORMATS:
             continue
         for key, kind in (("ann", "file"), ("images", "folder")):
             path = resolve_path(getattr(spec, key), config.root(base_dir))
@@ -855,6 +888,12 @@ def open_dataset(
 ) -> torch.utils.data.Dataset:
     """The dataset ``spec`` describes (relative paths from ``base_dir``), rendered with ``model``'s tokenizer and
     image preprocessing; ``name`` (default: the annotation file's stem) is what its messages call it."""
+    if spec.format == "recall":
+        from groma_core.training.synthetic import RecallDataset
+
+        return RecallDataset(
+            model.tokenizer, spec.size, spec.regions, spec.queries, spec.copy_fraction, spec.template, name
+        )
     ann, images = resolve_path(spec.ann, base_dir), resolve_path(spec.images, base_dir)
     tokenizer = model.image_tokenizer
     if spec.format == "detection":
@@ -882,7 +921,7 @@ def dataset_text(config: RecipeTraining, base_dir: Path | None = None) -> list[s
     used = {d.name for s in config.stages for d in s.data}
     root = config.root(base_dir)
     for name, spec in config.datasets.items():
-        if name not in used or spec.format == "detection":
+        if name not in used or spec.format == "detection" or spec.format in SYNTHETIC_FORMATS:
             continue
         ann = resolve_path(spec.ann, root)
         if spec.format in ("rec", "refcocog-caption"):

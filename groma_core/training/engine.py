@@ -585,7 +585,9 @@ def _enable_checkpointing(model: nn.Module) -> None:
 
 
 def _export_recipe(model: GromaModel) -> str | None:
-    """The model's recipe pointing at the exported weights, with relative path options made absolute."""
+    """The model's recipe pointing at the exported weights, with relative path options made absolute. The export
+    holds every tensor, so the training recipe's ``weights_exclude`` and ``partial_weights`` (about the weights it
+    started from) are cleared: kept, they would make loading the final model skip the parts it trained."""
     recipe = getattr(model, "recipe", None)
     if recipe is None:
         return None
@@ -596,6 +598,7 @@ def _export_recipe(model: GromaModel) -> str | None:
     data = recipe.to_dict()
     data["weights"] = ckpt.WEIGHTS_FILE
     data["partial_weights"] = False
+    data["weights_exclude"] = []
     for kind in ("image_tokenizer", "region_proposer", "region_encoder", "language_backbone"):
         for name in PATH_OPTIONS:
             value = data.get(kind, {}).get(name)

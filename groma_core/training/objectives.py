@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from groma_core.errors import InputError
-from groma_core.model import GromaModel
+from groma_core.model import IGNORE_INDEX, GromaModel
 from groma_core.types import Proposals
 
 
@@ -40,6 +41,8 @@ class Objective(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         needed = ("boxes",) if self.kind == "detection" else ("input_ids", "labels")
+        if self.kind != "text":
+            needed = ("pixel_values", *needed)
         missing = [k for k in needed if batch.get(k) is None]
         if missing:
             raise InputError(
@@ -48,6 +51,8 @@ class Objective(nn.Module):
             )
         if self.kind == "detection":
             return self._detection(batch)
+        if self.kind == "text":
+            return self._text(batch)
         out = self.model(
             batch["pixel_values"],
             batch["input_ids"],
@@ -57,6 +62,31 @@ class Objective(nn.Module):
             generator=self.generator,
         )
         return out.loss, {}
+
+    def _text(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The language backbone's next-token loss on token ids alone (right-padded; positions 0..L-1); the
+        share of supervised tokens predicted right is logged as ``accuracy``."""
+        backbone = self.model.language_backbone
+        pad = self.model.tokenizer.pad_id
+        rows, label_rows = batch["input_ids"], batch["labels"]
+        length = max(len(r) for r in rows)
+        device = self.model.device
+        ids = torch.full((len(rows), length), pad, dtype=torch.long, device=device)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long, device=device)
+        mask = torch.zeros((len(rows), length), dtype=torch.long, device=device)
+        for i, (r, lab) in enumerate(zip(rows, label_rows)):
+            if len(lab) != len(r):
+                raise InputError(f"dataset {batch.get('dataset')!r}: sample {i} has {len(lab)} labels for {len(r)} ids")
+            ids[i, : len(r)] = torch.tensor(r, device=device)
+            labels[i, : len(r)] = torch.tensor(lab, device=device)
+            mask[i, : len(r)] = 1
+        positions = torch.arange(length, device=device).expand(len(rows), length)
+        logits = backbone(backbone.embed(ids), mask, positions).logits[:, :-1].float()
+        target = labels[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
+        supervised = target != IGNORE_INDEX
+        accuracy = (logits.detach().argmax(-1)[supervised] == target[supervised]).float().mean()
+        return loss, {"accuracy": accuracy}
 
     def _detection(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         features = self.model.image_tokenizer(batch["pixel_values"])

@@ -1,0 +1,142 @@
+"""How many steps a language model of the embedded default's size needs to learn Groma's region binding alone.
+
+Groma answers "where is X" by emitting the index token ``<rK>`` that *precedes* the matching region embedding in
+``Regions: <r0>[emb 0]<r1>[emb 1]...``, several tokens after the words of X (``<p>X</p><roi><rK>``): an
+in-context lookup that needs a head copying each ``<rK>`` into the next position, a head gathering X into the
+answer position, and a head matching the two. Vicuna brings such heads from pretraining; a model trained from
+scratch has to grow them. This probe isolates that step with the easiest possible regions: each region embedding
+is the embedding of one ordinary word of the tokenizer, and a query names that word. No image, no region encoder.
+
+    python benchmarks/binding_probe.py [--layout groma|adjacent] [--steps 1500] [--regions 12] [--device cuda]
+
+``groma``: the reference's layout (``USER: <p> word </p> <roi>`` -> ``<rK>``); ``adjacent``: the answer follows the
+word directly (one hop fewer). The model is the embedded default's language backbone architecture, freshly
+initialised (the recipe's ``init_seed``), with the default's tokenizer. Prints accuracy every 100 steps next to
+chance (picking one of the sample's regions at random), and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from groma_core import tokens as T
+from groma_core.api import build, default_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layout", choices=("groma", "adjacent"), default="groma")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--copy-mix", type=float, default=0.0, help="fraction of each batch that is dense copying text")
+    ap.add_argument("--adjacent-first", type=int, default=0, help="a curriculum: this many adjacent-layout steps first")
+    ap.add_argument("--regions", type=int, default=12, help="each sample has 2..N regions")
+    ap.add_argument("--queries", type=int, default=8, help="queries per sample (regions drawn with replacement)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    model = build(default_model() / "recipe.yaml", ["weights=null"])
+    backbone, tok = model.language_backbone.to(args.device), model.tokenizer
+    region_ids = tok.region_ids[: args.regions]
+    # ordinary pieces of the base vocabulary (past unk/bos/eos and SentencePiece's byte pieces), not Groma's tokens
+    words = torch.arange(3 + 256, tok.offset)
+
+    def text(s: str) -> list[int]:
+        return tok.encode(s, add_bos=False)
+
+    prefix = text("Regions:")
+    p_open, p_close = tok.token_id(T.P_OPEN), tok.token_id(T.P_CLOSE)
+    roi_open, roi_close = tok.token_id(T.ROI_OPEN), tok.token_id(T.ROI_CLOSE)
+    user = text("USER:")
+    locate, rest = text("USER: Locate"), text("in the image. ASSISTANT:")
+
+    def sample(layout: str) -> tuple[list[int], list[int], float]:
+        n = int(torch.randint(2, args.regions + 1, (1,)))
+        content = words[torch.randperm(len(words))[:n]].tolist()
+        ids = [tok.bos_id] + prefix
+        for k in range(n):
+            ids += [region_ids[k], content[k]]
+        labels = [-100] * len(ids)
+        for k in torch.randint(0, n, (args.queries,)).tolist():
+            if layout == "groma":  # as the REC prompt: the phrase, the rest of the question, then <roi>
+                q = locate + [p_open, content[k], p_close] + rest + [roi_open]
+            else:
+                q = user + [content[k]]
+            ids += q + [region_ids[k]] + ([roi_close] if layout == "groma" else [])
+            labels += [-100] * len(q) + [region_ids[k]] + ([-100] if layout == "groma" else [])
+        return ids, labels, 1.0 / n
+
+    def copy_sample() -> tuple[list[int], list[int], float]:
+        """Dense in-context copying: 20 random words, then each word again followed by the word before it."""
+        seq = words[torch.randperm(len(words))[:20]].tolist()
+        ids = [tok.bos_id] + seq
+        labels = [-100] * len(ids)
+        for j in (torch.randperm(19) + 1).tolist():
+            ids += [seq[j], seq[j - 1]]
+            labels += [-100, seq[j - 1]]
+        return ids, labels, -1.0
+
+    opt = torch.optim.AdamW(backbone.parameters(), lr=args.lr, weight_decay=0.0)
+    hits = total = copy_hits = copy_total = 0
+    chance = []
+    start = time.perf_counter()
+    print(f"layout {args.layout}, 2-{args.regions} regions, {args.queries} queries per sample, batch {args.batch_size}")
+    for step in range(1, args.steps + 1):
+        layout = "adjacent" if step <= args.adjacent_first else args.layout
+        n_copy = round(args.copy_mix * args.batch_size)
+        rows = [copy_sample() for _ in range(n_copy)] + [sample(layout) for _ in range(args.batch_size - n_copy)]
+        length = max(len(r[0]) for r in rows)
+        ids = torch.full((len(rows), length), tok.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        labels_binding_mask = [True] * len(rows)
+        for i, (r_ids, r_labels, c) in enumerate(rows):
+            ids[i, : len(r_ids)] = torch.tensor(r_ids)
+            labels[i, : len(r_labels)] = torch.tensor(r_labels)
+            if c < 0:
+                labels_binding_mask[i] = False
+            else:
+                chance.append(c)
+        ids, labels = ids.to(args.device), labels.to(args.device)
+        mask = (ids != tok.pad_id).long()
+        position_ids = torch.arange(length, device=args.device).expand_as(ids)
+        logits = backbone(backbone.embed(ids), mask, position_ids).logits[:, :-1].float()
+        target = labels[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(backbone.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        supervised = (target != -100) & torch.tensor(labels_binding_mask, device=target.device)[:, None]
+        hits += int((logits.argmax(-1)[supervised] == target[supervised]).sum())
+        total += int(supervised.sum())
+        copying = (target != -100) & ~supervised
+        copy_hits += int((logits.argmax(-1)[copying] == target[copying]).sum())
+        copy_total += int(copying.sum())
+        if step % 100 == 0:
+            print(
+                f"step {step} ({layout}): accuracy {hits / total:.3f} (chance {sum(chance) / len(chance):.3f}), loss "
+                f"{loss.item():.3f}, {time.perf_counter() - start:.0f} s"
+                + (f"; copying accuracy {copy_hits / copy_total:.3f}" if copy_total else ""),
+                flush=True,
+            )
+            hits = total = copy_hits = copy_total = 0
+            chance = []
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"device {args.device}, torch {torch.__version__}"
+    )
+
+
+if __name__ == "__main__":
+    main()
