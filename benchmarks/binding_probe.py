@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import random
 import time
 
 import torch
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from groma_core import tokens as T
 from groma_core.api import build, default_model
+from groma_core.training.synthetic import RecallDataset, ordinary_ids
 
 
 def main() -> None:
@@ -45,12 +47,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    random.seed(args.seed)
 
     model = build(default_model() / "recipe.yaml", ["weights=null"])
     backbone, tok = model.language_backbone.to(args.device), model.tokenizer
     region_ids = tok.region_ids[: args.regions]
-    # ordinary pieces of the base vocabulary (past unk/bos/eos and SentencePiece's byte pieces), not Groma's tokens
-    words = torch.arange(3 + 256, tok.offset)
+    words = torch.tensor(ordinary_ids(tok))
 
     def text(s: str) -> list[int]:
         return tok.encode(s, add_bos=False)
@@ -77,15 +79,12 @@ def main() -> None:
             labels += [-100] * len(q) + [region_ids[k]] + ([-100] if layout == "groma" else [])
         return ids, labels, 1.0 / n
 
+    recall = RecallDataset(tok, 1, copy_fraction=1.0)
+
     def copy_sample() -> tuple[list[int], list[int], float]:
-        """Dense in-context copying: 20 random words, then each word again followed by the word before it."""
-        seq = words[torch.randperm(len(words))[:20]].tolist()
-        ids = [tok.bos_id] + seq
-        labels = [-100] * len(ids)
-        for j in (torch.randperm(19) + 1).tolist():
-            ids += [seq[j], seq[j - 1]]
-            labels += [-100, seq[j - 1]]
-        return ids, labels, -1.0
+        """Dense in-context copying (the ``recall`` format's copying samples)."""
+        s = recall.copying()
+        return s["input_ids"], s["labels"], -1.0
 
     opt = torch.optim.AdamW(backbone.parameters(), lr=args.lr, weight_decay=0.0)
     hits = total = copy_hits = copy_total = 0

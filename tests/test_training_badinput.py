@@ -277,6 +277,18 @@ def test_too_many_unreadable_images_stop_with_a_clear_error(shapes, model):
         fresh[0]
 
 
+def projector_stage(**schedule) -> dict:
+    """A stage training only the image projector on the 'rec' dataset, two samples per step."""
+    return {
+        "name": "alignment",
+        "train": ["image_projector"],
+        "freeze": ["image_tokenizer", "region_proposer"],
+        "data": [{"name": "rec"}],
+        "batch_size": 2,
+        **schedule,
+    }
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_training_goes_on_past_unreadable_images_and_logs_how_many_it_skipped(shapes, model, tmp_path, caplog, workers):
     data = open_dataset(spec(shapes, "rec"), model, name="rec")
@@ -287,17 +299,7 @@ def test_training_goes_on_past_unreadable_images_and_logs_how_many_it_skipped(sh
     expected = sum(r.image.file_name in broken for r in data.records)
     config = TrainingConfig.model_validate(
         {
-            "stages": [
-                {
-                    "name": "alignment",
-                    "train": ["image_projector"],
-                    "freeze": ["image_tokenizer", "region_proposer"],
-                    "data": [{"name": "rec"}],
-                    "batch_size": 2,
-                    "epochs": 1,
-                    "lr": 1e-4,
-                }
-            ],
+            "stages": [projector_stage(epochs=1, lr=1e-4)],
             "num_workers": workers,
             "progress": False,
             "tensorboard": False,
@@ -322,15 +324,7 @@ def test_a_resumed_run_skips_the_same_images_and_ends_with_the_same_weights(shap
     data = open_dataset(spec(shapes, "rec"), model, name="rec")
     files = list(dict.fromkeys(r.image.file_name for r in data.records))
     damage_images(shapes, [files[0], files[2], files[4]])
-    stage = {
-        "name": "alignment",
-        "train": ["image_projector"],
-        "freeze": ["image_tokenizer", "region_proposer"],
-        "data": [{"name": "rec"}],
-        "batch_size": 2,
-        "max_steps": 6,
-        "lr": 1e-3,
-    }
+    stage = projector_stage(max_steps=6, lr=1e-3)
     config = TrainingConfig.model_validate({"stages": [stage], "save_every": 2, "progress": False})
     initial = {k: v.clone() for k, v in model.state_dict().items()}
 

@@ -921,7 +921,7 @@ def dataset_text(config: RecipeTraining, base_dir: Path | None = None) -> list[s
     used = {d.name for s in config.stages for d in s.data}
     root = config.root(base_dir)
     for name, spec in config.datasets.items():
-        if name not in used or spec.format == "detection" or spec.format in SYNTHETIC_FORMATS:
+        if name not in used or objective_of(spec.format) != "lm":
             continue
         ann = resolve_path(spec.ann, root)
         if spec.format in ("rec", "refcocog-caption"):

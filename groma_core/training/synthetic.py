@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from groma_core import tokens as T
+from groma_core.training.datasets import REC_INSTRUCTIONS, render_conversation
 
 COPY_WORDS = 20  #: words of a copying sample
 
@@ -60,14 +61,11 @@ class RecallDataset(torch.utils.data.Dataset):
         template: str = "llava",
         name: str | None = None,
     ):
-        from groma_core.training.datasets import REC_INSTRUCTIONS
-
         if not 1 <= regions <= T.MAX_REGIONS:
             raise ValueError(f"regions: {regions} is not between 1 and {T.MAX_REGIONS}")
         self.tokenizer, self.size, self.regions, self.queries = tokenizer, int(size), int(regions), int(queries)
         self.copy_fraction, self.template, self.name = float(copy_fraction), template, name or "recall"
         self.words = ordinary_ids(tokenizer)
-        self.instructions = REC_INSTRUCTIONS
         self.region_id = tokenizer.token_id(T.REGION)
         self.placeholder = tokenizer.token_id(T.REFER_FEAT)
 
@@ -93,8 +91,6 @@ class RecallDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": labels}
 
     def binding(self) -> dict[str, Any]:
-        from groma_core.training.datasets import render_conversation
-
         tok = self.tokenizer
         n = random.randint(1, self.regions)
         content = random.sample(self.words, n)
@@ -102,7 +98,7 @@ class RecallDataset(torch.utils.data.Dataset):
         # the phrase is the region's word itself: rendered as a placeholder, then the word's id put in its place
         phrase = T.P_OPEN + T.REFER_FEAT + T.P_CLOSE
         turns = [
-            (random.choice(self.instructions).format(phrase), T.ROI_OPEN + T.region_token(k) + T.ROI_CLOSE)
+            (random.choice(REC_INSTRUCTIONS).format(phrase), T.ROI_OPEN + T.region_token(k) + T.ROI_CLOSE)
             for k in asked
         ]
         ids, labels = render_conversation(tok, self.template, turns)
