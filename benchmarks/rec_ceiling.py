@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from default_model import machine  # benchmarks/ is on the path when this script runs
 
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    return f"{os.cpu_count()}-core {cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+from groma_core.evaluation.harness import _xywh_to_xyxy
 
 
 def dataset(root: Path, images: int, seed: int) -> Path:
@@ -46,31 +42,32 @@ def dataset(root: Path, images: int, seed: int) -> Path:
 def ceiling(model, root: Path, thresholds: list[float]) -> None:
     from groma_core.boxes import box_iou
     from groma_core.images import load_image, to_normalized_xyxy
+    from groma_core.selection import select_regions
 
     ann = json.loads((root / "annotations" / "rec_train.json").read_text())
     infos = {i["id"]: i for i in ann["images"]}
-    base = model.selection
-    hits: dict[str, list[bool]] = {}
-    counts: dict[str, list[int]] = {}
+    own = model.selection.score_threshold
+    settings = {t: model.selection.model_copy(update={"score_threshold": t}) for t in thresholds}
+    offered = {"all proposals": [], **{t: [] for t in thresholds}}
+    counts: dict[float, list[int]] = {t: [] for t in thresholds}
     for a in ann["annotations"]:
-        info = infos[a["image_id"]]
-        image = load_image(root / "images" / info["file_name"])
-        x, y, w, h = a["bbox"]
-        target = to_normalized_xyxy([[x, y, x + w, y + h]], image.size).float()
+        image = load_image(root / "images" / infos[a["image_id"]]["file_name"])
+        target = to_normalized_xyxy([_xywh_to_xyxy(a["bbox"])], image.size).float()
         proposals = model.region_proposer(model.encode_images(model.image_tokenizer.preprocess([image]), [image]))
-        hits.setdefault("all proposals", []).append(bool(box_iou(proposals.boxes[0].float(), target).max() >= 0.5))
-        for threshold in thresholds:
-            model.selection = base.model_copy(update={"score_threshold": threshold})
-            regions = model.select(proposals).boxes[0].float()
-            key = f"selected at score >= {threshold:g}"
-            hits.setdefault(key, []).append(bool(len(regions)) and bool(box_iou(regions, target).max() >= 0.5))
-            counts.setdefault(key, []).append(len(regions))
-        model.selection = base
+        offered["all proposals"].append(bool(box_iou(proposals.boxes[0].float(), target).max() >= 0.5))
+        for threshold, setting in settings.items():
+            regions = select_regions(proposals, setting).boxes[0].float()
+            offered[threshold].append(bool(len(regions)) and bool(box_iou(regions, target).max() >= 0.5))
+            counts[threshold].append(len(regions))
     print(f"ceiling of REC accuracy@0.5 on {len(ann['annotations'])} expressions:")
-    for key, values in hits.items():
-        extra = f", {sum(counts[key]) / len(counts[key]):.1f} regions per image" if key in counts else ""
-        own = " (the model's setting)" if key == f"selected at score >= {base.score_threshold:g}" else ""
-        print(f"  {key}{own}: {sum(values) / len(values):.3f}{extra}")
+    for key, values in offered.items():
+        if key in counts:
+            mark = " (the model's setting)" if key == own else ""
+            label = f"selected at score >= {key:g}{mark}"
+            extra = f", {sum(counts[key]) / len(counts[key]):.1f} regions per image"
+        else:
+            label, extra = key, ""
+        print(f"  {label}: {sum(values) / len(values):.3f}{extra}")
 
 
 def grid_sample(level: torch.Tensor, box: list[float], cells: int = 7) -> torch.Tensor:
@@ -115,9 +112,7 @@ def probes(model, root: Path) -> None:
     colours, shapes = [], []
     for scene in scenes:
         image = load_image(root / "images" / scene["file_name"])
-        boxes = [[o["bbox"][0], o["bbox"][1], o["bbox"][0] + o["bbox"][2], o["bbox"][1] + o["bbox"][3]]
-                 for o in scene["objects"]]
-        normalized = to_normalized_xyxy(boxes, image.size).float()
+        normalized = to_normalized_xyxy([_xywh_to_xyxy(o["bbox"]) for o in scene["objects"]], image.size).float()
         pixels = model.image_tokenizer.preprocess([image])
         encoded = model.encode_images(pixels, [image])
         maps = {f"image level {name}": level[0] for name, level in encoded.levels.items()}
@@ -151,7 +146,7 @@ def main() -> None:
 
     began = time.perf_counter()
     model = (groma_core.load(args.model) if args.model else groma_core.load()).eval()
-    print(f"model: {args.model or 'embedded default'}; machine: {machine()}")
+    print(f"model: {args.model or 'embedded default'}; machine: {machine()}, {torch.get_num_threads()} threads")
     thresholds = sorted({model.selection.score_threshold, *map(float, args.thresholds.split(","))}, reverse=True)
     ceiling(model, dataset(args.workdir / "rec", args.images, args.seed), thresholds)
     probes(model, dataset(args.workdir / "probe", args.probe_images, args.seed + 1))
