@@ -18,16 +18,14 @@ from groma_core.errors import CheckpointError
 from groma_core.plugins import PluginManager
 from groma_core.recipe import load_recipe
 from groma_core.reference import alias_original
-from groma_core.testing.fixtures import GoldenSet, golden_sets
+from groma_core.testing.fixtures import GoldenSet, golden_root, require_golden_sets
 
-KEYS_TSV = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "groma-7b-keys.tsv"
-
-needs_golden = pytest.mark.skipif(not golden_sets(), reason="no golden fixture set found")
+KEYS_TSV = golden_root().parent / "groma-7b-keys.tsv"  # beside the sets (tests/reference in the repository)
 
 
 @pytest.fixture(scope="module")
 def golden() -> GoldenSet:
-    return GoldenSet(golden_sets()[0])
+    return GoldenSet(require_golden_sets()[0])
 
 
 def region_dim_override(gs: GoldenSet) -> list[str]:
@@ -56,7 +54,6 @@ def write_reference(gs: GoldenSet, directory: Path, state: dict | None = None, s
     return directory
 
 
-@needs_golden
 def test_converted_checkpoint_loads_with_identical_tensors(golden, tmp_path):
     src = write_reference(golden, tmp_path / "ref", shards=3)
     report = convert_checkpoint(
@@ -76,7 +73,6 @@ def test_converted_checkpoint_loads_with_identical_tensors(golden, tmp_path):
     )
 
 
-@needs_golden
 def test_dtype_cast_and_safetensors_source(golden, tmp_path):
     src = tmp_path / "ref"
     src.mkdir()
@@ -90,7 +86,6 @@ def test_dtype_cast_and_safetensors_source(golden, tmp_path):
     assert "dtype: bfloat16" in (tmp_path / "out" / "recipe.yaml").read_text()
 
 
-@needs_golden
 def test_missing_tensor_is_named(golden, tmp_path):
     state = dict(golden.weights())
     del state["region_encoder.roi_align.updims.weight"]
@@ -100,7 +95,6 @@ def test_missing_tensor_is_named(golden, tmp_path):
     assert not list((tmp_path / "out").glob("*.safetensors*"))  # nothing half-written is left
 
 
-@needs_golden
 def test_wrong_shape_is_named(golden, tmp_path):
     state = dict(golden.weights())
     state["img_txt_bridge.2.weight"] = torch.zeros(3, 3)
@@ -109,7 +103,6 @@ def test_wrong_shape_is_named(golden, tmp_path):
         convert_checkpoint(src, tmp_path / "out", recipe_overrides=region_dim_override(golden))
 
 
-@needs_golden
 def test_unknown_tensor_is_reported_not_loaded(golden, tmp_path):
     state = dict(golden.weights())
     state["optimizer_leftover.exp_avg"] = torch.ones(5)
@@ -121,7 +114,6 @@ def test_unknown_tensor_is_reported_not_loaded(golden, tmp_path):
     assert not any("optimizer_leftover" in k for k in index["weight_map"])
 
 
-@needs_golden
 def test_alias_that_differs_from_its_original_is_refused(golden, tmp_path):
     state = dict(golden.weights())
     alias = next(k for k in state if alias_original(k))
@@ -131,7 +123,6 @@ def test_alias_that_differs_from_its_original_is_refused(golden, tmp_path):
         convert_checkpoint(src, tmp_path / "out", recipe_overrides=region_dim_override(golden))
 
 
-@needs_golden
 def test_truncated_shard_and_non_state_dict(golden, tmp_path):
     src = write_reference(golden, tmp_path / "ref", shards=2)
     shard = next(src.glob("pytorch_model-00002*.bin"))
@@ -150,7 +141,6 @@ def test_truncated_shard_and_non_state_dict(golden, tmp_path):
         convert_checkpoint(empty, tmp_path / "out3", config=golden.groma_config)
 
 
-@needs_golden
 def test_cli_convert(golden, tmp_path):
     src = write_reference(golden, tmp_path / "ref")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -170,7 +160,6 @@ def test_cli_convert(golden, tmp_path):
     assert missing.returncode == 1 and "not a directory" in missing.stderr
 
 
-@pytest.mark.skipif(not KEYS_TSV.is_file(), reason="groma-7b-keys.tsv not found")
 def test_full_size_recipe_maps_every_released_tensor():
     manager = PluginManager()
     recipe = load_recipe("groma-7b", manager=manager)
@@ -194,7 +183,6 @@ def test_full_size_recipe_maps_every_released_tensor():
     assert covered == set(mapper.expected)
 
 
-@needs_golden
 def test_detector_only_checkpoint_converts_and_loads_beside_other_stages(golden, tmp_path):
     src = tmp_path / "det"
     src.mkdir()
@@ -216,7 +204,6 @@ def test_detector_only_checkpoint_converts_and_loads_beside_other_stages(golden,
     assert model.language_backbone.hidden_size == llm["hidden_size"]  # built from its own options
 
 
-@needs_golden
 def test_weights_exclude_keeps_a_swapped_stage_next_to_converted_weights(golden, tmp_path):
     import yaml
 

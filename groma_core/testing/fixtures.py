@@ -1,4 +1,8 @@
-"""Locating the golden fixtures of the reference implementation (``shared/reference/golden``)."""
+"""Locating the golden fixtures of the reference implementation.
+
+The repository carries a copy of them (``tests/reference``: ``golden/tiny-a``, ``golden/FORMAT.md`` and the key list
+``groma-7b-keys.tsv``, laid out as ``shared/reference``), so a plain clone runs every golden test.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +14,20 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 ENV_GOLDEN = "GROMA_GOLDEN_DIR"
+REPO = Path(__file__).resolve().parents[2]
+IN_REPO_GOLDEN = REPO / "tests" / "reference" / "golden"
 
 
 def golden_root() -> Path:
-    """``$GROMA_GOLDEN_DIR``, else ``shared/reference/golden`` beside (or inside) the repository checkout."""
+    """Where the fixture sets are, first found of: ``$GROMA_GOLDEN_DIR``; ``shared/reference/golden`` inside or beside
+    the repository checkout; the repository's own copy ``tests/reference/golden``. Its parent holds the reference's
+    other files (``groma-7b-keys.tsv``)."""
     if os.environ.get(ENV_GOLDEN):
         return Path(os.environ[ENV_GOLDEN])
-    repo = Path(__file__).resolve().parents[2]
-    for candidate in (repo / "shared" / "reference" / "golden", repo.parent / "shared" / "reference" / "golden"):
+    for candidate in (REPO / "shared" / "reference" / "golden", REPO.parent / "shared" / "reference" / "golden"):
         if candidate.is_dir():
             return candidate
-    return repo.parent / "shared" / "reference" / "golden"
+    return IN_REPO_GOLDEN
 
 
 def golden_sets() -> list[Path]:
@@ -29,6 +36,18 @@ def golden_sets() -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if (p / "meta.json").is_file())
+
+
+def require_golden_sets() -> list[Path]:
+    """:func:`golden_sets`, or a ``FileNotFoundError`` saying where they were looked for: tests that compare with
+    the reference fail without them, they never skip."""
+    sets = golden_sets()
+    if not sets:
+        raise FileNotFoundError(
+            f"no golden fixture set (a folder holding meta.json) under {golden_root()}: the repository ships "
+            f"{IN_REPO_GOLDEN.relative_to(REPO)}/tiny-a; ${ENV_GOLDEN} names another folder of sets"
+        )
+    return sets
 
 
 class GoldenSet:

@@ -12,7 +12,7 @@ from groma_plugin_deformable_detr import DeformableDetrOptions, DeformableDetrPr
 
 from groma_core.reference import load_reference_weights
 from groma_core.stages import BuildContext
-from groma_core.testing.fixtures import GoldenSet, golden_sets
+from groma_core.testing.fixtures import GoldenSet, golden_sets, require_golden_sets
 from groma_core.testing.golden import fixture_features
 from groma_core.types import ImageFeatures
 
@@ -36,7 +36,7 @@ def golden_proposer(golden: GoldenSet, **overrides) -> DeformableDetrProposer:
 @pytest.fixture(scope="session", params=golden_sets() or [None], ids=lambda p: p.name if p else "no-golden-set")
 def golden(request) -> GoldenSet:
     if request.param is None:
-        pytest.skip("no golden fixture set found")
+        require_golden_sets()  # raises, naming where the sets were looked for: no silent skip
     return GoldenSet(request.param)
 
 

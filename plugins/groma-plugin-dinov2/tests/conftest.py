@@ -13,7 +13,7 @@ from groma_plugin_dinov2 import Dinov2ImageTokenizer, Dinov2Options, build_dinov
 
 from groma_core.reference import load_reference_weights
 from groma_core.stages import BuildContext
-from groma_core.testing.fixtures import GoldenSet, golden_sets
+from groma_core.testing.fixtures import GoldenSet, golden_sets, require_golden_sets
 
 
 def golden_tokenizer(golden: GoldenSet, **overrides) -> Dinov2ImageTokenizer:
@@ -27,7 +27,7 @@ def golden_tokenizer(golden: GoldenSet, **overrides) -> Dinov2ImageTokenizer:
 @pytest.fixture(scope="session", params=golden_sets() or [None], ids=lambda p: p.name if p else "no-golden-set")
 def golden(request) -> GoldenSet:
     if request.param is None:
-        pytest.skip("no golden fixture set found")
+        require_golden_sets()  # raises, naming where the sets were looked for: no silent skip
     return GoldenSet(request.param)
 
 

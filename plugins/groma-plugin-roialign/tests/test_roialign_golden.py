@@ -12,30 +12,28 @@ from groma_plugin_roialign import MlvlRoIAlignEncoder, RoIAlignEncoderOptions, b
 from groma_core.boxes import cxcywh_to_xyxy
 from groma_core.reference import load_reference_weights
 from groma_core.stages import BuildContext
-from groma_core.testing.fixtures import GoldenSet, golden_sets
+from groma_core.testing.fixtures import GoldenSet, require_golden_sets
 from groma_core.testing.golden import fixture_features
 from groma_core.types import ImageFeatures
 
 LEVELS = ("last-3", "last-2", "last-1", "last")  # vis_hidden_states_last4[0..3]
-NO_GOLDEN = pytest.mark.skip(reason="no golden fixture set present")
+SETS = require_golden_sets()  # the repository ships tests/reference/golden: without it these tests fail
 
 
 def _case_params() -> list:
-    params = [
+    return [
         pytest.param(str(directory), case, id=f"{directory.name}-{case}")
-        for directory in golden_sets()
+        for directory in SETS
         for case in GoldenSet(directory).cases()
     ]
-    return params or [pytest.param(None, None, marks=NO_GOLDEN)]
 
 
 def _image_params() -> list:
-    params = [
+    return [
         pytest.param(str(directory), image, id=f"{directory.name}-{image}")
-        for directory in golden_sets()
+        for directory in SETS
         for image in GoldenSet(directory).images()
     ]
-    return params or [pytest.param(None, None, marks=NO_GOLDEN)]
 
 
 @cache
@@ -90,7 +88,9 @@ def _assert_close(got: torch.Tensor, expected: torch.Tensor, atol: float, relati
 @pytest.mark.parametrize("directory, image", _image_params())
 def test_fuse_output_level2(directory, image):
     fused = _fused(directory, (image,))
-    _assert_close(fused[2], _golden(directory).tensors(f"image_{image}")["region_fuse_out_l2"], 1e-4, 1e-6)
+    # 2e-6 of the largest value: the fuse convs sum in an order that depends on the thread count (5.96e-6 against a
+    # maximum of 5.2 measured with one thread, float32 rounding); a wrong conv or norm moves values by far more
+    _assert_close(fused[2], _golden(directory).tensors(f"image_{image}")["region_fuse_out_l2"], 1e-4, 2e-6)
 
 
 @pytest.mark.parametrize("directory, case", _case_params())
@@ -156,7 +156,7 @@ def test_region_features(directory, case):
 
 def _pair_params() -> list:
     params = []
-    for directory in golden_sets():
+    for directory in SETS:
         golden = GoldenSet(directory)
         single = {}
         for case in golden.cases():
@@ -166,7 +166,7 @@ def _pair_params() -> list:
         if len(single) >= 2:
             first, second = sorted(single)[:2]
             params.append(pytest.param(str(directory), single[first], single[second], id=directory.name))
-    return params or [pytest.param(None, None, None, marks=NO_GOLDEN)]
+    return params
 
 
 @pytest.mark.parametrize("directory, first, second", _pair_params())

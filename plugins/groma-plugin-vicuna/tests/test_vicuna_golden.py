@@ -9,16 +9,14 @@ from groma_plugin_vicuna import CausalLMBackbone, VicunaOptions, build_vicuna
 from groma_core import tokens as T
 from groma_core.reference import load_reference_weights
 from groma_core.stages import BuildContext
-from groma_core.testing.fixtures import GoldenSet, golden_sets
+from groma_core.testing.fixtures import GoldenSet, require_golden_sets
 
 ATOL = 1e-4
-PARAMS = [(path, attn) for path in golden_sets() for attn in ("sdpa", "eager")]
+PARAMS = [(path, attn) for path in require_golden_sets() for attn in ("sdpa", "eager")]  # fails without the sets
 
 
-@pytest.fixture(scope="module", params=PARAMS or [None], ids=[f"{p.name}-{a}" for p, a in PARAMS] or ["no-golden-set"])
+@pytest.fixture(scope="module", params=PARAMS, ids=[f"{p.name}-{a}" for p, a in PARAMS])
 def golden(request) -> tuple[GoldenSet, CausalLMBackbone]:
-    if request.param is None:
-        pytest.skip("no golden fixture set present")
     path, attn = request.param
     gs = GoldenSet(path)
     sizes = VicunaOptions.from_reference_config(gs.groma_config).model_dump()
