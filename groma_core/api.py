@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from groma_core.errors import CheckpointError, GromaError
+from groma_core.errors import CheckpointError, GromaError, RecipeError, echo, one_line
 from groma_core.model import GromaModel
 from groma_core.plugins import PluginManager
 from groma_core.quantization import check_quantization, quantize_model
@@ -17,6 +19,11 @@ from groma_core.recipe import Recipe, load_recipe
 from groma_core.stages import BuildContext
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+WEIGHTS_INDEX = "model.safetensors.index.json"
+"""The index of a sharded checkpoint (``groma convert`` writes it): which file holds each tensor."""
+WEIGHTS_SINGLE = "model.safetensors"
+"""The weights file of an unsharded checkpoint directory (training's ``final``, the embedded model)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -29,14 +36,19 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     try:
         device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise GromaError(f"--device {name!r}: unknown device; use auto, cpu, cuda, cuda:N or mps") from None
+    except (RuntimeError, TypeError, ValueError):
+        raise GromaError(f"--device {echo(name)}: unknown device; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type not in ("cpu", "cuda", "mps"):
-        raise GromaError(f"--device {name!r}: unsupported device type; use auto, cpu, cuda, cuda:N or mps")
+        raise GromaError(f"--device {echo(name)}: unsupported device type; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise GromaError(f"device {name!r} asked for, but CUDA is not available on this machine (use --device cpu)")
+        raise GromaError(f"device {echo(name)} asked for, but CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise GromaError(
+            f"device {echo(name)} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s) "
+            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+        )
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise GromaError(f"device {name!r} asked for, but MPS is not available on this machine (use --device cpu)")
+        raise GromaError(f"device {echo(name)} asked for, but MPS is not available on this machine (use --device cpu)")
     return device
 
 
@@ -109,7 +121,7 @@ def _resolved_options(recipe: Recipe, kind: str):
         value = getattr(options, name, None)
         if not (isinstance(value, str) and value and _is_path_option(options, name)):
             continue
-        if not Path(value).expanduser().is_absolute() and (recipe.base_dir / value).exists():
+        if not Path(os.path.expanduser(value)).is_absolute() and (recipe.base_dir / value).exists():
             updates[name] = str(recipe.base_dir / value)
     return options.model_copy(update=updates) if updates else options
 
@@ -137,21 +149,66 @@ def _construct_stages(recipe: Recipe, manager: PluginManager) -> GromaModel:
     ctx.hidden_size = backbone.hidden_size
     proposer = make("region_proposer")
     encoder = make("region_encoder")
+    tokenizer = getattr(backbone, "tokenizer", None)
+    n_region_tokens = len(getattr(tokenizer, "region_ids", ()))
+    if tokenizer is not None and recipe.core.region_selection.max_regions > n_region_tokens:
+        raise RecipeError(
+            recipe.source,
+            [
+                f"region_selection.max_regions: {recipe.core.region_selection.max_regions} regions, but the tokenizer "
+                f"has {n_region_tokens} region tokens (<r0>..<r{n_region_tokens - 1}>); at most {n_region_tokens}"
+            ],
+        )
     model = GromaModel(image_tokenizer, proposer, encoder, backbone, recipe.core.region_selection, recipe.core.template)
     model.recipe = recipe
     return model
 
 
+def weight_index(path: Path) -> dict[str, str] | None:
+    """The tensor -> file map of a checkpoint directory's :data:`WEIGHTS_INDEX` (None when it has none), checked:
+    a JSON object whose ``weight_map`` maps names to files of that directory that exist."""
+    index = path / WEIGHTS_INDEX
+    if not index.is_file():
+        return None
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{index}: not a readable JSON file ({one_line(exc, 200)})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f"{index}: expected a JSON object whose weight_map maps tensor names to file names")
+    for name in dict.fromkeys(weight_map.values()):
+        if Path(name).name != name or not name.endswith(".safetensors"):  # a file of this folder, nowhere else
+            raise CheckpointError(f"{index}: {echo(name)} is not the name of a .safetensors file of {path}")
+        if not (path / name).is_file():
+            raise CheckpointError(f"{index}: lists {echo(name)}, which is missing")
+    return weight_map
+
+
 def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a weights location (one file, or every ``*.safetensors`` of a directory)."""
+    """The safetensors files of a weights location: a file; or in a directory, the files its
+    :data:`WEIGHTS_INDEX` lists, else its :data:`WEIGHTS_SINGLE`, else its one ``*.safetensors`` file. Never a
+    glob over several files: shards a conversion left behind must not mix with the checkpoint's own."""
     if path.is_file():
         return [path]
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if files:
-            return files
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: weights not found")
+    index = weight_index(path)
+    if index is not None:
+        return [path / name for name in dict.fromkeys(index.values())]
+    if (path / WEIGHTS_SINGLE).is_file():
+        return [path / WEIGHTS_SINGLE]
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) == 1:
+        return files
+    if not files:
         raise CheckpointError(f"{path}: no .safetensors files in this directory")
-    raise CheckpointError(f"{path}: weights not found")
+    raise CheckpointError(
+        f"{path}: {len(files)} .safetensors files but no {WEIGHTS_INDEX} to say which hold this checkpoint "
+        f"({', '.join(f.name for f in files[:4])}{' ...' if len(files) > 4 else ''})"
+    )
 
 
 def load_weights(model: nn.Module, path: str | Path, partial: bool = False, exclude: Sequence[str] = ()) -> None:
@@ -163,13 +220,24 @@ def load_weights(model: nn.Module, path: str | Path, partial: bool = False, excl
 
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
     state: dict[str, torch.Tensor] = {}
-    for file in weight_files(Path(path)):
+    path = Path(path)
+    index = weight_index(path) if path.is_dir() else None
+    for file in weight_files(path):
         try:
             with safe_open(str(file), framework="pt") as f:  # memory-mapped, one tensor at a time
-                for key in f.keys():
+                held = list(f.keys())
+                keys = held if index is None else [k for k, name in index.items() if name == file.name]
+                absent = sorted(set(keys) - set(held))
+                if absent:
+                    raise CheckpointError(
+                        f"{path / WEIGHTS_INDEX}: lists {len(absent)} tensor(s) in {file.name} that it does not hold "
+                        f"({', '.join(absent[:4])}{' ...' if len(absent) > 4 else ''}); the index and the shards "
+                        "do not belong together"
+                    )
+                for key in keys:
                     state[key] = f.get_tensor(key)
         except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from None
+            raise CheckpointError(f"{file}: cannot read safetensors file ({one_line(exc, 200)})") from None
     if exclude:
         excluded = set(exclude)
         state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in excluded}
@@ -184,6 +252,11 @@ def load_weights(model: nn.Module, path: str | Path, partial: bool = False, excl
         for k in state
         if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)
     ]
+    wrong_dtype = [
+        f"{k}: checkpoint {state[k].dtype} vs model {expected[k].dtype}"
+        for k in state
+        if k in expected and _dtype_kind(state[k].dtype) != _dtype_kind(expected[k].dtype)
+    ]
     problems = []
     if missing:
         problems.append(
@@ -195,9 +268,23 @@ def load_weights(model: nn.Module, path: str | Path, partial: bool = False, excl
         )
     if wrong:
         problems.append("wrong shape: " + "; ".join(wrong[:8]))
+    if wrong_dtype:
+        problems.append("wrong kind of dtype: " + "; ".join(wrong_dtype[:8]))
     if problems:
         raise CheckpointError(f"{path}: " + " | ".join(problems))
-    model.load_state_dict(state, strict=not (partial or exclude), assign=True)
+    try:
+        model.load_state_dict(state, strict=not (partial or exclude), assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: cannot load the tensors ({one_line(exc, 300)})") from None
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    """The kind of a dtype (float, complex, bool or int): tensors load into parameters and buffers of their kind."""
+    if dtype.is_floating_point:
+        return "float"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "int"
 
 
 #: the embedded default model: a tiny Groma trained on the synthetic shapes data (``recipes/shapes-tiny.yaml``),

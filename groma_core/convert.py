@@ -5,13 +5,19 @@ safetensors) beside its ``config.json``. The converter streams: it reads one sou
 with ``mmap=True, weights_only=True``, or safetensors), maps each key onto the groma-core model through the stages'
 ``reference_key``, checks its shape against the model built on the ``meta`` device, and writes safetensors shards of
 bounded size. Alias keys are checked equal to their originals and dropped; unknown keys are reported, never loaded;
-missing keys are an error that names them.
+missing keys, misshapen ones and integer tensors where the model holds floating-point ones are errors that name them.
+
+Shards are written as ``*.safetensors.partial`` and renamed only when everything is checked; a conversion that fails
+removes them. The destination must be new, empty, or hold only what a conversion writes: an earlier conversion
+there is replaced (its shards, index and tokenizer files never mix with the new ones); a folder holding anything else
+is refused.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +28,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from groma_core.errors import CheckpointError
+from groma_core.errors import CheckpointError, GromaError, echo, one_line
 from groma_core.plugins import PluginManager
 from groma_core.recipe import Recipe, apply_overrides, validate_recipe
 from groma_core.reference import alias_original
@@ -43,6 +49,10 @@ TOKENIZER_FILES = (
     "tokenizer.json",
 )
 DETECTOR_STAGES = ("image_tokenizer", "region_proposer")
+#: what a conversion writes into its destination (besides the tokenizer folder)
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors|model-\d{5}\.safetensors\.partial")
+INDEX_FILE = "model.safetensors.index.json"
+REPORT_FILE = "conversion.json"
 
 
 @dataclass
@@ -93,9 +103,17 @@ def source_files(src: Path) -> tuple[str, list[Path]]:
         index = src / index_name
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(f"{index}: not a valid index file ({exc})") from None
+                data = json.loads(index.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"{index}: not a valid index file ({one_line(exc, 200)})") from None
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()
+            ):
+                raise CheckpointError(
+                    f"{index}: not a valid index file (expected a JSON object whose weight_map maps tensor names to "
+                    "file names)"
+                )
             files = [src / f for f in dict.fromkeys(weight_map.values())]
             absent = [f.name for f in files if not f.is_file()]
             if absent:
@@ -128,12 +146,13 @@ class SourceFile:
             try:  # safetensors maps the file and copies each tensor out when it is accessed
                 self._state = _LazySafetensors(path)
             except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"{path}: cannot read safetensors file ({exc})") from None
+                raise CheckpointError(f"{path}: cannot read safetensors file ({one_line(exc, 200)})") from None
             return self._state
-        try:
+        try:  # weights_only: a pickle that would build other objects (and run code) is refused, never run
             state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch raises many types for truncated/corrupt pickles
-            raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+            reason = one_line(f"{type(exc).__name__}: {exc}", 300)
+            raise CheckpointError(f"{path}: cannot read checkpoint ({reason})") from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(
@@ -173,7 +192,7 @@ class _LazySafetensors(dict):
         try:
             return self._file.get_tensor(key)
         except SafetensorError as exc:
-            raise CheckpointError(f"cannot read tensor {key} ({exc})") from None
+            raise CheckpointError(f"cannot read tensor {key} ({one_line(exc, 200)})") from None
 
 
 # -- mapping ---------------------------------------------------------------------------------------------------
@@ -183,6 +202,7 @@ class KeyMapper:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+        self.floating = {k: v.is_floating_point() for k, v in model.state_dict(keep_vars=True).items()}
         self.stages = [
             (name, getattr(model, name))
             for name in ("image_tokenizer", "region_proposer", "region_encoder", "language_backbone")
@@ -231,20 +251,31 @@ def convert_checkpoint(
         if not config_path.is_file():
             raise CheckpointError(f"{src}: no config.json (the reference configuration is needed for the recipe)")
         try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{config_path}: not valid JSON ({one_line(exc, 200)})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(
+                f"{config_path}: expected a JSON object (the reference GromaConfig), got {type(config).__name__}"
+            )
     detector_only = config.get("model_type") == "ddetr"  # groma-det-pretrain: DINOv2 + Deformable DETR only
     layout, files = source_files(src)
-    if detector_only:
-        layout = f"detector-only {layout}"
-        recipe_map = recipe_from_reference_config({"perceiver_cfg": config}, manager, DETECTOR_STAGES)
-        recipe_map["partial_weights"] = True
-        recipe_map["description"] = (
-            "detector-only checkpoint (image tokenizer + region proposer) from groma-det-pretrain"
-        )
-    else:
-        recipe_map = recipe_from_reference_config(config, manager)
+    _check_destination(dst)
+    try:
+        if detector_only:
+            layout = f"detector-only {layout}"
+            recipe_map = recipe_from_reference_config({"perceiver_cfg": config}, manager, DETECTOR_STAGES)
+            recipe_map["partial_weights"] = True
+            recipe_map["description"] = (
+                "detector-only checkpoint (image tokenizer + region proposer) from groma-det-pretrain"
+            )
+        else:
+            recipe_map = recipe_from_reference_config(config, manager)
+    except GromaError:  # a default plugin that is not installed
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        reason = f"missing {exc}" if isinstance(exc, KeyError) else one_line(exc, 300)
+        raise CheckpointError(f"{src}/config.json: not a reference Groma configuration ({reason})") from None
     if dtype:
         if dtype not in DTYPES:
             raise CheckpointError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -257,6 +288,8 @@ def convert_checkpoint(
     cast = DTYPES[dtype] if dtype else None
 
     dst.mkdir(parents=True, exist_ok=True)
+    for stale in dst.glob("*.safetensors.partial"):  # left by an interrupted conversion
+        stale.unlink()
     report = ConversionReport(source=str(src), layout=layout)
     pending_aliases: dict[str, Tensor] = {}
     seen_originals: dict[str, Tensor] = {}
@@ -281,66 +314,82 @@ def convert_checkpoint(
         from tqdm import tqdm
 
         iterator = tqdm(files, desc="converting", unit="file")
-    for file in iterator:
-        source = SourceFile(file)
-        for key in source.keys():
-            tensor = source.get(key)
-            if detector_only:
-                key = "perceiver." + key
-            kind, own = mapper.map(key)
-            if kind == "alias":
-                pending_aliases[key] = tensor.clone()  # small heads; a clone does not pin the mapped file
-                continue
-            if kind == "unknown":
-                report.unknown.append(key)
-                continue
-            if kind == "dropped":
-                report.dropped_by_stage.append(key)
-                continue
-            assert own is not None
-            if own not in mapper.expected:
-                problems.append(f"{key} -> {own}: the model has no such tensor")
-                continue
-            if tuple(tensor.shape) != mapper.expected[own]:
-                problems.append(f"{key}: shape {tuple(tensor.shape)} but {own} expects {mapper.expected[own]}")
-                continue
-            if own in written:
-                problems.append(f"{key}: {own} given twice")
-                continue
-            if _is_alias_target(key):
-                seen_originals[key] = tensor.clone()
-            out = tensor.to(cast) if cast is not None and tensor.is_floating_point() else tensor
-            shard[own] = out.contiguous()
-            written[own] = tuple(tensor.shape)
-            shard_size += out.numel() * out.element_size()
-            if shard_size >= shard_bytes:
-                flush()
-                source.release()  # what was written stops counting as resident memory
-        source.release()
-    flush()
-    for alias, tensor in pending_aliases.items():
-        original = alias_original(alias)
-        if original not in seen_originals:
-            problems.append(f"{alias}: alias of {original}, which is not in the checkpoint")
-        elif not torch.equal(tensor, seen_originals[original]):
-            problems.append(f"{alias}: differs from {original}, which it should duplicate")
-        else:
-            report.aliases_dropped += 1
-    expected = mapper.expected
-    if detector_only:
-        expected = {k: v for k, v in expected.items() if k.split(".", 1)[0] in DETECTOR_STAGES}
-    missing = sorted(set(expected) - set(written))
-    if missing:
-        problems.append(
-            f"{len(missing)} tensor(s) missing: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-        )
-    if problems:
+    try:  # whatever stops the conversion (a bad tensor, a damaged later shard, Ctrl-C), no partial file stays
+        for file in iterator:
+            source = SourceFile(file)
+            for key in source.keys():
+                tensor = source.get(key)
+                if detector_only:
+                    key = "perceiver." + key
+                kind, own = mapper.map(key)
+                if kind == "alias":
+                    pending_aliases[key] = tensor.clone()  # small heads; a clone does not pin the mapped file
+                    continue
+                if kind == "unknown":
+                    report.unknown.append(key)
+                    continue
+                if kind == "dropped":
+                    report.dropped_by_stage.append(key)
+                    continue
+                assert own is not None
+                if own not in mapper.expected:
+                    problems.append(f"{key} -> {own}: the model has no such tensor")
+                    continue
+                if tuple(tensor.shape) != mapper.expected[own]:
+                    problems.append(f"{key}: shape {tuple(tensor.shape)} but {own} expects {mapper.expected[own]}")
+                    continue
+                if tensor.is_floating_point() != mapper.floating[own]:
+                    wanted = "floating-point" if mapper.floating[own] else "integer"
+                    problems.append(
+                        f"{key}: dtype {str(tensor.dtype).removeprefix('torch.')} but {own} holds {wanted} values"
+                    )
+                    continue
+                if own in written:
+                    problems.append(f"{key}: {own} given twice")
+                    continue
+                if _is_alias_target(key):
+                    seen_originals[key] = tensor.clone()
+                out = tensor.to(cast) if cast is not None and tensor.is_floating_point() else tensor
+                shard[own] = out.contiguous()
+                written[own] = tuple(tensor.shape)
+                shard_size += out.numel() * out.element_size()
+                if shard_size >= shard_bytes:
+                    flush()
+                    source.release()  # what was written stops counting as resident memory
+            source.release()
+        flush()
+        for alias, tensor in pending_aliases.items():
+            original = alias_original(alias)
+            if original not in seen_originals:
+                problems.append(f"{alias}: alias of {original}, which is not in the checkpoint")
+            elif not torch.equal(tensor, seen_originals[original]):
+                problems.append(f"{alias}: differs from {original}, which it should duplicate")
+            else:
+                report.aliases_dropped += 1
+        expected = mapper.expected
+        if detector_only:
+            expected = {k: v for k, v in expected.items() if k.split(".", 1)[0] in DETECTOR_STAGES}
+        missing = sorted(set(expected) - set(written))
+        if missing:
+            problems.append(
+                f"{len(missing)} tensor(s) missing: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            )
+        if problems:
+            raise CheckpointError(
+                f"{src}: cannot convert: " + "; ".join(problems[:12]) + (" ..." if len(problems) > 12 else "")
+            )
+    except BaseException:
         for name in tmp_names:
             name.unlink(missing_ok=True)
-        raise CheckpointError(
-            f"{src}: cannot convert: " + "; ".join(problems[:12]) + (" ..." if len(problems) > 12 else "")
-        )
+        raise
 
+    # everything is checked: replace an earlier conversion's files (its index first, so that an interruption from
+    # here on leaves a folder that refuses to load rather than one that mixes two checkpoints)
+    (dst / INDEX_FILE).unlink(missing_ok=True)
+    (dst / REPORT_FILE).unlink(missing_ok=True)
+    for old in dst.iterdir():
+        if SHARD_NAME.fullmatch(old.name) and old not in tmp_names:
+            old.unlink()
     total = len(tmp_names)
     weight_map = {}
     for i, name in enumerate(tmp_names, 1):
@@ -352,10 +401,12 @@ def convert_checkpoint(
         with safe_open(str(final), framework="pt") as f:
             for key in f.keys():
                 weight_map[key] = final.name
-    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
+    (dst / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}, indent=1))
     report.written = len(written)
     report.parameters = sum(int(torch.Size(s).numel()) for s in written.values())
 
+    for f in TOKENIZER_FILES:  # an earlier conversion's tokenizer files must not mix with this one's
+        (dst / "tokenizer" / f).unlink(missing_ok=True)
     tokenizer_files = [f for f in TOKENIZER_FILES if (src / f).is_file()]
     if tokenizer_files and not detector_only:
         (dst / "tokenizer").mkdir(exist_ok=True)
@@ -368,8 +419,27 @@ def convert_checkpoint(
         f'# Run: groma ground IMAGE "[grounding]Describe the image." --model {dst}\n'
     )
     (dst / "recipe.yaml").write_text(header + yaml.safe_dump(recipe_map, sort_keys=False))
-    (dst / "conversion.json").write_text(json.dumps(report.__dict__, indent=1))
+    (dst / REPORT_FILE).write_text(json.dumps(report.__dict__, indent=1))
     return report
+
+
+def _check_destination(dst: Path) -> None:
+    """Refuse a destination that is not a folder, or that holds anything besides what a conversion writes (an
+    earlier conversion's files are replaced; anything else might be the user's and is never mixed or removed)."""
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"{dst}: exists and is not a folder; give a new or empty folder as the destination")
+    if not dst.is_dir():
+        return
+    own = {"recipe.yaml", REPORT_FILE, INDEX_FILE, "tokenizer"}
+    foreign = sorted(
+        p.name for p in dst.iterdir() if p.name not in own and not SHARD_NAME.fullmatch(p.name) and p.name[:1] != "."
+    )
+    if foreign:
+        shown = ", ".join(echo(n, 40) for n in foreign[:4]) + (" ..." if len(foreign) > 4 else "")
+        raise CheckpointError(
+            f"{dst}: the folder holds files that no conversion wrote ({shown}); give a new or empty folder, or one "
+            "that holds an earlier conversion (which is then replaced)"
+        )
 
 
 def _is_alias_target(key: str) -> bool:

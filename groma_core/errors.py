@@ -2,6 +2,45 @@
 
 from __future__ import annotations
 
+import reprlib
+
+#: longest echo of a user value (a repr) inside an error message, in characters
+MAX_ECHO_CHARS = 80
+#: longest line of an error message; longer ones are cut (a guard against echoing huge inputs)
+MAX_LINE_CHARS = 500
+#: problems of a :class:`RecipeError` shown in its message (all are kept in ``problems``)
+MAX_PROBLEMS_SHOWN = 100
+
+_ECHO = reprlib.Repr()
+_ECHO.maxlevel = 3
+_ECHO.maxstring = _ECHO.maxother = MAX_ECHO_CHARS
+_ECHO.maxlong = 40
+_ECHO.maxdict = _ECHO.maxlist = _ECHO.maxtuple = _ECHO.maxset = _ECHO.maxfrozenset = _ECHO.maxdeque = 6
+
+
+def echo(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """A short repr of a user value for an error message: at most ``limit`` characters, however large or deeply
+    shared (YAML aliases) the value is; a cut repr ends in "...". Strings keep their quotes."""
+    try:
+        text = _ECHO.repr(value)
+    except Exception:  # noqa: BLE001 - a value whose repr fails still gets a message
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable (a newline or a terminal escape sequence in a file name)
+    written as its Python escape, so that it shows on one line and as it is."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def one_line(text: object, limit: int = MAX_LINE_CHARS) -> str:
+    """``text`` as one line of at most ``limit`` characters: line breaks become spaces, other control characters
+    are written as escapes (:func:`printable`), a longer text is cut with "..."."""
+    joined = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    cleaned = printable(joined)
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
+
 
 class GromaError(Exception):
     """Base class of every error that the command line shows as one clear line."""
@@ -24,8 +63,15 @@ class RecipeError(GromaError):
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = problems
-        plural = "s" if len(problems) != 1 else ""
-        super().__init__(f"{source}: {len(problems)} problem{plural}\n" + "\n".join(f"  {p}" for p in problems))
+        where = one_line(source)
+        if len(problems) == 1:  # one problem: one line
+            message = f"{where}: {one_line(problems[0])}"
+        else:
+            shown = [f"  {one_line(p)}" for p in problems[:MAX_PROBLEMS_SHOWN]]
+            if len(problems) > MAX_PROBLEMS_SHOWN:
+                shown.append(f"  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more")
+            message = f"{where}: {len(problems)} problems\n" + "\n".join(shown)
+        super().__init__(message)
 
 
 class CheckpointError(GromaError):

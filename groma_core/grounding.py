@@ -2,7 +2,8 @@
 
 The grammar the model writes: ``<p>phrase</p><roi><rK>[<rK>...]</roi>``; a ``<roi>...</roi>`` may also stand
 alone (a referring-expression answer). The parser is lenient: unclosed tags, ``<rK>`` beyond the number of
-regions and stray tags give warnings in the answer, never an exception.
+regions, stray tags and ids outside the tokenizer's vocabulary (a language model whose output layer is wider than
+its tokenizer) give warnings in the answer, never an exception.
 """
 
 from __future__ import annotations
@@ -35,9 +36,16 @@ def parse_grounded(
     eos = tokenizer.eos_id
     if eos is not None and eos in ids:
         ids = ids[: ids.index(eos)]
+    warnings: list[str] = []
+    unknown = [i for i in ids if not 0 <= i < tokenizer.vocab_size]
+    if unknown:
+        warnings.append(
+            f"{len(unknown)} id(s) outside the tokenizer's vocabulary of {tokenizer.vocab_size} were dropped "
+            f"(e.g. {unknown[0]})"
+        )
+        ids = [i for i in ids if 0 <= i < tokenizer.vocab_size]
     regions = regions.detach().float().cpu()
     width, height = image_size if image_size else (1, 1)
-    warnings: list[str] = []
     phrases: list[GroundedPhrase] = []
     text = ""
     chunk: list[int] = []
@@ -93,7 +101,8 @@ def parse_grounded(
             else:
                 suffix = text[phrase_start:]
                 start = phrase_start + len(suffix) - len(suffix.lstrip())
-                pending = (text[start:], (start, len(text)))
+                end = max(start, phrase_start + len(suffix.rstrip()))
+                pending = (text[start:end], (start, end))
                 phrase_start = None
         elif t == roi_open:
             flush_text()
@@ -123,9 +132,12 @@ def parse_grounded(
     elif pending is not None:
         warnings.append(f"phrase {pending[0]!r} has no <roi>")
     scores = region_scores.detach().float().cpu() if region_scores is not None else torch.ones(regions.shape[0])
+    text = text.strip()  # the text never starts with a space: only trailing spaces go, and spans stay inside it
+    for phrase in phrases:
+        phrase.span = (min(phrase.span[0], len(text)), min(phrase.span[1], len(text)))
     return GroundedAnswer(
         raw_text=tokenizer.decode(ids),
-        text=text.strip(),
+        text=text,
         phrases=phrases,
         regions=regions,
         region_scores=scores,

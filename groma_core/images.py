@@ -10,11 +10,15 @@ is wrong. What ``load_image`` does, in order:
   is left as the program set it, except that it is lifted, under a lock, for the instant a file header is parsed when
   the groma limit is higher than Pillow's; Pillow's ``DecompressionBombWarning`` is silenced there, since the size is
   checked here;
+* refuses images with a side longer than :data:`MAX_IMAGE_SIDE` (65,535) pixels while the pixel limit is on: no
+  camera or scanner makes them, and decoders slow down far more than linearly on such shapes (an animated WebP of
+  1 KB may declare a 13,369,360 x 12 canvas, under the pixel limit, that takes minutes to decode);
 * refuses images with a side shorter than ``min_side`` pixels (default 2): a 1x1 image is a tracking pixel or a
   placeholder, never a picture a model can say anything about;
-* decodes every pixel, so that a truncated or damaged file fails here and not inside a model. Pillow's
-  ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never switched on (if a program switched it on itself, Pillow pads truncated
-  files and they are accepted);
+* decodes every pixel (of the first frame only), so that a truncated or damaged file fails here and not inside a
+  model; whatever a decoder raises on damaged data (Pillow raises TypeError, IndexError, struct.error... on some
+  malformed headers) becomes an :class:`InputError`. Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never switched
+  on (if a program switched it on itself, Pillow pads truncated files and they are accepted);
 * applies the EXIF orientation (``PIL.ImageOps.exif_transpose``), so sizes and boxes refer to the image as viewers
   show it. The reference (``Image.open(..).convert('RGB')``) ignores EXIF orientation;
 * takes the first frame of animated GIF/WebP/APNG files (an opened PIL image is used at the frame it shows);
@@ -53,7 +57,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from groma_core.errors import InputError
+from groma_core.errors import InputError, echo, printable
 
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 """Largest image (width x height) read by default: 2 x Pillow's ``MAX_IMAGE_PIXELS``, where Pillow itself refuses."""
@@ -63,6 +67,9 @@ MAX_PIXELS_ENV = "GROMA_MAX_IMAGE_PIXELS"
 
 DEFAULT_MIN_SIDE = 2
 """Shortest accepted image side in pixels."""
+
+MAX_IMAGE_SIDE = 65_535
+"""Longest accepted image side in pixels while the pixel limit is on (the largest side JPEG can store)."""
 
 BOX_TOLERANCE_PX = 0.5
 """How far (pixels) a user box corner may lie outside the image before it is refused; within it, it is clipped."""
@@ -94,13 +101,18 @@ def load_image(
     """
     label = name if name is not None else _label(source)
     if isinstance(min_side, bool) or not isinstance(min_side, int) or min_side < 1:
-        raise InputError(f"min_side must be a whole number of pixels >= 1, got {min_side!r}")
+        raise InputError(f"min_side must be a whole number of pixels >= 1, got {echo(min_side)}")
     limit = resolve_max_pixels(max_pixels)
     with _opened(source, label, limit) as im:
         _check_dimensions(im.size, label, limit, min_side)
         _decode(im, label, limit)
-        upright = ImageOps.exif_transpose(im)
-        return _to_rgb(upright, label)
+        try:
+            upright = ImageOps.exif_transpose(im)
+            return _to_rgb(upright, label)
+        except InputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged EXIF block or palette raises many types
+            raise _damaged(label, e) from e
 
 
 def load_images(
@@ -126,7 +138,10 @@ def image_size(source: ImageSource) -> tuple[int, int]:
     label = _label(source)
     with _opened(source, label, None) as im:
         width, height = im.size
-        orientation = im.getexif().get(0x0112, 1)  # EXIF Orientation
+        try:
+            orientation = im.getexif().get(0x0112, 1)  # EXIF Orientation
+        except Exception as e:  # noqa: BLE001 - a damaged EXIF block raises many types
+            raise _damaged(label, e) from e
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
@@ -142,9 +157,11 @@ def resolve_max_pixels(max_pixels: int | None = None) -> int | None:
         except ValueError:
             max_pixels = -1
         if max_pixels < 0:
-            raise InputError(f"{MAX_PIXELS_ENV}={text!r} is not a whole number of pixels >= 0 (0 turns the limit off)")
+            raise InputError(
+                f"{MAX_PIXELS_ENV}={echo(text)} is not a whole number of pixels >= 0 (0 turns the limit off)"
+            )
     elif isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 0:
-        raise InputError(f"max_pixels must be a whole number of pixels >= 0 (0: no limit), got {max_pixels!r}")
+        raise InputError(f"max_pixels must be a whole number of pixels >= 0 (0: no limit), got {echo(max_pixels)}")
     return max_pixels or None
 
 
@@ -159,29 +176,42 @@ def expand_image_sources(patterns: Sequence[str | os.PathLike]) -> list[Path]:
     found: dict[Path, Path] = {}
     for pattern in patterns:
         if not isinstance(pattern, (str, os.PathLike)):
-            raise InputError(f"expected a file, folder or glob pattern, got {type(pattern).__name__}: {pattern!r}")
+            raise InputError(f"expected a file, folder or glob pattern, got {type(pattern).__name__}: {echo(pattern)}")
         text = os.fspath(pattern)
-        path = Path(text).expanduser()
-        if path.is_file():
-            matches = [path]
-        elif path.is_dir():
-            matches = sorted(
-                p
-                for p in path.iterdir()
-                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-            )
-            if not matches:
-                endings = " ".join(sorted(IMAGE_EXTENSIONS))
-                raise InputError(f"{text}: folder holds no image files (looked for {endings})")
-        elif any(c in text for c in "*?["):
-            matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise InputError(f"{text}: pattern matches no files")
-        else:
-            raise InputError(f"{text}: no such file or folder")
+        try:
+            matches = _matches(str(text))
+        except InputError:
+            raise
+        except OSError as e:  # a name too long for the file system, a folder that cannot be listed
+            raise InputError(f"{_label(text)}: cannot be read ({_one_line(e.strerror or e)})") from e
+        except ValueError as e:  # a NUL character
+            raise InputError(f"{_label(text)}: not a usable path ({_one_line(e)})") from e
         for match in matches:
             found.setdefault(match.resolve(), match)
     return list(found.values())
+
+
+def _matches(text: str) -> list[Path]:
+    """The image files a file, folder or glob pattern names (see :func:`expand_image_sources`)."""
+    path = _expand_user(text)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        matches = sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        )
+        if not matches:
+            endings = " ".join(sorted(IMAGE_EXTENSIONS))
+            raise InputError(f"{_label(text)}: folder holds no image files (looked for {endings})")
+        return matches
+    if any(c in text for c in "*?["):
+        matches = sorted(Path(p) for p in glob.glob(str(_expand_user(text)), recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise InputError(f"{_label(text)}: pattern matches no files")
+        return matches
+    raise InputError(f"{_label(text)}: no such file or folder")
 
 
 def to_normalized_xyxy(
@@ -195,7 +225,7 @@ def to_normalized_xyxy(
     EXIF orientation -> float32 (N, 4) normalized xyxy. Takes a list of boxes, one flat box, an array or a tensor."""
     width, height = _image_extent(size, what)
     if not _is_number(tolerance) or not tolerance >= 0:
-        raise InputError(f"tolerance must be a number of pixels >= 0, got {tolerance!r}")
+        raise InputError(f"tolerance must be a number of pixels >= 0, got {echo(tolerance)}")
     rows = _box_rows(boxes_px, what)
     for i, (x1, y1, x2, y2) in enumerate(rows):
         if x2 <= x1 or y2 <= y1:
@@ -214,7 +244,15 @@ def to_normalized_xyxy(
     boxes = torch.tensor(rows, dtype=torch.float64).reshape(-1, 4)
     scale = torch.tensor([width, height, width, height], dtype=torch.float64)
     clipped = torch.minimum(boxes.clamp(min=0), scale)
-    return (clipped / scale).float()
+    normalized = (clipped / scale).float()
+    flat = (normalized[:, 2] <= normalized[:, 0]) | (normalized[:, 3] <= normalized[:, 1])
+    if flat.any():
+        i = int(torch.nonzero(flat).flatten()[0])
+        raise InputError(
+            f"{what}: box {i} {_fmt(rows[i])} covers no area of the {width}x{height} image once clipped to it "
+            "(it lies on the image's edge, or is thinner than float32 can tell apart); give a box inside the image"
+        )
+    return normalized
 
 
 def to_pixels_xyxy(boxes: object, size: tuple[int, int] | Image.Image, *, what: str = "boxes") -> Tensor:
@@ -231,13 +269,21 @@ def to_pixels_xyxy(boxes: object, size: tuple[int, int] | Image.Image, *, what: 
     return (torch.tensor(rows, dtype=torch.float64).reshape(-1, 4) * scale).float()
 
 
+def _expand_user(path: str | os.PathLike) -> Path:
+    """``~`` and ``~user`` expanded; a ``~user`` naming no user (or a home that cannot be found) stays as written."""
+    return Path(os.path.expanduser(os.fspath(path)))
+
+
 def _label(source: object) -> str:
-    """How error messages call a source."""
+    """How error messages call a source: its path (control characters escaped, a very long one cut in the middle),
+    the PIL image's file name, or "image bytes"."""
     if isinstance(source, (str, os.PathLike)):
-        return os.fspath(source)
-    if isinstance(source, Image.Image):
-        return getattr(source, "filename", "") or "PIL image"
-    return "image bytes"
+        text = printable(str(os.fspath(source)))
+    elif isinstance(source, Image.Image):
+        text = printable(getattr(source, "filename", "") or "PIL image")
+    else:
+        return "image bytes"
+    return text if len(text) <= 200 else f"{text[:100]}...{text[-97:]}"
 
 
 @contextlib.contextmanager
@@ -247,12 +293,12 @@ def _opened(source: ImageSource, label: str, limit: int | None) -> Iterator[Imag
         yield source
         return
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source).expanduser()
-        if path.is_dir():
-            raise InputError(f"{label}: is a directory, not an image file")
-        if not path.exists():
-            raise InputError(f"{label}: no such file")
+        path = _expand_user(source)
         try:
+            if path.is_dir():
+                raise InputError(f"{label}: is a directory, not an image file")
+            if not path.exists():
+                raise InputError(f"{label}: no such file")
             n_bytes = path.stat().st_size
             fp = path.open("rb")
         except OSError as e:
@@ -279,7 +325,7 @@ def _opened(source: ImageSource, label: str, limit: int | None) -> Iterator[Imag
             ) from e
         except Image.DecompressionBombError as e:
             raise _too_large(label, _pixels_in(str(e)), limit) from e
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
+        except Exception as e:  # noqa: BLE001 - header parsers raise many types on damaged data
             raise _damaged(label, e) from e
         with im:
             yield im
@@ -306,6 +352,12 @@ def _check_dimensions(size: tuple[int, int], label: str, limit: int | None, min_
     width, height = size
     if limit is not None and width * height > limit:
         raise _too_large(label, width * height, limit, f"{width}x{height} = ")
+    if limit is not None and max(width, height) > MAX_IMAGE_SIDE:
+        raise InputError(
+            f"{label}: image is {width}x{height} pixels; a side longer than {MAX_IMAGE_SIDE:,} pixels is refused "
+            "(no camera makes one, and decoding such a shape takes minutes); if you trust the file, turn this guard "
+            f"off with max_pixels=0 or the environment variable {MAX_PIXELS_ENV}=0"
+        )
     if min(width, height) < min_side:
         raise InputError(
             f"{label}: image is {width}x{height} pixels; each side needs at least {min_side} pixels (smaller images "
@@ -336,15 +388,14 @@ def _decode(im: Image.Image, label: str, limit: int | None) -> None:
         im.load()
     except Image.DecompressionBombError as e:
         raise _too_large(label, _pixels_in(str(e)), limit) from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except Exception as e:  # noqa: BLE001 - decoders raise many types on damaged data (TypeError, struct.error...)
         raise _damaged(label, e) from e
 
 
 def _damaged(label: str, error: BaseException) -> InputError:
     """The error for a file whose header or pixel data cannot be decoded."""
-    return InputError(
-        f"{label}: the image data is truncated or damaged ({_one_line(error)}); re-download or re-export the file"
-    )
+    reason = _one_line(error) or type(error).__name__
+    return InputError(f"{label}: the image data is truncated or damaged ({reason}); re-download or re-export the file")
 
 
 def _to_rgb(im: Image.Image, label: str) -> Image.Image:
@@ -386,7 +437,7 @@ def _image_extent(size: object, what: str) -> tuple[int, int]:
         return image_size(size)
     if isinstance(size, (tuple, list)) and len(size) == 2 and all(_is_whole(v) and v > 0 for v in size):
         return int(size[0]), int(size[1])
-    raise InputError(f"{what}: image size must be (width, height) in whole pixels > 0, got {size!r}")
+    raise InputError(f"{what}: image size must be (width, height) in whole pixels > 0, got {echo(size)}")
 
 
 def _box_rows(boxes: object, what: str) -> list[tuple[float, float, float, float]]:
@@ -398,22 +449,26 @@ def _box_rows(boxes: object, what: str) -> list[tuple[float, float, float, float
             raise InputError(f"{what}: expected numbers of shape (N, 4) or (4,), got {boxes.dtype} {shape}")
         boxes = boxes.tolist()
     if isinstance(boxes, (str, bytes)) or not isinstance(boxes, Sequence):
-        raise InputError(f"{what}: expected a list of boxes (x1, y1, x2, y2), got {type(boxes).__name__}: {boxes!r}")
+        raise InputError(
+            f"{what}: expected a list of boxes (x1, y1, x2, y2), got {type(boxes).__name__}: {echo(boxes)}"
+        )
     items = list(boxes)
     if items and not any(_is_sequence(v) for v in items):
         items = [items]
     rows = []
     for i, box in enumerate(items):
         if not _is_sequence(box):
-            raise InputError(f"{what}: box {i} is {box!r}, not a list of 4 numbers (x1, y1, x2, y2)")
+            raise InputError(f"{what}: box {i} is {echo(box)}, not a list of 4 numbers (x1, y1, x2, y2)")
         coords = list(box.tolist() if isinstance(box, (Tensor, np.ndarray)) else box)
         if len(coords) != 4:
-            raise InputError(f"{what}: box {i} {coords!r} has {len(coords)} coordinates; expected 4 (x1, y1, x2, y2)")
+            raise InputError(
+                f"{what}: box {i} {echo(coords)} has {len(coords)} coordinates; expected 4 (x1, y1, x2, y2)"
+            )
         for j, v in enumerate(coords):
             if not _is_number(v):
-                raise InputError(f"{what}: box {i} coordinate {j} is {v!r}, not a number")
+                raise InputError(f"{what}: box {i} coordinate {j} is {echo(v)}, not a number")
         if not all(math.isfinite(v) for v in coords):
-            raise InputError(f"{what}: box {i} {coords!r} has a coordinate that is not a finite number")
+            raise InputError(f"{what}: box {i} {echo(coords)} has a coordinate that is not a finite number")
         rows.append(tuple(float(v) for v in coords))
     return rows
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Protocol
 
 from groma_core import tokens as T
+from groma_core.errors import CheckpointError, one_line
 
 
 class TextCodec(Protocol):
@@ -65,7 +66,21 @@ class SentencePieceCodec:
         import sentencepiece as spm
 
         self.path = Path(model_file)
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot read the tokenizer model ({exc.strerror or exc})") from None
+        if not data:
+            raise CheckpointError(f"{self.path}: the tokenizer model is empty (0 bytes)")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=data)
+        except Exception as exc:  # noqa: BLE001 - sentencepiece raises RuntimeError or others on a damaged model
+            raise CheckpointError(
+                f"{self.path}: not a SentencePiece model ({one_line(exc, 200)}); give the tokenizer.model that "
+                "belongs to the model"
+            ) from None
+        if self.sp.get_piece_size() <= 0 or self.sp.unk_id() < 0:
+            raise CheckpointError(f"{self.path}: the SentencePiece model has no vocabulary")
         self._sp_unprefixed: spm.SentencePieceProcessor | None = None
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
@@ -136,9 +151,12 @@ def _read_json(path: Path) -> dict:
     """The JSON object in ``path``; empty when there is no such file."""
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable JSON file ({one_line(exc, 200)})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -257,7 +275,8 @@ class GromaTokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        """Text of ``ids``; like the reference, tokens and text chunks are joined with single spaces."""
+        """Text of ``ids``; like the reference, tokens and text chunks are joined with single spaces. Ids that name
+        no token (between the base vocabulary and ``offset``, or outside the vocabulary) decode to nothing."""
         chunks: list[str] = []
         text_ids: list[int] = []
         specials = set(self._base_special.values())
@@ -273,7 +292,7 @@ class GromaTokenizer:
                 flush()
                 if not skip_special_tokens:
                     chunks.append(self._id_to_new.get(i) or next(k for k, v in self._base_special.items() if v == i))
-            elif i < self.codec.vocab_size or i >= self.vocab_size:
+            elif 0 <= i < self.codec.vocab_size:
                 text_ids.append(i)
         flush()
         return " ".join(c for c in chunks if c)
@@ -283,7 +302,7 @@ class GromaTokenizer:
 
         With ``legacy=False`` the text after a new token was encoded without its leading space; the text of such
         ids gets one back (as the reference's decoding puts a space after every new token)."""
-        text = self.codec.decode([int(i) for i in ids if not self.codec.vocab_size <= int(i) < self.offset])
+        text = self.codec.decode([int(i) for i in ids if 0 <= int(i) < self.codec.vocab_size])
         if not self.legacy and text and not text[0].isspace():
             text = " " + text
         return text
@@ -312,6 +331,16 @@ class GromaTokenizer:
         directory = Path(directory)
         saved = _read_json(directory / GROMA_TOKENS_FILE)
         new_tokens = saved.get("new_tokens", T.NEW_TOKENS)
+        if not isinstance(new_tokens, (list, tuple)) or not all(isinstance(t, str) for t in new_tokens):
+            raise CheckpointError(f"{directory / GROMA_TOKENS_FILE}: new_tokens must be a list of strings")
+        missing = [t for t in T.NEW_TOKENS if t not in new_tokens]
+        if missing:
+            raise CheckpointError(
+                f"{directory / GROMA_TOKENS_FILE}: new_tokens lacks {len(missing)} of Groma's tokens "
+                f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})"
+            )
+        if "offset" in saved and (isinstance(saved["offset"], bool) or not isinstance(saved["offset"], int)):
+            raise CheckpointError(f"{directory / GROMA_TOKENS_FILE}: offset must be a whole number")
         offset = saved.get("offset") if offset is None else offset
         if (directory / SentencePieceCodec.FILE).is_file():
             codec: TextCodec = SentencePieceCodec(directory / SentencePieceCodec.FILE)
@@ -324,6 +353,17 @@ class GromaTokenizer:
             if legacy is None:
                 legacy = saved.get("legacy")
         return cls(codec, new_tokens, legacy=True if legacy is None else bool(legacy), offset=offset)
+
+
+def max_positions(backbone: object) -> int | None:
+    """The longest sequence (in tokens, prompt expanded) a language backbone takes: its ``max_positions``
+    attribute when it has one, else the ``max_position_embeddings`` (or ``n_positions``) of the configuration of its
+    Hugging Face model ``llm``; None when it states none."""
+    value = getattr(backbone, "max_positions", None)
+    if value is None:
+        config = getattr(getattr(backbone, "llm", None), "config", None)
+        value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 # -- conversation templates ----------------------------------------------------------------------------------

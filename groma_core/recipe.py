@@ -7,6 +7,7 @@ name exists, and the installed plugin names for an unknown plugin.
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import typing
 from collections.abc import Mapping, Sequence
@@ -17,13 +18,22 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from groma_core.errors import PluginConflictError, RecipeError, UnknownPluginError
+from groma_core import tokens as T
+from groma_core.errors import PluginConflictError, RecipeError, UnknownPluginError, echo
 from groma_core.plugins import PluginManager
 from groma_core.selection import SelectionConfig
 from groma_core.stages import STAGE_KINDS
 from groma_core.training.datasets import RecipeTraining
 
 STAGE_SECTIONS = tuple(STAGE_KINDS)  # image_tokenizer, region_proposer, region_encoder, language_backbone
+
+MAX_RECIPE_BYTES = 1 << 20
+"""Largest recipe file read (1 MiB; the shipped recipes are a few KiB)."""
+MAX_RECIPE_DEPTH = 32
+"""Deepest nesting of mappings and lists in a recipe or an override value, YAML aliases expanded."""
+MAX_RECIPE_VALUES = 100_000
+"""Most values (mappings, lists and scalars) a recipe or an override may hold once its YAML aliases are expanded
+(a few hundred bytes of nested aliases, a "billion laughs", would otherwise expand to billions)."""
 
 
 class GenerationConfig(BaseModel):
@@ -108,37 +118,148 @@ class Recipe:
 
 
 # -- reading -------------------------------------------------------------------------------------------------
+class _RecipeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """YAML's safe loader (libyaml's when installed: the pure-Python one is ~4x slower); a scalar that its tag
+    cannot hold (``!!float vicuna``) is a YAML error with its position, not a bare ValueError."""
+
+
+def _marked(constructor: Any) -> Any:
+    def construct(loader: Any, node: Any) -> Any:
+        try:
+            return constructor(loader, node)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{echo(node.value)} is not a valid {_short_tag(node.tag)} ({exc})", node.start_mark
+            ) from None
+
+    return construct
+
+
+def _short_tag(tag: str) -> str:
+    return "!!" + tag[len("tag:yaml.org,2002:") :] if tag.startswith("tag:yaml.org,2002:") else tag
+
+
+for _tag, _constructor in list(_RecipeLoader.yaml_constructors.items()):
+    if _tag is not None and not inspect.isgeneratorfunction(_constructor):
+        _RecipeLoader.add_constructor(_tag, _marked(_constructor))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: where (line, column) and what."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return f"{where}not valid YAML ({' '.join(str(problem).split())[:200]})"
+
+
+def _check_yaml_size(text: str) -> str | None:
+    """Why ``text`` is too deep or too large once its aliases are expanded (None when it is fine), found from the
+    YAML event stream alone, before anything is built (cost: one pass over the text)."""
+    anchors: dict[str, tuple[int, int]] = {}  # anchor -> (values, height) of the node it names
+    open_anchors: set[str] = set()
+    stack: list[tuple[str | None, int, int]] = []  # per open collection: (anchor, values before it, height below)
+    total = 0
+
+    def child(values: int, height: int) -> str | None:
+        nonlocal total
+        total += values
+        if total > MAX_RECIPE_VALUES:
+            return f"holds more than {MAX_RECIPE_VALUES:,} values (YAML aliases counted as expanded)"
+        if len(stack) + height > MAX_RECIPE_DEPTH:
+            return f"is nested more than {MAX_RECIPE_DEPTH} levels deep"
+        if stack:
+            anchor, before, below = stack[-1]
+            stack[-1] = (anchor, before, max(below, height))
+        return None
+
+    for event in yaml.parse(text, Loader=_RecipeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            problem = child(1, 1)
+            if problem:
+                return problem
+            if event.anchor:
+                open_anchors.add(event.anchor)
+            stack.append((event.anchor, total, 0))
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            anchor, before, below = stack.pop()
+            if stack:
+                up_anchor, up_before, up_below = stack[-1]
+                stack[-1] = (up_anchor, up_before, max(up_below, below + 1))
+            if anchor:
+                open_anchors.discard(anchor)
+                anchors[anchor] = (total - before + 1, below + 1)
+        elif isinstance(event, yaml.ScalarEvent):
+            problem = child(1, 0)
+            if problem:
+                return problem
+            if event.anchor:
+                anchors[event.anchor] = (1, 0)
+        elif isinstance(event, yaml.AliasEvent):
+            if event.anchor in open_anchors:
+                return f"has a YAML alias *{event.anchor[:40]} inside the node it names (a cycle)"
+            problem = child(*anchors.get(event.anchor, (1, 0)))
+            if problem:
+                return problem
+    return None
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with the safe loader, after checking its depth and size with aliases expanded (see
+    :data:`MAX_RECIPE_DEPTH` and :data:`MAX_RECIPE_VALUES`). Raises ``ValueError`` with a one-line reason, or a
+    ``yaml.YAMLError``."""
+    try:
+        problem = _check_yaml_size(text)
+    except yaml.YAMLError as exc:
+        if "maximum nesting depth" not in str(exc):  # libyaml's own limit (1,000 levels)
+            raise
+        problem = f"is nested more than {MAX_RECIPE_DEPTH} levels deep"
+    if problem:
+        raise ValueError(problem)
+    return yaml.load(text, Loader=_RecipeLoader)
+
+
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
-    """Parse a recipe file into a mapping, with a clear error when it is missing, not YAML, or not a mapping."""
+    """Parse a recipe file into a mapping, with a clear error when it is missing, too large, not YAML, too deep,
+    or not a mapping."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(str(path), ["file not found"])
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(
+                str(path), [f"the file is {size:,} bytes; a recipe may have at most {MAX_RECIPE_BYTES:,} bytes"]
+            )
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise RecipeError(str(path), ["not a text file"]) from None
+    except OSError as exc:
+        raise RecipeError(str(path), [f"cannot be read ({exc.strerror or exc})"]) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError(str(path), [f"{where}not valid YAML ({problem})"]) from None
+        raise RecipeError(str(path), [_yaml_problem(exc)]) from None
+    except ValueError as exc:
+        raise RecipeError(str(path), [f"the recipe {exc}"]) from None
     if not isinstance(data, dict):
         raise RecipeError(str(path), [f"a recipe must be a mapping of sections, got {type(data).__name__}"])
     return data
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``key.sub=value`` -> (["key", "sub"], value parsed as YAML)."""
+    """``key.sub=value`` -> (["key", "sub"], value parsed as YAML; text that is not YAML stays text)."""
     if "=" not in text:
-        raise RecipeError("override", [f"{text!r}: expected key.sub=value"])
+        raise RecipeError("override", [f"{echo(text)}: expected key.sub=value"])
     key, value = text.split("=", 1)
     parts = [p for p in key.strip().split(".")]
     if not all(parts):
-        raise RecipeError("override", [f"{text!r}: empty key"])
+        raise RecipeError("override", [f"{echo(text)}: empty key"])
+    if len(parts) > MAX_RECIPE_DEPTH:
+        raise RecipeError("override", [f"{echo(text)}: key is nested more than {MAX_RECIPE_DEPTH} levels deep"])
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = load_yaml(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
+    except ValueError as exc:
+        raise RecipeError("override", [f"{echo(text)}: the value {exc}"]) from None
     return parts, parsed
 
 
@@ -158,15 +279,15 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> tuple[dic
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
                     problems.append(
-                        f"override {text!r}: {'.'.join(parts[:i])} is a list of {len(node)}; "
-                        f"{part!r} is not an index of it"
+                        f"override {echo(text)}: {'.'.join(parts[:i])} is a list of {len(node)}; "
+                        f"{echo(part)} is not an index of it"
                     )
                     break
                 key: Any = int(part)
             elif isinstance(node, dict):
                 key = part
             else:
-                problems.append(f"override {text!r}: {'.'.join(parts[:i])} is not a section")
+                problems.append(f"override {echo(text)}: {'.'.join(parts[:i])} is not a section")
                 break
             if last:
                 node[key] = value
@@ -216,7 +337,7 @@ def _fields_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
 def _pydantic_problems(exc: ValidationError, model: type[BaseModel], prefix: str, data: Any) -> list[str]:
     problems = []
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
+        loc = [_path_part(p) for p in err["loc"]]
         path = ".".join([prefix, *loc]) if prefix else ".".join(loc)
         if err["type"] == "extra_forbidden":
             hint = _did_you_mean(loc[-1], _fields_at(model, loc))
@@ -228,9 +349,14 @@ def _pydantic_problems(exc: ValidationError, model: type[BaseModel], prefix: str
             message = str(err["ctx"]["error"]) if "error" in err.get("ctx", {}) else err["msg"]
             problems += [f"{path}: {line}" for line in message.splitlines()]
         else:
-            given = err.get("input")
-            problems.append(f"{path}: {err['msg']} (got {given!r})")
+            problems.append(f"{path}: {err['msg']} (got {echo(err.get('input'))})")
     return problems
+
+
+def _path_part(part: Any) -> str:
+    """A part of a dotted path as it is shown: a key of unusual length or characters is shown shortened."""
+    text = str(part)
+    return text if len(text) <= 40 and text.isprintable() else echo(text, 40)
 
 
 def validate_recipe(
@@ -256,7 +382,9 @@ def validate_recipe(
         plugin = section.get("plugin")
         if not isinstance(plugin, str) or not plugin:
             installed = ", ".join(manager.names(kind)) or "(none)"
-            problems.append(f"{kind}.plugin: missing; installed {kind} plugins: {installed}")
+            what = "missing" if plugin in (None, "") else f"expected a plugin name, got {type(plugin).__name__}"
+            given = "" if plugin in (None, "") else f" {echo(plugin)}"
+            problems.append(f"{kind}.plugin: {what}{given}; installed {kind} plugins: {installed}")
             continue
         try:
             entry = manager.get(kind, plugin)
@@ -279,6 +407,11 @@ def validate_recipe(
             p + _did_you_mean(p.split(":")[0], STAGE_SECTIONS) if "unknown option" in p and "did you" not in p else p
             for p in found
         ]
+    if core is not None and core.region_selection.max_regions > T.MAX_REGIONS:
+        problems.append(
+            f"region_selection.max_regions: {core.region_selection.max_regions} regions, but Groma's tokenizer has "
+            f"{T.MAX_REGIONS} region tokens (<r0>..<r{T.MAX_REGIONS - 1}>); at most {T.MAX_REGIONS}"
+        )
     if origin:
         problems = [_mark_override(p, origin) for p in problems]
     if problems:
@@ -291,15 +424,20 @@ def _mark_override(problem: str, origin: Mapping[str, str]) -> str:
     path = problem.split(":", 1)[0]
     for key, text in origin.items():
         if path == key or path.startswith(key + "."):
-            return f"{problem} [from override {text!r}]"
+            return f"{problem} [from override {echo(text)}]"
     return problem
 
 
 def recipes_dir() -> Path:
-    """Where the shipped recipes are: ``$GROMA_RECIPES_DIR`` or the repository's ``recipes/``."""
+    """Where the shipped recipes are: ``$GROMA_RECIPES_DIR``, else the package's ``groma_core/recipes``: package data
+    in a wheel, and in a checkout a link to the repository's ``recipes/`` (the one copy of the files, so relative
+    paths in them keep meaning the repository's folders); else ``recipes/`` beside the package (a checkout whose
+    links were written as plain files)."""
     if os.environ.get("GROMA_RECIPES_DIR"):
         return Path(os.environ["GROMA_RECIPES_DIR"])
-    return Path(__file__).resolve().parents[1] / "recipes"
+    package = Path(__file__).resolve().parent
+    shipped = package / "recipes"
+    return shipped.resolve() if shipped.is_dir() else package.parent / "recipes"
 
 
 def resolve_recipe_path(name_or_path: str | Path) -> Path:

@@ -3,6 +3,8 @@ the same result under torchrun with two processes."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -10,8 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
+from groma_core import ImageFeatures, Proposals, RegionProposer, StageOptions, hookimpl
 from groma_core.errors import GromaError, InputError
 from groma_core.evaluation.harness import (
     DetectionTask,
@@ -210,7 +214,8 @@ def test_lvis_ground_region_caption_and_detection_run(dataset, model, tmp_path):
     preds = read_jsonl(tmp_path / "c" / "predictions.jsonl")
     assert all("<" not in p["caption"] for p in preds)
     det = evaluate(DetectionTask(dataset / "det.json", dataset / "images"), model, tmp_path / "d", progress=False)
-    assert -1 <= det["metrics"]["AP"] <= 1 and "AR@100" in det["metrics"]
+    assert list(det["metrics"]) == list(COCO_SUMMARY) and det["num_samples"] == 3
+    # the numbers themselves: test_detection_ap_is_cocos_on_chosen_detections and ..._of_the_embedded_model
 
 
 def test_bad_annotations_are_clear_errors(dataset, tmp_path):
@@ -335,3 +340,240 @@ def test_resume_with_another_annotation_file_is_refused(dataset, model, tmp_path
     other = RecTask(tmp_path / "other.json", dataset / "images")
     with pytest.raises(GromaError, match="--resume refused: .*annotation_sha256"):
         evaluate(other, model, tmp_path / "out", resume=True, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Detection: the harness's AP is COCO's
+# ------------------------------------------------------------------------------------------------------------------
+
+#: pycocotools' ``COCOeval.stats`` in order, under the harness's names (maxDets 1, 10, 100)
+COCO_SUMMARY = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR@1", "AR@10", "AR@100", "ARs", "ARm", "ARl")
+
+
+def pycocotools_summary(ann_file: Path, detections: dict[int, list[tuple[list[float], float]]]) -> dict[str, float]:
+    """pycocotools' twelve class-agnostic bbox numbers for an annotation file and xyxy pixel detections per image
+    id (every category folded into one, as the harness folds them)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    ann = json.loads(ann_file.read_text())
+    ann["categories"] = [{"id": 1, "name": "object"}]
+    for a in ann["annotations"]:
+        a["category_id"] = 1
+    results = [
+        {"image_id": i, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
+        for i, dets in detections.items()
+        for (x1, y1, x2, y2), score in dets
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = ann
+        gt.createIndex()
+        evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return dict(zip(COCO_SUMMARY, evaluator.stats.tolist()))
+
+
+class GivenBoxesOptions(StageOptions):
+    pass
+
+
+class GivenBoxesProposer(RegionProposer):
+    """Proposes for each image the pixel boxes and scores the test lists for its size, in the listed order (not
+    sorted by score): a proposer whose output the test chooses, so that the right AP is known."""
+
+    def __init__(self, detections: dict[tuple[int, int], list[tuple[list[float], float]]]):
+        super().__init__()
+        self.detections = detections
+
+    def forward(self, features: ImageFeatures) -> Proposals:
+        boxes, scores = [], []
+        for image in features.images:
+            listed = self.detections.get(image.size, [])
+            w, h = image.size
+            px = torch.tensor([b for b, _ in listed], dtype=torch.float64).reshape(-1, 4)
+            boxes.append((px / torch.tensor([w, h, w, h], dtype=torch.float64)).float())
+            scores.append(torch.tensor([s for _, s in listed], dtype=torch.float32))
+        return Proposals(boxes, scores)
+
+
+class GivenBoxesPlugin:
+    def __init__(self, detections):
+        self.detections = detections
+
+    @hookimpl
+    def register_region_proposers(self, register):
+        register(
+            "given-boxes",
+            lambda options, context: GivenBoxesProposer(self.detections),
+            config=GivenBoxesOptions,
+            description="the test's boxes",
+        )
+
+
+# Ground truth (COCO xywh) and detections (xyxy pixels, score) chosen so that every rule of COCO's matching
+# changes the result; no IoU lies within 0.01 of a threshold, so float32 box round trips cannot flip a match.
+CHOSEN_GT = {  # image id: (size, [(xywh, iscrowd)])
+    1: ((200, 150), [([10, 10, 50, 50], 0), ([100, 20, 90, 120], 0), ([0, 100, 80, 50], 1)]),  # medium, large, crowd
+    2: ((120, 100), [([10, 10, 20, 20], 0), ([50, 40, 60, 50], 0)]),  # small, medium
+    3: ((90, 90), []),
+}
+CHOSEN_DETECTIONS = {
+    1: [
+        ([100, 20, 190, 140], 0.9),  # the large box exactly
+        ([5, 105, 45, 145], 0.97),  # inside the crowd region: ignored, although it is the top-scored detection
+        ([18, 10, 68, 60], 0.6),  # the medium box shifted: IoU 0.724, a match at 0.50..0.70 only
+        ([102, 22, 190, 140], 0.55),  # a duplicate of the large box (IoU 0.96): a false positive
+    ],
+    2: [
+        ([10, 10, 30, 30], 0.8),  # the small box exactly
+        ([60, 0, 110, 30], 0.95),  # nothing there: a false positive ranked first (medium)
+        ([90, 5, 110, 25], 0.85),  # nothing there either: a small false positive ranked above the small box
+        ([50, 40, 110, 72], 0.4),  # the medium box cut short: IoU 0.64, a match at 0.50..0.60 only
+    ],
+    3: [([10, 10, 40, 40], 0.3)],  # an image without objects
+}
+
+
+@pytest.fixture(scope="module")
+def chosen(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("chosen")
+    (root / "images").mkdir()
+    images, anns = [], []
+    for image_id, (size, objects) in CHOSEN_GT.items():
+        Image.new("RGB", size, (200, 200, 200)).save(root / "images" / f"{image_id}.png")
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": size[0], "height": size[1]})
+        for xywh, crowd in objects:
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image_id,
+                    "category_id": 1 + len(anns) % 2,  # two classes: detection is class-agnostic
+                    "bbox": xywh,
+                    "area": xywh[2] * xywh[3],
+                    "iscrowd": crowd,
+                }
+            )
+    ann = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    (root / "det.json").write_text(json.dumps(ann))
+    return root
+
+
+def test_detection_ap_is_cocos_on_chosen_detections(chosen, dataset, tmp_path):
+    from groma_core.api import build
+    from groma_core.plugins import PluginManager
+    from groma_core.recipe import validate_recipe
+    from groma_core.testing import tiny
+
+    manager = PluginManager()
+    manager.register_plugin(tiny, name="tiny", distribution="groma-core-tests")
+    by_size = {CHOSEN_GT[i][0]: dets for i, dets in CHOSEN_DETECTIONS.items()}
+    manager.register_plugin(GivenBoxesPlugin(by_size), name="given", distribution="groma-core-tests")
+    recipe = {
+        "image_tokenizer": {"plugin": "tiny-conv"},
+        "region_proposer": {"plugin": "given-boxes"},
+        "region_encoder": {"plugin": "roi-pool"},
+        "language_backbone": {"plugin": "tiny-llama", "tokenizer": str(dataset / "tok")},
+    }
+    model = build(validate_recipe(recipe, manager), manager=manager).eval()
+    task = DetectionTask(chosen / "det.json", chosen / "images")
+    metrics = evaluate(task, model, tmp_path / "det", progress=False)["metrics"]
+
+    # tolerance 1e-6: both sides divide the same integer counts in float64; only the summation order differs
+    expected = pycocotools_summary(chosen / "det.json", CHOSEN_DETECTIONS)
+    assert metrics == pytest.approx(expected, abs=1e-6)
+    # by hand at IoU 0.5, ranked: FP (0.95), TP, FP, TP, TP, FP, TP, FP; the crowd detection (0.97) is ignored.
+    # precision after each: 0, 1/2, 1/3, 2/4, 3/5, 3/6, 4/7, 4/8 at recall 0, 1/4, 1/4, 1/2, 3/4, 3/4, 1, 1 of
+    # the 4 objects; interpolated (best to the right): 3/5 at the 76 recall points 0..0.75, 4/7 at the 25 points
+    # 0.76..1
+    assert metrics["AP50"] == pytest.approx((76 * 3 / 5 + 25 * 4 / 7) / 101, abs=1e-9)
+
+    # a matcher that breaks any rule gives a different AP, so the comparison above would catch it
+    dropped_crowd = json.loads((chosen / "det.json").read_text())  # what the harness did before: crowd removed
+    dropped_crowd["annotations"] = [a for a in dropped_crowd["annotations"] if not a["iscrowd"]]
+    (tmp_path / "no-crowd.json").write_text(json.dumps(dropped_crowd))
+    crowd_as_object = json.loads((chosen / "det.json").read_text())
+    for a in crowd_as_object["annotations"]:
+        a["iscrowd"] = 0
+    (tmp_path / "crowd-as-object.json").write_text(json.dumps(crowd_as_object))
+    listed_order = {  # scores ignored: detections taken in the proposer's order
+        i: [(box, 1.0 - k / 10) for k, (box, _) in enumerate(dets)] for i, dets in CHOSEN_DETECTIONS.items()
+    }
+    wrong = [
+        pycocotools_summary(tmp_path / "no-crowd.json", CHOSEN_DETECTIONS)["AP"],
+        pycocotools_summary(tmp_path / "crowd-as-object.json", CHOSEN_DETECTIONS)["AP"],
+        pycocotools_summary(chosen / "det.json", listed_order)["AP"],
+        expected["AP50"],  # IoU thresholds ignored: every overlap above 0.5 a match
+        expected["APs"],  # area ranges ignored: the small, medium and large objects score differently
+        expected["APm"],
+        expected["APl"],
+    ]
+    assert all(abs(value - expected["AP"]) > 0.02 for value in wrong), (expected, wrong)
+    assert len({round(expected[k], 4) for k in ("APs", "APm", "APl")}) == 3
+
+
+def test_detection_ap_of_the_embedded_model_is_cocos(tmp_path):
+    """The whole path on a real proposer: images read, boxes scaled back to pixels, top 100 by score, scored."""
+    import groma_core
+    from groma_core.data.shapes import ShapesConfig, write_shapes_dataset
+
+    data = tmp_path / "shapes"
+    write_shapes_dataset(data, ShapesConfig(images=8, seed=11, val_fraction=0.5))
+    ann_file = data / "annotations" / "detection_val.json"
+    task = DetectionTask(ann_file, data / "images")
+    summary = evaluate(task, groma_core.load(), tmp_path / "det", progress=False)
+    preds = read_jsonl(tmp_path / "det" / "predictions.jsonl")
+    assert all(len(p["pred_boxes"]) <= 100 for p in preds)
+    assert all(p["pred_scores"] == sorted(p["pred_scores"], reverse=True) for p in preds)
+    detections = {int(p["id"]): list(zip(p["pred_boxes"], p["pred_scores"])) for p in preds}
+    # tolerance 1e-6: the same detections, scored by both in float64
+    assert summary["metrics"] == pytest.approx(pycocotools_summary(ann_file, detections), abs=1e-6)
+    # the model finds the shapes (README: AP50 0.84 on 500 held-out images); boxes scaled to the wrong size or
+    # matched wrongly would score near 0
+    assert summary["metrics"]["AP50"] > 0.5
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# --max-new-tokens
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_eval_honours_max_new_tokens_and_resume_keeps_it(tmp_path, capsys):
+    from groma_core.cli import main
+    from groma_core.data.shapes import ShapesConfig, write_shapes_dataset
+
+    data = tmp_path / "shapes"
+    write_shapes_dataset(data, ShapesConfig(images=6, seed=5, val_fraction=0.5))
+    common = ["eval", "region-caption", "--ann", str(data / "annotations" / "region_captions_val.json")]
+    common += ["--images", str(data / "images"), "--limit", "4"]  # no --model: the embedded shapes model
+
+    assert main([*common, "--out", str(tmp_path / "default")]) == 0
+    assert main([*common, "--out", str(tmp_path / "one"), "--max-new-tokens", "1"]) == 0
+    default = [p["caption"] for p in read_jsonl(tmp_path / "default" / "predictions.jsonl")]
+    one = [p["caption"] for p in read_jsonl(tmp_path / "one" / "predictions.jsonl")]
+    # the benchmark's own limit (100 tokens) lets the model write phrases such as "a small red hexagon"; one token
+    # is one SentencePiece piece, at most one word (a piece holds no inner word boundary)
+    assert max(len(c.split()) for c in default) >= 3
+    assert all(len(c.split()) <= 1 for c in one) and any(one)
+    assert all(d.lower().startswith(o.lower()) for d, o in zip(default, one))  # greedy: the first token of each
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary["max_new_tokens"] == 1
+    assert json.loads((tmp_path / "default" / "summary.json").read_text())["max_new_tokens"] == 100
+
+    capsys.readouterr()
+    resumed = main([*common, "--out", str(tmp_path / "one"), "--max-new-tokens", "2", "--resume"])
+    assert resumed == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("groma: error: --resume refused") and "max_new_tokens (1 then, 2 now)" in err
+    assert "\n" not in err
+
+
+def test_max_new_tokens_is_checked(dataset):
+    with pytest.raises(InputError, match="max_new_tokens: expected a positive integer, got 0"):
+        RecTask(dataset / "rec.json", dataset / "images", max_new_tokens=0)
+    with pytest.raises(InputError, match="the detection task generates no text"):
+        DetectionTask(dataset / "det.json", dataset / "images", max_new_tokens=5)
+    assert RecTask(dataset / "rec.json", dataset / "images").max_new_tokens == 3  # the reference's eval_rec.py
+    assert RegionCaptionTask(dataset / "vg.json", dataset / "images", max_new_tokens=7).max_new_tokens == 7

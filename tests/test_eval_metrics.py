@@ -100,11 +100,13 @@ def _xywh(box) -> list[float]:
 
 
 def _coco_json(images):
-    """COCO-format ground truth and results from (image_id, category_id, gt_boxes, gt_areas, preds, scores)."""
+    """COCO-format ground truth and results from (image_id, category_id, gt_boxes, gt_areas, preds, scores) or
+    (..., scores, gt_crowd) tuples."""
     gt = {"images": [], "annotations": [], "categories": []}
     results = []
     seen_images, seen_cats = set(), set()
-    for image_id, cat, gt_boxes, gt_areas, preds, scores in images:
+    for image_id, cat, gt_boxes, gt_areas, preds, scores, *crowd in images:
+        crowd_flags = crowd[0] if crowd and crowd[0] is not None else [0] * len(gt_boxes)
         if image_id not in seen_images:
             seen_images.add(image_id)
             gt["images"].append(
@@ -113,7 +115,7 @@ def _coco_json(images):
         if cat not in seen_cats:
             seen_cats.add(cat)
             gt["categories"].append({"id": cat, "name": f"c{cat}", "frequency": "f"})
-        for box, area in zip(gt_boxes, gt_areas):
+        for box, area, is_crowd in zip(gt_boxes, gt_areas, crowd_flags):
             gt["annotations"].append(
                 {
                     "id": len(gt["annotations"]) + 1,
@@ -121,7 +123,7 @@ def _coco_json(images):
                     "category_id": cat,
                     "bbox": _xywh(box),
                     "area": float(area),
-                    "iscrowd": 0,
+                    "iscrowd": int(is_crowd),
                 }
             )
         for box, score in zip(preds, scores):
@@ -155,9 +157,12 @@ def _box_area(boxes):
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
-def _pycocotools_detection(preds, scores, gts, max_dets=(1, 10, 100)) -> np.ndarray:
+def _pycocotools_detection(preds, scores, gts, max_dets=(1, 10, 100), gt_crowd=None) -> np.ndarray:
+    """pycocotools' twelve numbers, compared with atol 1e-6: both sides compute IoUs in float64 and divide the same
+    integer counts, so only the order of the final sums differs (a wrong match moves a number by 1e-3 or more)."""
+    crowd = gt_crowd or [None] * len(gts)
     gt_json, results = _coco_json(
-        [(i + 1, 1, g, _box_area(g), p, s) for i, (p, s, g) in enumerate(zip(preds, scores, gts))]
+        [(i + 1, 1, g, _box_area(g), p, s, c) for i, (p, s, g, c) in enumerate(zip(preds, scores, gts, crowd))]
     )
     evaluator = _cocoeval(gt_json, results, max_dets)
     stats = evaluator.stats.copy()
@@ -222,11 +227,55 @@ def test_detection_equals_pycocotools_on_random_sets(seed):
     )
 
 
+def test_detection_crowd_regions_absorb_detections_without_counting():
+    # image 1: an object and a crowd region (a group of people, say); image 2: the crowd region alone
+    gts = [np.array([[0, 0, 100, 100], [200, 200, 400, 400]]), np.array([[0, 0, 300, 300]])]
+    crowd = [[False, True], [True]]
+    preds = [
+        # inside the crowd region (IoU 0.05 by the usual formula, but inside it: intersection over own area is 1),
+        # twice: a crowd region absorbs any number of detections; then the object, ranked last
+        np.array([[220, 220, 260, 260], [300, 300, 390, 390], [0, 0, 100, 100]]),
+        np.array([[10, 10, 60, 60]]),
+    ]
+    scores = [np.array([0.9, 0.8, 0.5]), np.array([0.95])]
+    result = detection_metrics(preds, scores, gts, gt_crowd=crowd)
+    # only the object counts: found by the one detection that is not ignored, at every threshold
+    assert (result.ap, result.ar[-1]) == (pytest.approx(1.0), pytest.approx(1.0))
+    assert result.ap_small == -1.0 and result.ap_large == pytest.approx(1.0)  # crowd boxes are no ground truth
+    # without the flags the crowd boxes are objects missed and the detections in them false positives
+    plain = detection_metrics(preds, scores, gts)
+    assert plain.ap < 0.5 and plain.ar[-1] == pytest.approx(1 / 3)
+    np.testing.assert_allclose(
+        list(result.as_dict().values()), _pycocotools_detection(preds, scores, gts, gt_crowd=crowd), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_detection_with_crowd_regions_equals_pycocotools(seed):
+    rng = np.random.default_rng(100 + seed)
+    gts, preds, scores, crowd = [], [], [], []
+    for _ in range(int(rng.integers(2, 7))):
+        gt = _random_boxes(rng, int(rng.integers(1, 6)), float(rng.choice([20, 60, 200])))
+        flags = rng.uniform(size=len(gt)) < 0.35
+        pred = _near(rng, gt, _random_boxes(rng, int(rng.integers(1, 12)), 300))
+        # detections shrunk inside the crowd regions: matched to them only through intersection over own area
+        inside = gt[flags] * 0.8 + gt[flags][:, [2, 3, 0, 1]] * 0.2
+        gts.append(gt)
+        crowd.append(flags)
+        preds.append(np.concatenate([pred, inside]))
+        scores.append(rng.uniform(0, 1, len(pred) + len(inside)))
+    mine = detection_metrics(preds, scores, gts, gt_crowd=crowd)
+    expected = _pycocotools_detection(preds, scores, gts, gt_crowd=[list(c) for c in crowd])
+    np.testing.assert_allclose(list(mine.as_dict().values()), expected, atol=1e-6)
+
+
 def test_detection_rejects_bad_input():
     with pytest.raises(ValueError, match="one entry per image"):
         detection_metrics([np.zeros((0, 4))], [[], []], [np.zeros((0, 4))])
     with pytest.raises(ValueError, match=r"pred_scores\[0\]: expected 2 values"):
         detection_metrics([np.zeros((2, 4))], [[0.1]], [np.zeros((0, 4))])
+    with pytest.raises(ValueError, match=r"gt_crowd\[0\]: expected 1 values"):
+        detection_metrics([np.zeros((0, 4))], [[]], [[[0, 0, 1, 1]]], gt_crowd=[[True, False]])
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import pytest
 import torch
 
@@ -122,6 +125,127 @@ def test_sampling_is_reproducible_with_a_generator(tiny_model, images):
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
+
+
+# Sampling filters, through generate: many rows of one prompt, one sampled token each. Every row has the same
+# next-token logits (rows decode as they would alone), so the drawn tokens are N independent draws from the
+# filtered distribution, which the tests compute from those logits with the textbook definitions.
+N_DRAWS = 4000
+TEMPERATURE = 0.25  # sharpens the tiny random model's near-uniform logits: a few likely tokens and a long tail
+
+
+@pytest.fixture(scope="module")
+def draw_first_tokens(sp_dir):
+    """draw(seed, **sampling) -> (Counter of the N_DRAWS first tokens, the next-token logits in float64)."""
+    from PIL import Image
+
+    from groma_core.api import build
+    from groma_core.plugins import PluginManager
+    from groma_core.recipe import validate_recipe
+    from groma_core.testing import tiny
+
+    manager = PluginManager()
+    manager.register_plugin(tiny, name="tiny", distribution="groma-core-tests")
+    recipe = {  # a short sequence (4 image tokens, 1 region, a few words) so that thousands of rows are cheap
+        "image_tokenizer": {"plugin": "tiny-conv", "image_size": 16, "patch_size": 8, "channels": 16},
+        "region_proposer": {"plugin": "grid", "cells": 1},
+        "region_encoder": {"plugin": "roi-pool"},
+        "language_backbone": {"plugin": "tiny-llama", "tokenizer": str(sp_dir)},
+        "region_selection": {"score_threshold": 0.0},
+    }
+    torch.manual_seed(0)
+    model = build(validate_recipe(recipe, manager), manager=manager).eval()
+    ids = model.tokenizer.encode(f"{T.IMAGE}\n{T.REGION}\nA picture of")
+    pixels = model.image_tokenizer.preprocess([Image.new("RGB", (16, 16), (90, 30, 200))])
+
+    def draw(seed: int = 0, **sampling):
+        out = model.generate(
+            pixels.expand(N_DRAWS, -1, -1, -1),
+            [ids] * N_DRAWS,
+            max_new_tokens=1,
+            do_sample=True,
+            temperature=TEMPERATURE,
+            eos_id=-1,
+            keep_step_logits=True,
+            generator=torch.Generator().manual_seed(seed),
+            **sampling,
+        )
+        assert all(len(seq) == 1 for seq in out.sequences)
+        logits = out.step_logits[0].double()
+        assert torch.allclose(logits, logits[:1].expand_as(logits), atol=1e-5)  # the same distribution every row
+        return Counter(seq[0] for seq in out.sequences), logits[0]
+
+    return draw
+
+
+def filtered_distribution(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> dict[int, float]:
+    """The distribution sampling must follow: softmax(logits / temperature); with top_k, the k most likely tokens
+    renormalised; then with top_p, the nucleus: the smallest set of most likely tokens whose probability reaches
+    top_p, renormalised (top-k first, as transformers does)."""
+    probs = (logits / TEMPERATURE).softmax(-1)
+    order = probs.argsort(descending=True)
+    kept = order[:top_k] if top_k else order
+    p = probs[kept] / probs[kept].sum()
+    if top_p < 1.0:
+        size = int((p.cumsum(0) < top_p).sum()) + 1
+        kept, p = kept[:size], p[:size] / p[:size].sum()
+    return dict(zip(kept.tolist(), p.tolist()))
+
+
+def assert_draws_follow(counts: Counter, expected: dict[int, float]) -> None:
+    """No token outside ``expected`` is ever drawn, and each token's count lies within 5 binomial standard
+    deviations of N_DRAWS * p: a correct sampler misses that with probability below 1e-6 per token (the seed is
+    fixed, so the test itself is deterministic), while a wrong temperature or filter moves the counts by tens of
+    deviations."""
+    assert set(counts) <= set(expected), f"drawn outside the kept set: {set(counts) - set(expected)}"
+    for token, p in expected.items():
+        sd = math.sqrt(N_DRAWS * p * (1 - p))
+        assert abs(counts[token] - N_DRAWS * p) <= 5 * sd + 1e-6, (token, counts[token], N_DRAWS * p, sd)
+
+
+def test_unfiltered_sampling_follows_the_softmax_tail_included(draw_first_tokens):
+    counts, logits = draw_first_tokens(seed=1)
+    expected = filtered_distribution(logits)
+    assert_draws_follow(counts, expected)
+    top4 = sorted(expected, key=expected.get, reverse=True)[:4]
+    tail = 1.0 - sum(expected[t] for t in top4)
+    assert tail > 0.1  # the filters below have a large mass to remove: ignoring one would draw ~N * tail tokens
+    drawn_tail = N_DRAWS - sum(counts[t] for t in top4)
+    assert abs(drawn_tail - N_DRAWS * tail) <= 5 * math.sqrt(N_DRAWS * tail * (1 - tail))
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_top_k_draws_only_the_k_most_likely_tokens_renormalised(draw_first_tokens, top_k):
+    counts, logits = draw_first_tokens(seed=2, top_k=top_k)
+    expected = filtered_distribution(logits, top_k=top_k)
+    assert len(expected) == top_k
+    assert_draws_follow(counts, expected)
+    assert min(expected.values()) * N_DRAWS > 20 and len(counts) == top_k  # every kept token is drawn
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_top_p_draws_only_the_nucleus_renormalised(draw_first_tokens, size):
+    _, logits = draw_first_tokens(seed=3)
+    full = filtered_distribution(logits)
+    cumulative = sorted(full.values(), reverse=True)
+    cumulative = [sum(cumulative[: i + 1]) for i in range(len(cumulative))]
+    top_p = (cumulative[size - 2] + cumulative[size - 1]) / 2  # halfway: the nucleus has `size` tokens
+    counts, _ = draw_first_tokens(seed=4, top_p=top_p)
+    expected = filtered_distribution(logits, top_p=top_p)
+    assert len(expected) == size
+    assert_draws_follow(counts, expected)
+
+
+def test_top_k_then_top_p_takes_the_nucleus_of_the_renormalised_top_k(draw_first_tokens):
+    _, logits = draw_first_tokens(seed=5)
+    top4 = filtered_distribution(logits, top_k=4)
+    p = sorted(top4.values(), reverse=True)
+    top_p = p[0] + p[1] / 2  # within the renormalised top 4: a nucleus of 2 tokens
+    expected = filtered_distribution(logits, top_k=4, top_p=top_p)
+    assert len(expected) == 2
+    assert len(filtered_distribution(logits, top_p=top_p)) > 2  # the nucleus of the whole distribution is larger
+    counts, _ = draw_first_tokens(seed=6, top_k=4, top_p=top_p)
+    assert_draws_follow(counts, expected)
 
 
 def test_user_boxes_proposer_gives_exactly_the_user_boxes(tiny_recipe, manager, images):
