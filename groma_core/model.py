@@ -14,6 +14,7 @@ from groma_core import tokens as T
 from groma_core.boxes import check_boxes
 from groma_core.errors import InputError
 from groma_core.inference import TasksMixin
+from groma_core.prompt import max_positions
 from groma_core.selection import SelectionConfig, select_regions
 from groma_core.stages import ImageTokenizer, LanguageBackbone, RegionEncoder, RegionProposer, module_device
 from groma_core.types import ImageFeatures, Proposals, Regions
@@ -209,11 +210,27 @@ class GromaModel(TasksMixin, nn.Module):
                     f"(found {ids.count(image_id)} and {ids.count(region_id)})"
                 )
 
+        limit = max_positions(self.language_backbone)
+        n_image_tokens = features.tokens.shape[1] if features is not None else self.image_tokenizer.num_tokens
+        for i, ids in enumerate(ids_list):  # before any stage runs: the image's tokens alone may not fit
+            if limit is not None and len(ids) - 2 + n_image_tokens > limit:
+                raise InputError(
+                    f"sample {i}: the prompt is {len(ids)} tokens; with the image's {n_image_tokens} tokens it needs "
+                    f"at least {len(ids) - 2 + n_image_tokens} positions, but the language model takes {limit}"
+                )
+
         if features is None:
             features = self.encode_images(pixel_values, images)
         if proposals is None:
             proposals = self.region_proposer(features)
         regions = self.select(proposals, refer_boxes, ground_boxes, generator)
+        n_tokens = len(tok.region_ids)
+        for i, boxes in enumerate(regions.boxes):  # region K is written <rK>: there must be a token for each
+            if boxes.shape[0] > n_tokens:
+                raise InputError(
+                    f"sample {i}: {boxes.shape[0]} regions, but the tokenizer has {n_tokens} region tokens (<r0>..<r"
+                    f"{n_tokens - 1}>); set region_selection.max_regions to at most {n_tokens}"
+                )
 
         prompt_ids, expanded, label_rows = [], [], []
         for i in range(batch):
@@ -221,6 +238,11 @@ class GromaModel(TasksMixin, nn.Module):
             ids = self._rewrite(ids, ground_id, regions.ground_index[i], "<ground_box>", i)
             prompt_ids.append(ids)
             exp, origin = self._expand(ids, regions.boxes[i].shape[0], features.tokens.shape[1])
+            if limit is not None and len(exp) > limit:
+                raise InputError(
+                    f"sample {i}: the prompt is {len(exp)} tokens once the image and its {regions.boxes[i].shape[0]} "
+                    f"regions are expanded, but the language model takes at most {limit} positions"
+                )
             expanded.append(exp)
             if label_list is not None:
                 original = ids_list[i]

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from groma_core.config import StageOptions
 from groma_core.hookspecs import hookimpl
+from groma_core.kv_cache import run_with_cache
 from groma_core.prompt import GromaTokenizer, SentencePieceCodec
 from groma_core.stages import (
     BackboneOutput,
@@ -181,16 +182,17 @@ class TinyLlamaBackbone(LanguageBackbone):
         past_key_values: Any = None,
         use_cache: bool = False,
     ) -> BackboneOutput:
-        out = self.llm.model(
+        out, cache = run_with_cache(
+            self.llm.model,
+            past_key_values,
+            use_cache,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
         )
         h = out.last_hidden_state
         logits = torch.cat([self.llm.lm_head(h), self.extra_lm_head(h)], dim=-1)
-        return BackboneOutput(logits, h, out.past_key_values if use_cache else None)
+        return BackboneOutput(logits, h, cache)
 
 
 TRAINING_TEXT = """a red circle and a blue square on a white background

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from groma_core import tokens as T
+from groma_core.kv_cache import run_with_cache
 from groma_core.prompt import GromaTokenizer, SentencePieceCodec
 from groma_core.stages import BackboneOutput, LanguageBackbone
 
@@ -143,15 +144,14 @@ class CausalLMBackbone(LanguageBackbone):
                     f"attention_mask: expected shape {expected} (batch, cached + new positions), "
                     f"got {tuple(attention_mask.shape)}"
                 )
-        out = self.llm.base_model(
+        out, cache = run_with_cache(
+            self.llm.base_model,
+            past_key_values,
+            use_cache,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
         )
         hidden = out.last_hidden_state
         logits = torch.cat([self.llm.get_output_embeddings()(hidden), self.extra_lm_head(hidden)], dim=-1)
-        return BackboneOutput(
-            logits=logits, hidden_states=hidden, past_key_values=out.past_key_values if use_cache else None
-        )
+        return BackboneOutput(logits=logits, hidden_states=hidden, past_key_values=cache)
