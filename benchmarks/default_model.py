@@ -49,6 +49,43 @@ def training_time(log: Path) -> str:
     return f"training: {total / 60:.1f} min ({parts})"
 
 
+def predictions(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def rec_by_type(run_dir: Path, ann: Path) -> str:
+    """REC accuracy per expression type (attribute, size, position, relation) from a run's predictions."""
+    from groma_core.evaluation.metrics import rec_accuracy
+
+    kinds = {str(img["id"]): img["ref_type"] for img in json.loads(ann.read_text(encoding="utf-8"))["images"]}
+    by_kind: dict[str, list[dict]] = {}
+    for p in predictions(run_dir):
+        by_kind.setdefault(kinds[p["id"]], []).append(p)
+    parts = []
+    for kind, rows in sorted(by_kind.items()):
+        accuracy = rec_accuracy([r["pred_box"] for r in rows], [r["gt_box"] for r in rows]).accuracy
+        parts.append(f"{kind} {accuracy:.3f} ({len(rows)})")
+    return ", ".join(parts)
+
+
+def names_colour_and_shape(run_dir: Path, data: Path) -> tuple[int, int]:
+    """How many region captions name the box's own colour and shape as their first colour and shape words."""
+    from groma_core.data.shapes import PALETTE, SHAPES
+
+    scenes = json.loads((data / "annotations" / "scenes_train.json").read_text(encoding="utf-8"))["images"]
+    objects = {str(o["id"]): o for s in scenes for o in s["objects"]}
+    named = total = 0
+    for p in predictions(run_dir):
+        obj = objects[p["id"]]
+        words = p["caption"].lower().replace(",", " ").split()
+        colour = next((w for w in words if w in PALETTE), None)
+        shape = next((w for w in words if w in SHAPES), None)
+        named += (colour, shape) == (obj["colour"], obj["shape"])
+        total += 1
+    return named, total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", type=Path)
@@ -69,6 +106,7 @@ def main() -> None:
     for task, file, extra in (
         ("rec", "rec_train.json", []),
         ("region-caption", "region_captions_train.json", ["--limit", str(args.images)]),
+        ("grounded-caption", "flickr_train.json", ["--ignore-words", "small,large"]),
         ("detection", "detection_train.json", []),
     ):
         out = work / f"eval-{task}"
@@ -90,7 +128,7 @@ def main() -> None:
     loaded.caption(str(EXAMPLE))  # the CAPTION prompt
     answer_s = time.perf_counter() - began
 
-    rec, cap, det = (results[k] for k in ("rec", "region-caption", "detection"))
+    rec, cap, det, grounded = (results[k] for k in ("rec", "region-caption", "detection", "grounded-caption"))
     print(f"machine: {machine()}")
     if args.train_log:
         print(training_time(args.train_log))
@@ -102,6 +140,16 @@ def main() -> None:
         f"REC: accuracy@0.5 {rec['metrics']['accuracy']:.3f} on {rec['num_samples']} expressions "
         f"(mean IoU {rec['metrics']['mean_iou']:.3f})"
     )
+    print(f"REC by expression type: {rec_by_type(work / 'eval-rec', ann / 'rec_train.json')}")
+    g = grounded["metrics"]
+    print(
+        f"grounded captions ({grounded['num_samples']} images): phrase precision {g['phrase_precision']:.3f}, "
+        f"recall {g['phrase_recall']:.3f} ({g['predicted_phrases']:.0f} phrases, "
+        f"{g['ground_truth_boxes']:.0f} shapes); "
+        f"CIDEr {g['CIDEr']:.3f}, Bleu_4 {g['Bleu_4']:.3f}"
+    )
+    named, total = names_colour_and_shape(work / "eval-region-caption", data)
+    print(f"region captions naming the box's colour and shape: {named / total:.3f} ({named} of {total})")
     scores = ", ".join(f"{k} {v:.3f}" for k, v in cap["metrics"].items() if isinstance(v, float))
     print(f"region captions ({cap['num_samples']} regions): {scores}")
     recalls = ", ".join(f"{k} {v:.3f}" for k, v in det["metrics"].items() if isinstance(v, float))

@@ -6,7 +6,8 @@ and how much of each shape's colour and shape name the image features and the re
 1. Ceiling: REC is answered by naming one of the selected regions, so accuracy@0.5 can be no higher than the share of
    expressions whose target has a selected region with IoU >= 0.5. Printed at the model's own score threshold and at
    lower ones (with the regions per image that each brings), and over all raw proposals.
-2. Probes: a small MLP (fixed seed) is trained to read the colour (12 classes) and the shape name (8 classes) of
+2. Probes: a small MLP (fixed seed; for the region tokens also a linear probe) is trained to read the colour
+   (12 classes) and the shape name (8 classes) of
    ground-truth shapes from (a) the image-feature levels sampled on a 7x7 grid inside the box, (b) the input pixels
    the same way, (c) the region tokens the language model receives. Held-out accuracy; chance is 1/12 and 1/8.
    The encoder squashes every image to a square (as the reference does), so a circle and an ellipse, or a square and
@@ -40,7 +41,7 @@ def dataset(root: Path, images: int, seed: int) -> Path:
 
 @torch.no_grad()
 def ceiling(model, root: Path, thresholds: list[float]) -> None:
-    from groma_core.boxes import box_iou
+    from groma_core.boxes import box_iou, to_input_frame
     from groma_core.images import load_image, to_normalized_xyxy
     from groma_core.selection import select_regions
 
@@ -53,6 +54,7 @@ def ceiling(model, root: Path, thresholds: list[float]) -> None:
     for a in ann["annotations"]:
         image = load_image(root / "images" / infos[a["image_id"]]["file_name"])
         target = to_normalized_xyxy([_xywh_to_xyxy(a["bbox"])], image.size).float()
+        target = to_input_frame(target, model.image_tokenizer.input_frame(*image.size))  # proposals live there
         proposals = model.region_proposer(model.encode_images(model.image_tokenizer.preprocess([image]), [image]))
         offered["all proposals"].append(bool(box_iou(proposals.boxes[0].float(), target).max() >= 0.5))
         for threshold, setting in settings.items():
@@ -80,16 +82,19 @@ def grid_sample(level: torch.Tensor, box: list[float], cells: int = 7) -> torch.
 
 
 @torch.enable_grad()
-def probe_accuracy(x: torch.Tensor, labels: list[str], seed: int = 0) -> tuple[float, Counter]:
-    """Held-out accuracy of an MLP probe and its confusions (true, predicted)."""
+def probe_accuracy(x: torch.Tensor, labels: list[str], seed: int = 0, linear: bool = False) -> tuple[float, Counter]:
+    """Held-out accuracy of an MLP probe (or a linear one) and its confusions (true, predicted)."""
     classes = sorted(set(labels))
     y = torch.tensor([classes.index(v) for v in labels])
     split = int(0.8 * len(x))
     x = (x - x[:split].mean(0)) / (x[:split].std(0) + 1e-2)
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(
-        torch.nn.Dropout(0.2), torch.nn.Linear(x.shape[1], 256), torch.nn.ReLU(), torch.nn.Linear(256, len(classes))
-    )
+    if linear:
+        net = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(x.shape[1], len(classes)))
+    else:
+        net = torch.nn.Sequential(
+            torch.nn.Dropout(0.2), torch.nn.Linear(x.shape[1], 256), torch.nn.ReLU(), torch.nn.Linear(256, len(classes))
+        )
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
     for _ in range(600):
         batch = torch.randint(0, split, (256,))
@@ -105,6 +110,7 @@ def probe_accuracy(x: torch.Tensor, labels: list[str], seed: int = 0) -> tuple[f
 
 @torch.no_grad()
 def probes(model, root: Path) -> None:
+    from groma_core.boxes import to_input_frame
     from groma_core.images import load_image, to_normalized_xyxy
 
     scenes = json.loads((root / "annotations" / "scenes_train.json").read_text())["images"]
@@ -113,6 +119,7 @@ def probes(model, root: Path) -> None:
     for scene in scenes:
         image = load_image(root / "images" / scene["file_name"])
         normalized = to_normalized_xyxy([_xywh_to_xyxy(o["bbox"]) for o in scene["objects"]], image.size).float()
+        normalized = to_input_frame(normalized, model.image_tokenizer.input_frame(*image.size))
         pixels = model.image_tokenizer.preprocess([image])
         encoded = model.encode_images(pixels, [image])
         maps = {f"image level {name}": level[0] for name, level in encoded.levels.items()}
@@ -127,6 +134,9 @@ def probes(model, root: Path) -> None:
         x = torch.stack(rows)
         (colour, _), (shape, confusions) = probe_accuracy(x, colours), probe_accuracy(x, shapes)
         print(f"  {name:<22} {colour:.3f} / {shape:.3f}")
+        if name == "region tokens":  # what the language model reads, through a linear probe (the issue's gate)
+            (colour, _), (shape, _) = probe_accuracy(x, colours, linear=True), probe_accuracy(x, shapes, linear=True)
+            print(f"  {'region tokens, linear':<22} {colour:.3f} / {shape:.3f}")
         if name == "input pixels":
             common = ", ".join(f"{t} as {p} {n}" for (t, p), n in confusions.most_common(4))
             print(f"    most common shape confusions from the pixels: {common} (of {sum(confusions.values())} errors)")

@@ -84,3 +84,32 @@ def check_boxes(boxes: Tensor, what: str = "boxes") -> Tensor:
         i = int(torch.nonzero(inverted).flatten()[0])
         raise ValueError(f"{what}: box {i} {boxes[i].tolist()} needs x2 > x1 and y2 > y1")
     return boxes.float()
+
+
+Frame = tuple[float, float, float, float]
+"""Where an original image lies in a tokenizer's input, in normalized input units: (scale_x, scale_y, offset_x,
+offset_y), so that ``x_input = offset_x + scale_x * x_original`` (identity: (1, 1, 0, 0))."""
+
+IDENTITY_FRAME: Frame = (1.0, 1.0, 0.0, 0.0)
+
+
+def to_input_frame(boxes: Tensor, frame: Frame) -> Tensor:
+    """Normalized xyxy boxes of the original image -> normalized xyxy boxes of the tokenizer's input."""
+    if tuple(frame) == IDENTITY_FRAME:
+        return boxes
+    sx, sy, ox, oy = frame
+    scale = boxes.new_tensor([sx, sy, sx, sy])
+    offset = boxes.new_tensor([ox, oy, ox, oy])
+    return boxes * scale + offset
+
+
+def from_input_frame(boxes: Tensor, frame: Frame) -> Tensor:
+    """Normalized xyxy boxes of the tokenizer's input -> normalized xyxy boxes of the original image, clipped to it
+    (a box that reaches into the padding is cut at the image's edge). The identity frame returns the boxes as
+    they are (the reference reports unclipped boxes)."""
+    if tuple(frame) == IDENTITY_FRAME:
+        return boxes
+    sx, sy, ox, oy = frame
+    scale = boxes.new_tensor([sx, sy, sx, sy])
+    offset = boxes.new_tensor([ox, oy, ox, oy])
+    return ((boxes - offset) / scale).clamp(0.0, 1.0)

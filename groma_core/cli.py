@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from groma_core import __version__
-from groma_core.errors import GromaError, RecipeError
+from groma_core.errors import GromaError, RecipeError, one_line
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -111,8 +111,8 @@ def _load_model(args: argparse.Namespace):
     """The model named by --model (a checkpoint directory or a recipe), on --device in --dtype."""
     from groma_core.api import DTYPES, load, resolve_device
 
+    device = resolve_device(args.device)  # a device this machine lacks is refused before the model is read
     model = load(args.model or None, args.set, _manager())  # no --model: the embedded default
-    device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.quantize:  # cast first: the 4-bit layers compute in the model's dtype
         from groma_core.quantization import quantize_model
@@ -149,13 +149,16 @@ def _prompt_with_boxes(prompt: str, boxes: list[list[float]]) -> tuple[str, list
 
 def cmd_ground(args: argparse.Namespace) -> int:
     """Answer a grounded prompt about one or more images (a file, a folder or a glob): text, phrases and boxes."""
-    from groma_core.images import expand_image_sources, load_image
+    from groma_core.images import expand_image_sources, load_image, to_normalized_xyxy
     from groma_core.inference import Request
     from groma_core.visualize import draw_answer
 
     sources = expand_image_sources([args.image])
     text, boxes = _prompt_with_boxes(args.prompt, args.box or [])
     images = [load_image(s) for s in sources]  # every file is checked before the model is loaded
+    for source, image in zip(sources, images):  # and every box against every image
+        if boxes:
+            to_normalized_xyxy(boxes, image.size, what=f"boxes for {source}")
     model = _load_model(args)
     results = []
     batches = [list(range(i, min(i + args.batch_size, len(images)))) for i in range(0, len(images), args.batch_size)]
@@ -208,7 +211,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         try:
             answer = model.chat(session, line.strip(), max_new_tokens=args.max_new_tokens)
         except GromaError as exc:
-            print(f"groma: error: {exc}", file=sys.stderr)
+            print(f"groma: error: {one_line(exc)}", file=sys.stderr)
             continue
         _print_answer("groma", answer)
 
@@ -218,8 +221,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from groma_core.evaluation.harness import TASKS, evaluate
 
     task_cls = TASKS[args.task]
+    if args.max_new_tokens is not None and task_cls.max_new_tokens is None:
+        raise GromaError(f"--max-new-tokens: the {args.task} task runs the region proposer alone and writes no text")
     kwargs = {"style": args.style} if args.task == "region-caption" else {}
-    task = task_cls(args.ann, args.images, **kwargs)
+    if args.task == "grounded-caption":
+        kwargs = {"ignore_words": args.ignore_words.split(",") if args.ignore_words else ()}
+    elif args.ignore_words:
+        raise GromaError("--ignore-words: only the grounded-caption task matches phrases")
+    task = task_cls(args.ann, args.images, max_new_tokens=args.max_new_tokens, **kwargs)
     model = _load_model(args)
     out = args.out or f"runs/eval-{args.task}"
     summary = evaluate(
@@ -306,13 +315,29 @@ def _checkpoint_folder(path: Path) -> Path:
     return latest
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count or a size); anything else is a usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", help="checkpoint directory or recipe (default: the embedded tiny model trained on synthetic shapes)"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default: the recipe's)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer in tokens")
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=None,
+        help="longest answer in tokens (default: the recipe's; for eval, the benchmark's as in the reference)",
+    )
     p.add_argument(
         "--quantize",
         choices=["8bit", "4bit"],
@@ -327,10 +352,16 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors end in one line of bounded length, whatever value was given."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="groma", description="Grounded multimodal language models with swappable stages (Groma)."
-    )
+    parser = _Parser(prog="groma", description="Grounded multimodal language models with swappable stages (Groma).")
     parser.add_argument("--version", action="version", version=f"groma-core {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -360,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="write the annotated picture here (a folder when several images)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per batch (default 8)")
     _add_model_args(p)
     p.set_defaults(func=cmd_ground)
 
@@ -370,15 +401,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("eval", help="evaluate a model on a benchmark", description=cmd_eval.__doc__)
-    p.add_argument("task", choices=["rec", "lvis-ground", "region-caption", "detection"], help="the benchmark")
+    p.add_argument(
+        "task", choices=["rec", "lvis-ground", "region-caption", "grounded-caption", "detection"], help="the benchmark"
+    )
     p.add_argument("--ann", required=True, help="annotation file in the reference's format")
     p.add_argument("--images", required=True, help="folder the annotation's file names are relative to")
     p.add_argument("--out", help="output folder (default runs/eval-TASK)")
     p.add_argument("--seed", type=int, default=0, help="seed of the instruction-template choice (default 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per batch (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="samples per batch (default 8)")
     p.add_argument("--resume", action="store_true", help="continue a run that stopped, keeping its predictions")
-    p.add_argument("--limit", type=int, help="only the first N samples")
+    p.add_argument("--limit", type=positive_int, help="only the first N samples")
     p.add_argument("--style", default="vg", choices=["vg", "refcocog"], help="region-caption prompts (default vg)")
+    p.add_argument(
+        "--ignore-words",
+        metavar="W1,W2",
+        help="grounded-caption: words left out when phrases are matched, besides articles and counts "
+        "(e.g. small,large)",
+    )
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -434,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except GromaError as exc:
             if args.debug:
                 raise
-            print(f"groma: error: {exc}", file=sys.stderr)
+            print(f"groma: error: {one_line(exc)}", file=sys.stderr)
             return 2
     try:
         return int(args.func(args) or 0)
@@ -444,9 +483,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (GromaError, OSError, ValueError, KeyError) as exc:
         if args.debug:
             raise
-        message = str(exc).strip() or type(exc).__name__
-        print(f"groma: error: {message}", file=sys.stderr)
+        print(f"groma: error: {_error_text(exc)}", file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001 - a bug still ends in one line; --debug shows the traceback
+        if args.debug:
+            raise
+        print(
+            f"groma: error: internal error ({one_line(f'{type(exc).__name__}: {exc}', 300)}); this is a bug: please "
+            "report it with the output of the same command run as `groma --debug ...`",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _error_text(exc: BaseException) -> str:
+    """What the CLI prints for an error: one line of bounded length (a recipe's problems: one bounded line each)."""
+    if isinstance(exc, RecipeError):
+        return str(exc)
+    return one_line(str(exc).strip() or type(exc).__name__)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from groma_core.errors import InputError
+from groma_core.boxes import from_input_frame, to_input_frame
+from groma_core.errors import InputError, echo
 from groma_core.grounding import parse_grounded
 from groma_core.prompt import get_template
 from groma_core.types import GroundedAnswer
@@ -27,7 +28,8 @@ DETAILED_CAPTION_PROMPT = "[grounding]Describe the image in detail."
 LOCATE_PROMPT = "Locate <p>{}</p> in the image."
 REGION_PROMPT = "What is " + REFER + "?"
 DETAILED_REGION_PROMPT = "Please describe " + REFER + " in details."
-BOX_IN_TEXT = re.compile(r"<\s*([^<>]*?,[^<>]*?)\s*>")
+#: ``<x1,y1,x2,y2>``; written without overlapping repeats, so a long unclosed ``<,,,,`` is rejected in linear time
+BOX_IN_TEXT = re.compile(r"<([^<>,]*(?:,[^<>,]*)+)>")
 
 
 @dataclass
@@ -56,11 +58,11 @@ def boxes_from_text(text: str) -> tuple[str, list[tuple[float, float, float, flo
     def replace(match: re.Match) -> str:
         parts = [p.strip() for p in match.group(1).split(",")]
         if len(parts) != 4:
-            raise InputError(f"box {match.group(0)!r}: expected 4 numbers <x1,y1,x2,y2>, got {len(parts)}")
+            raise InputError(f"box {echo(match.group(0))}: expected 4 numbers <x1,y1,x2,y2>, got {len(parts)}")
         try:
             numbers = tuple(float(p) for p in parts)
         except ValueError:
-            raise InputError(f"box {match.group(0)!r}: coordinates must be numbers") from None
+            raise InputError(f"box {echo(match.group(0))}: coordinates must be numbers") from None
         boxes.append(numbers)  # type: ignore[arg-type]
         return REFER
 
@@ -86,16 +88,20 @@ class TasksMixin:
             return []
         template = get_template(self.template)
         images = [load_image(r.image) for r in requests]
+        frames = [self.image_tokenizer.input_frame(*img.size) for img in images]
         boxes = []
-        for r, img in zip(requests, images):
-            boxes.append(to_normalized_xyxy(r.boxes_px, img.size) if r.boxes_px else torch.zeros(0, 4))
+        for r, img, frame in zip(requests, images, frames):
+            given = to_normalized_xyxy(r.boxes_px, img.size) if r.boxes_px else torch.zeros(0, 4)
+            boxes.append(to_input_frame(given, frame))
         prompts = [self.tokenizer.encode(template.render(r.turns)) for r in requests]
         settings = self.generation_settings(**generation)
         pixels = self.image_tokenizer.preprocess(images).to(self.device, self.image_projector.layers[0].weight.dtype)
         out = self.generate(pixels, prompts, refer_boxes=[b.to(self.device) for b in boxes], images=images, **settings)
         answers = [
-            parse_grounded(seq, self.tokenizer, out.regions.boxes[i], img.size, out.regions.scores[i])
-            for i, (seq, img) in enumerate(zip(out.sequences, images))
+            parse_grounded(
+                seq, self.tokenizer, from_input_frame(out.regions.boxes[i], frame), img.size, out.regions.scores[i]
+            )
+            for i, (seq, img, frame) in enumerate(zip(out.sequences, images, frames))
         ]
         masks = out.proposal_extras.get("masks")
         if masks is not None:  # a proposer that gives masks: each grounded box carries its proposal's mask

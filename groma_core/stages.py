@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from groma_core.boxes import IDENTITY_FRAME, Frame
 from groma_core.types import ImageFeatures, Proposals
 
 if TYPE_CHECKING:
@@ -68,6 +69,10 @@ class ImageTokenizer(Stage):
       * ``preprocess(images)``: a sequence of B RGB ``PIL.Image`` of any sizes -> float tensor (B, 3, H, W) at
         :attr:`image_size`, normalized as the encoder expects. The aspect ratio need not be preserved: boxes are
         normalized to the original image, so an anisotropic resize keeps them valid.
+      * ``input_frame(width, height)``: where a ``width`` x ``height`` image lies in the input (see
+        :data:`groma_core.boxes.Frame`). The identity (the default) for a resize that fills the input; a tokenizer
+        that keeps the aspect ratio (letterbox) returns the placed rectangle, and the core then maps boxes into the
+        input frame for the proposer and region encoder, and back to the original image for the user.
       * ``forward(pixel_values)``: (B, 3, H, W) -> :class:`ImageFeatures` with ``tokens`` (B, num_tokens,
         token_dim) and ``levels`` name -> (B, C, h, w) as announced by :attr:`level_channels`.
     """
@@ -85,6 +90,10 @@ class ImageTokenizer(Stage):
     @abstractmethod
     def forward(self, pixel_values: Tensor) -> ImageFeatures:
         """Encode a batch of preprocessed images."""
+
+    def input_frame(self, width: int, height: int) -> Frame:
+        """Where a ``width`` x ``height`` image lies in the preprocessed input; the identity by default."""
+        return IDENTITY_FRAME
 
 
 class RegionProposer(Stage):

@@ -46,9 +46,7 @@ def test_the_default_model_ships_inside_the_package_and_is_small():
     recipe = load_recipe(DEFAULT_MODEL / "recipe.yaml")  # validates, tokenizer path relative to the folder
     assert recipe.core.weights == "model.safetensors"
     assert recipe.stages["language_backbone"].options.tokenizer == "tokenizer"
-    # the wheel carries the folder: package data names it
-    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    assert '"default_model/*"' in pyproject and '"default_model/tokenizer/*"' in pyproject
+    # that a wheel carries the folder is checked by installing one: tests/test_wheel_install.py
 
 
 def test_load_with_no_argument_is_the_default_model(model):
@@ -122,8 +120,11 @@ def test_groma_ground_without_a_model_uses_the_default(tmp_path):
     assert recipe["name"] == "shapes-tiny"
 
 
-def test_detection_task_reports_recall(model, held_out, tmp_path):
+def test_detection_on_held_out_images_reaches_its_floors(model, held_out, tmp_path):
+    """Each detection figure against its own floor, set below what the shipped model measures on 500 held-out
+    images (benchmarks/README.md) to allow for the 40 images here."""
     task = DetectionTask(held_out / "annotations" / "detection_train.json", held_out / "images")
-    summary = evaluate(task, model, tmp_path / "det", progress=False, limit=20)
-    assert summary["num_samples"] == 20
-    assert max(v for v in summary["metrics"].values() if isinstance(v, float)) > 0.5
+    summary = evaluate(task, model, tmp_path / "det", progress=False, limit=40)
+    assert summary["num_samples"] == 40
+    metrics = summary["metrics"]
+    assert metrics["AP50"] >= 0.75 and metrics["AR@100"] >= 0.55 and metrics["AP"] >= 0.35, metrics

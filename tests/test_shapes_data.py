@@ -121,8 +121,13 @@ def test_every_file_reads_back_with_its_reader(dataset):
         captions = load(dataset, "captions", split)
         assert all(c["conversations"][0]["value"].startswith("<image>\n") for c in captions)
     detection = load(dataset, "detection")
-    assert detection["categories"] == [{"id": 1, "name": "object", "supercategory": "object"}]
-    assert all(a["category_id"] == 1 and a["iscrowd"] == 0 for a in detection["annotations"])
+    names = {c["id"]: c["name"] for c in detection["categories"]}
+    objects = objects_by_id(dataset)
+    for a in detection["annotations"]:  # each box's category names its colour and shape (the attribute loss reads it)
+        obj = objects[a["id"]]
+        assert names[a["category_id"]] == f"{obj['colour']}_{obj['shape']}" and a["iscrowd"] == 0
+    labels = [label for d in read_detection(dataset / "annotations" / "detection_train.json") for label in d.labels]
+    assert len(set(labels)) > 5 and min(labels) >= 1
 
 
 def test_boxes_lie_inside_their_images_and_fit_the_drawn_shapes(dataset):

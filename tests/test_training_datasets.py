@@ -240,9 +240,10 @@ def test_detection_samples_and_three_stage1_steps(shapes, model, tmp_path):
     data = open_dataset(spec(shapes, "detection", source="coco"), model)
     with seeded(1):
         sample = data[0]
-    assert set(sample) == {"pixel_values", "boxes", "image_file", "skipped"}
+    assert set(sample) == {"pixel_values", "boxes", "box_labels", "image_file", "skipped"}
     assert sample["image_file"] == data.records[0].image.file_name and sample["skipped"] == 0
     assert sample["boxes"].shape[1] == 4 and len(sample["boxes"]) >= 1
+    assert len(sample["box_labels"]) == len(sample["boxes"])  # each kept box keeps its file's category
     config = TrainingConfig.model_validate(
         {
             "stages": [

@@ -42,6 +42,7 @@ class DetectionImage:
     image: ImageInfo
     boxes: tuple[Box, ...]
     areas: tuple[float, ...]
+    labels: tuple[int, ...] = ()  #: each box's ``category_id`` (0 where the file gives none)
 
 
 @dataclass(frozen=True)
@@ -170,12 +171,16 @@ def read_detection(path: str | Path) -> list[DetectionImage]:
     _, images, by_image = _coco(path)
     result = []
     for image_id, info in images.items():
-        boxes, areas = [], []
+        boxes, areas, labels = [], [], []
         for j, record in by_image.get(image_id, []):
             at = f"{path}: annotations[{j}]"
             boxes.append(_xywh_to_xyxy(_get(record, "bbox", list, at), f"{at}.bbox"))
             areas.append(float(_get(record, "area", (int, float), at)))
-        result.append(DetectionImage(info, tuple(boxes), tuple(areas)))
+            label = record.get("category_id", 0)
+            if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+                raise InputError(f"{at}.category_id: expected a non-negative integer, got {str(label)[:40]!r}")
+            labels.append(label)
+        result.append(DetectionImage(info, tuple(boxes), tuple(areas), tuple(labels)))
     return result
 
 

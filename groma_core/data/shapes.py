@@ -10,7 +10,7 @@ mostly non-square sizes; and writes::
       images/000001.png ...                8-bit RGB PNGs, named by image id (1-based)
       annotations/
         scenes_{split}.json                the ground truth everything else is derived from (see below)
-        detection_{split}.json             class-agnostic COCO detection: one category "object" (stage 1)
+        detection_{split}.json             COCO detection, one category per colour x shape (stage 1)
         rec_{split}.json                   RefCOCO-style REC: one "image" entry per referring expression
         region_captions_{split}.json       VG region captions, one "image" entry per region (SingleRoundVG, vg_test)
         region_captions_multi_{split}.json VG region captions, one entry per image with all its regions (MultiRoundsVG)
@@ -26,8 +26,10 @@ of visible pixels. A shape keeps at least 60 % of its pixels visible, and shapes
 
 Formats, as the reference's loaders read them (``groma/data/datasets/*.py``, ``groma/eval/*.py``):
 
-* detection: COCO ``images`` (id, file_name, height, width), ``annotations`` (id, image_id, category_id 1, bbox,
-  area, iscrowd 0), ``categories`` ``[{"id": 1, "name": "object"}]``. Annotation ids are ``image_id * 100 + k``
+* detection: COCO ``images`` (id, file_name, height, width), ``annotations`` (id, image_id, category_id, bbox,
+  area, iscrowd 0), ``categories`` the colour x shape entries of the LVIS-Ground vocabulary (``red_circle``, ...):
+  the proposer is trained class-agnostic, the categories serve the optional attribute loss of a detection stage.
+  Annotation ids are ``image_id * 100 + k``
   (k = drawing order) and are the object ids used by every other file (``original_id``).
 * rec: each ``images`` entry is one expression (id, file_name, height, width, ``caption`` = expression,
   ``original_id`` = image id, ``ref_type``) with one annotation (bbox, area, ``original_id`` = object id).
@@ -826,6 +828,11 @@ def _box(obj: ShapeObject) -> dict:
     return {"bbox": list(obj.bbox), "area": obj.area, "iscrowd": 0, "category_id": 1}
 
 
+def _detection_category(obj: ShapeObject) -> int:
+    """The detection file's category of a shape: its colour x shape entry of :func:`lvis_categories`."""
+    return _CATEGORY_IDS[(obj.colour, obj.shape)]
+
+
 def _add_scene(files: _SplitFiles, scene: Scene, config: ShapesConfig) -> None:
     """Append every annotation of one scene to its split."""
     rng = np.random.default_rng([config.seed, scene.image_id, 1])
@@ -833,7 +840,8 @@ def _add_scene(files: _SplitFiles, scene: Scene, config: ShapesConfig) -> None:
     files.scenes.append(scene.as_dict())
     files.images.append({"id": scene.image_id, **size})
     for obj in scene.objects:
-        files.boxes.append({"id": obj.id, "image_id": scene.image_id, **_box(obj)})
+        files.boxes.append({"id": obj.id, "image_id": scene.image_id, **_box(obj),
+                            "category_id": _detection_category(obj)})
         region_id = obj.id
         files.region_images.append({"id": region_id, "original_id": scene.image_id, **size})
         caption = region_caption(scene, obj)
@@ -886,6 +894,9 @@ def _add_scene(files: _SplitFiles, scene: Scene, config: ShapesConfig) -> None:
                                          "area": obj.area})
 
 
+_CATEGORY_IDS = {(colour, shape): i for i, _, colour, shape in lvis_categories() if colour}
+
+
 def _lvis_category_records(files: _SplitFiles) -> list[dict]:
     images: dict[int, set[int]] = {}
     instances: dict[int, int] = {}
@@ -908,10 +919,11 @@ def _lvis_category_records(files: _SplitFiles) -> list[dict]:
 def _annotation_files(files: _SplitFiles, split: str, config: ShapesConfig) -> dict[str, object]:
     """File stem -> JSON content of every annotation file of one split."""
     objects = [{"id": 1, "name": "object", "supercategory": "object"}]
+    kinds = [{"id": i, "name": name, "supercategory": "object"} for i, name, colour, _ in lvis_categories() if colour]
     info = {"description": "groma synthetic shapes", "seed": config.seed, "split": split}
     return {
         "scenes": {"info": info, "images": files.scenes},
-        "detection": {"info": info, "images": files.images, "annotations": files.boxes, "categories": objects},
+        "detection": {"info": info, "images": files.images, "annotations": files.boxes, "categories": kinds},
         "rec": {"info": info, "images": files.rec_images, "annotations": files.rec_boxes, "categories": objects},
         "region_captions": {"info": info, "images": files.region_images, "annotations": files.region_boxes,
                             "categories": objects},

@@ -26,21 +26,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from groma_core.errors import GromaError, InputError
+from groma_core.boxes import from_input_frame
+from groma_core.errors import GromaError, InputError, echo
 from groma_core.evaluation.metrics import (
     GroundingSample,
     caption_scores,
     clean_generated_caption,
     detection_metrics,
     lvis_ground_recall,
+    phrase_grounding,
     rec_accuracy,
 )
 from groma_core.images import load_image
 from groma_core.inference import REFER, Request
-from groma_core.tokens import P_CLOSE, P_OPEN
+from groma_core.tokens import GROUNDING, P_CLOSE, P_OPEN
 from groma_core.training.datasets import (
+    CAPTION_INSTRUCTIONS,
     DETAILED_REGION_INSTRUCTIONS,
     GROUNDING_INSTRUCTIONS,
     REC_INSTRUCTIONS,
@@ -78,6 +82,10 @@ def _coco_tables(ann: Any, path: Path, need: Sequence[str]) -> dict[str, list]:
     missing = [k for k in need if not isinstance(ann.get(k), list)]
     if missing:
         raise InputError(f"{path}: COCO-style annotations need the list(s) {', '.join(missing)}")
+    for key in need:
+        for i, entry in enumerate(ann[key]):
+            if not isinstance(entry, dict):
+                raise InputError(f"{path}: {key}[{i}] is {type(entry).__name__} {echo(entry, 40)}, not a JSON object")
     return ann
 
 
@@ -86,9 +94,17 @@ class Task(ABC):
 
     name: str = ""
     templates: tuple[str, ...] = ()
-    max_new_tokens: int = 16
+    #: the reference's answer length for the benchmark; None for a task that generates no text
+    max_new_tokens: int | None = None
 
-    def __init__(self, ann_file: str | Path, images_dir: str | Path):
+    def __init__(self, ann_file: str | Path, images_dir: str | Path, max_new_tokens: int | None = None):
+        """``max_new_tokens``: the longest answer in tokens (default: the reference's for the benchmark)."""
+        if max_new_tokens is not None:
+            if self.max_new_tokens is None:
+                raise InputError(f"max_new_tokens: the {self.name} task generates no text")
+            if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+                raise InputError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+            self.max_new_tokens = max_new_tokens
         self.ann_file = Path(ann_file)
         self.images_dir = Path(images_dir)
         if not self.images_dir.is_dir():
@@ -258,11 +274,11 @@ class RegionCaptionTask(Task):
     }
     max_new_tokens = 100
 
-    def __init__(self, ann_file, images_dir, style: str = "vg"):
+    def __init__(self, ann_file, images_dir, style: str = "vg", max_new_tokens: int | None = None):
         if style not in self.styles:
             raise InputError(f"--style {style!r}: expected one of {', '.join(self.styles)}")
         self.templates = self.styles[style]
-        super().__init__(ann_file, images_dir)
+        super().__init__(ann_file, images_dir, max_new_tokens)
 
     def load_samples(self, ann: Any) -> list[Sample]:
         ann = _coco_tables(ann, self.ann_file, ("images", "annotations"))
@@ -306,27 +322,26 @@ class RegionCaptionTask(Task):
 
 
 class DetectionTask(Task):
-    """Class-agnostic COCO AP/AR of the region proposer alone (no language model)."""
+    """Class-agnostic COCO AP/AR of the region proposer alone (no language model). Crowd annotations
+    (``iscrowd``) are kept as COCO keeps them: regions whose detections are neither right nor wrong."""
 
     name = "detection"
     templates = ("",)
 
     def load_samples(self, ann: Any) -> list[Sample]:
         ann = _coco_tables(ann, self.ann_file, ("images", "annotations"))
-        boxes: dict[Any, list] = {img["id"]: [] for img in ann["images"]}
-        areas: dict[Any, list] = {img["id"]: [] for img in ann["images"]}
+        gt: dict[Any, dict[str, list]] = {
+            img["id"]: {"gt_boxes": [], "gt_areas": [], "gt_crowd": []} for img in ann["images"]
+        }
         for a in ann["annotations"]:
-            if a.get("iscrowd"):
-                continue
-            boxes[a["image_id"]].append(_xywh_to_xyxy(a["bbox"]))
-            areas[a["image_id"]].append(float(a.get("area", a["bbox"][2] * a["bbox"][3])))
+            if a["image_id"] not in gt:
+                raise InputError(f"{self.ann_file}: annotation {a.get('id')} refers to unknown image {a['image_id']}")
+            entry = gt[a["image_id"]]
+            entry["gt_boxes"].append(_xywh_to_xyxy(a["bbox"]))
+            entry["gt_areas"].append(float(a.get("area", a["bbox"][2] * a["bbox"][3])))
+            entry["gt_crowd"].append(bool(a.get("iscrowd", 0)))
         return [
-            Sample(
-                str(img["id"]),
-                i,
-                _image_path(self.images_dir, img["file_name"]),
-                {"gt_boxes": boxes[img["id"]], "gt_areas": areas[img["id"]]},
-            )
+            Sample(str(img["id"]), i, _image_path(self.images_dir, img["file_name"]), gt[img["id"]])
             for i, img in enumerate(ann["images"])
         ]
 
@@ -339,27 +354,13 @@ class DetectionTask(Task):
         for s, img, boxes, scores in zip(samples, images, proposals.boxes, proposals.scores):
             w, h = img.size
             order = scores.float().argsort(descending=True, stable=True)[:100]
-            px = boxes[order].float().clamp(0, 1).cpu() * torch.tensor([w, h, w, h])
-            out.append(
-                {
-                    "id": s.id,
-                    "pred_boxes": px.tolist(),
-                    "pred_scores": scores[order].float().tolist(),
-                    "gt_boxes": s.data["gt_boxes"],
-                    "gt_areas": s.data["gt_areas"],
-                }
-            )
+            frame = model.image_tokenizer.input_frame(w, h)
+            px = from_input_frame(boxes[order].float().cpu(), frame).clamp(0, 1) * torch.tensor([w, h, w, h])
+            out.append({"id": s.id, "pred_boxes": px.tolist(), "pred_scores": scores[order].float().tolist(), **s.data})
         return out
 
     def failed(self, sample, reason):
-        return {
-            "id": sample.id,
-            "error": reason,
-            "pred_boxes": [],
-            "pred_scores": [],
-            "gt_boxes": sample.data["gt_boxes"],
-            "gt_areas": sample.data["gt_areas"],
-        }
+        return {"id": sample.id, "error": reason, "pred_boxes": [], "pred_scores": [], **sample.data}
 
     def score(self, predictions):
         return detection_metrics(
@@ -367,7 +368,69 @@ class DetectionTask(Task):
             [p["pred_scores"] for p in predictions],
             [p["gt_boxes"] or _no_boxes() for p in predictions],
             [p["gt_areas"] for p in predictions],
+            gt_crowd=[p.get("gt_crowd") for p in predictions],  # None: a run written before crowd boxes were kept
         ).as_dict()
+
+
+class GroundedCaptionTask(Task):
+    """Grounded captions (a Flickr30k-Entities style file, as ``groma data shapes`` writes ``flickr_*.json``): the
+    ``[grounding]`` caption of each image; its phrases are scored by :func:`phrase_grounding` at IoU 0.5 (precision
+    over the predicted phrases, recall over the ground-truth boxes) and its text by the caption scores against the
+    file's caption. ``ignore_words``: words left out when phrases are matched (besides articles and counts), e.g.
+    size words that the references use inconsistently."""
+
+    name = "grounded-caption"
+    templates = tuple(GROUNDING + t for t in CAPTION_INSTRUCTIONS)
+    max_new_tokens = 100
+
+    def __init__(self, ann_file, images_dir, max_new_tokens: int | None = None, ignore_words: Sequence[str] = ()):
+        self.ignore_words = frozenset(w.strip().lower() for w in ignore_words if w.strip())
+        super().__init__(ann_file, images_dir, max_new_tokens)
+
+    def load_samples(self, ann: Any) -> list[Sample]:
+        from groma_core.data import read_grounded_captions
+
+        records = read_grounded_captions(self.ann_file)
+        return [
+            Sample(
+                str(r.image.id),
+                i,
+                _image_path(self.images_dir, r.image.file_name),
+                {"caption": r.caption, "phrases": [[p.text, [list(b) for b in p.boxes]] for p in r.phrases]},
+            )
+            for i, r in enumerate(records)
+        ]
+
+    def predict(self, model, samples, seed, batch_size):
+        requests = [Request(s.image, [(self.template_for(s, seed), None)]) for s in samples]
+        answers = model.answer(requests, max_new_tokens=self.max_new_tokens, do_sample=False)
+        return [
+            {
+                "id": s.id,
+                "caption": clean_generated_caption(a.raw_text),
+                "phrases": [[p.phrase, [list(b) for b in p.boxes_px]] for p in a.phrases],
+                "reference": s.data["caption"],
+                "gt_phrases": s.data["phrases"],
+            }
+            for s, a in zip(samples, answers)
+        ]
+
+    def failed(self, sample, reason):
+        return {"id": sample.id, "error": reason, "caption": "", "phrases": [], "reference": sample.data["caption"],
+                "gt_phrases": sample.data["phrases"]}  # fmt: skip
+
+    def score(self, predictions):
+        def as_pairs(phrases):
+            return [(text, np.asarray(boxes, dtype=np.float64).reshape(-1, 4)) for text, boxes in phrases]
+
+        grounding = phrase_grounding(
+            [as_pairs(p["phrases"]) for p in predictions],
+            [as_pairs(p["gt_phrases"]) for p in predictions],
+            ignore_words=self.ignore_words,
+        )
+        preds = {p["id"]: p["caption"] for p in predictions}
+        refs = {p["id"]: [p["reference"]] for p in predictions}
+        return {**grounding.as_dict(), **caption_scores(preds, refs).as_dict()}
 
 
 TASKS: dict[str, type[Task]] = {
@@ -375,6 +438,7 @@ TASKS: dict[str, type[Task]] = {
     "lvis-ground": LvisGroundTask,
     "region-caption": RegionCaptionTask,
     "detection": DetectionTask,
+    "grounded-caption": GroundedCaptionTask,
 }
 
 
@@ -470,11 +534,13 @@ def evaluate(
         "recipe_sha256": _recipe_hash(model),
         "annotation_sha256": sha256_of(task.ann_file),
         "seed": seed,
+        "max_new_tokens": task.max_new_tokens,
     }
     run_file = out_dir / "run.json"
     if rank == 0:
         if resume and run_file.is_file():
             before = json.loads(run_file.read_text(encoding="utf-8"))
+            before.setdefault("max_new_tokens", type(task).max_new_tokens)  # runs written before it was recorded
             changed = [f"{k} ({before.get(k)!r} then, {v!r} now)" for k, v in identity.items() if before.get(k) != v]
             if changed:
                 raise GromaError(f"--resume refused: {out_dir} holds a run with a different " + "; ".join(changed))
@@ -538,6 +604,7 @@ def evaluate(
             "annotation_file": str(task.ann_file),
             "annotation_sha256": sha256_of(task.ann_file),
             "seed": seed,
+            "max_new_tokens": task.max_new_tokens,
             "world_size": world,
             "seconds": round(time.time() - start, 3),
             "versions": versions(),

@@ -138,17 +138,104 @@ def rec_accuracy(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# phrase grounding of grounded captions (Flickr30k-Entities style)
+# ----------------------------------------------------------------------------------------------------------------
+
+PHRASE_STOPWORDS = frozenset(
+    "a an the one two three four five six seven eight nine ten some several many".split()
+)  # articles and counts: "two red squares" and "a red square" name the same thing
+
+
+def phrase_key(phrase: str, ignore: frozenset[str] | set[str] = frozenset()) -> frozenset[str]:
+    """What a phrase names, for matching: its lowercase words without punctuation, :data:`PHRASE_STOPWORDS` and
+    ``ignore``, plural ``-s``/``-es`` folded (``"Two red squares"`` -> ``{red, square}``)."""
+    words = re.findall(r"[a-z0-9]+", phrase.lower())
+    out = set()
+    for w in words:
+        if w in PHRASE_STOPWORDS or w in ignore:
+            continue
+        if len(w) > 3 and w.endswith("ses"):
+            w = w[:-1]  # ellipses -> ellipse
+        elif len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
+            w = w[:-1]
+        out.add(w)
+    return frozenset(out)
+
+
+@dataclass(frozen=True)
+class PhraseGroundingResult:
+    """Phrase grounding of grounded captions at one IoU threshold."""
+
+    precision: float  #: share of predicted phrases (with a box) that match a ground-truth phrase on one of its boxes
+    recall: float  #: share of ground-truth boxes found by a matching predicted phrase
+    f1: float
+    predicted_phrases: int
+    ground_truth_boxes: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "phrase_precision": self.precision,
+            "phrase_recall": self.recall,
+            "phrase_f1": self.f1,
+            "predicted_phrases": float(self.predicted_phrases),
+            "ground_truth_boxes": float(self.ground_truth_boxes),
+        }
+
+
+def phrase_grounding(
+    predictions: Sequence[Sequence[tuple[str, BoxesLike]]],
+    references: Sequence[Sequence[tuple[str, BoxesLike]]],
+    iou_threshold: float = 0.5,
+    ignore_words: frozenset[str] | set[str] = frozenset(),
+) -> PhraseGroundingResult:
+    """Precision and recall of the phrases of grounded captions, per image: ``predictions[i]`` and
+    ``references[i]`` list (phrase, boxes xyxy) of image i. A predicted phrase is right when its :func:`phrase_key`
+    equals that of a ground-truth phrase of the image and one of its boxes has IoU >= ``iou_threshold`` with one of
+    that phrase's boxes; a ground-truth box is recalled when a predicted phrase of the same key has a box on it. A
+    predicted phrase without a box, or naming nothing, counts as wrong."""
+    if len(predictions) != len(references):
+        raise ValueError(f"phrase_grounding: {len(predictions)} predictions for {len(references)} images")
+    right = predicted = recalled = total = 0
+    for index, (pred, ref) in enumerate(zip(predictions, references)):
+        truth: dict[frozenset[str], list[np.ndarray]] = {}
+        for phrase, boxes in ref:
+            truth.setdefault(phrase_key(phrase, ignore_words), []).append(_as_boxes(boxes, f"references[{index}]"))
+        found: dict[frozenset[str], set[int]] = {}
+        for phrase, boxes in pred:
+            predicted += 1
+            key = phrase_key(phrase, ignore_words)
+            mine = _as_boxes(boxes, f"predictions[{index}]")
+            if not key or key not in truth or not len(mine):
+                continue
+            gt = np.concatenate(truth[key])
+            iou = _pairwise_iou(mine, gt, np.zeros(len(gt), dtype=bool))
+            hits = set(np.nonzero((iou >= iou_threshold).any(axis=0))[0].tolist())
+            right += bool(hits)
+            found.setdefault(key, set()).update(hits)
+        for key, groups in truth.items():
+            count = sum(len(g) for g in groups)
+            total += count
+            recalled += len(found.get(key, ()))
+    precision = right / predicted if predicted else 0.0
+    recall = recalled / total if total else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return PhraseGroundingResult(precision, recall, f1, predicted, total)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # COCO/LVIS matching and accumulation (shared by the LVIS-Ground and detection metrics)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _pairwise_iou(dt: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """(D, G) IoU of xyxy boxes in float64 as the COCO mask API computes box IoU (zero without a positive overlap)."""
+def _pairwise_iou(dt: np.ndarray, gt: np.ndarray, gt_crowd: np.ndarray) -> np.ndarray:
+    """(D, G) IoU of xyxy boxes in float64 as the COCO mask API computes box IoU (zero without a positive overlap);
+    against a crowd box the "union" is the detection's own area, so a detection inside a crowd region has IoU 1."""
     w = np.minimum(dt[:, None, 2], gt[None, :, 2]) - np.maximum(dt[:, None, 0], gt[None, :, 0])
     h = np.minimum(dt[:, None, 3], gt[None, :, 3]) - np.maximum(dt[:, None, 1], gt[None, :, 1])
     overlap = (w > 0) & (h > 0)
     inter = np.where(overlap, w * h, 0.0)
-    union = _box_areas(dt)[:, None] + _box_areas(gt)[None, :] - inter
+    dt_areas = _box_areas(dt)[:, None]
+    union = np.where(gt_crowd[None, :], dt_areas, dt_areas + _box_areas(gt)[None, :] - inter)
     return np.divide(inter, union, out=np.zeros_like(inter), where=overlap)
 
 
@@ -160,6 +247,7 @@ class _Group:
     dt_scores: np.ndarray  # (D,)
     dt_areas: np.ndarray  # (D,)
     gt_areas: np.ndarray  # (G,)
+    gt_crowd: np.ndarray  # (G,) bool: crowd regions, never counted, matched by any number of detections
     ious: np.ndarray  # (D, G)
 
 
@@ -180,26 +268,32 @@ def _make_group(
     gt_boxes: np.ndarray,
     gt_areas: np.ndarray,
     max_dets: int | None,
+    gt_crowd: np.ndarray | None = None,
 ) -> _Group:
     order = np.argsort(-dt_scores, kind="mergesort")[:max_dets]
     dt_boxes = dt_boxes[order]
+    crowd = np.zeros(gt_boxes.shape[0], dtype=bool) if gt_crowd is None else gt_crowd
     return _Group(
         category=category,
         dt_scores=dt_scores[order],
         dt_areas=_box_areas(dt_boxes),
         gt_areas=gt_areas,
-        ious=_pairwise_iou(dt_boxes, gt_boxes),
+        gt_crowd=crowd,
+        ious=_pairwise_iou(dt_boxes, gt_boxes, crowd),
     )
 
 
 def _match_group(group: _Group, area_range: tuple[float, float]) -> _GroupMatch:
     """Greedy matching in score order: each detection takes the unmatched ground truth of highest IoU >= threshold
-    (ground truth inside the area range first, the last one on equal IoU); each ground truth matches at most once
-    per threshold. Unmatched detections outside the area range are ignored."""
+    (ground truth inside the area range and not crowd first, the last one on equal IoU); each ground truth matches
+    at most once per threshold, except a crowd region, which absorbs any number of detections. A detection matched
+    to an ignored ground truth (crowd or outside the area range) is ignored, and so is an unmatched detection outside
+    the area range."""
     low, high = area_range
-    gt_ignored = (group.gt_areas < low) | (group.gt_areas > high)
+    gt_ignored = group.gt_crowd | (group.gt_areas < low) | (group.gt_areas > high)
     gt_order = np.argsort(gt_ignored, kind="mergesort")
     gt_ignored = gt_ignored[gt_order].tolist()
+    gt_crowd = group.gt_crowd[gt_order].tolist()
     ious = group.ious[:, gt_order].tolist()
     n_thr, n_dt, n_gt = len(IOU_THRESHOLDS), len(group.dt_scores), len(gt_order)
     dt_matched = np.zeros((n_thr, n_dt), dtype=bool)
@@ -210,7 +304,7 @@ def _match_group(group: _Group, area_range: tuple[float, float]) -> _GroupMatch:
             for d in range(n_dt):
                 best_iou, best = min(threshold, 1 - 1e-10), -1
                 for g in range(n_gt):
-                    if gt_taken[g]:
+                    if gt_taken[g] and not gt_crowd[g]:
                         continue
                     if best > -1 and not gt_ignored[best] and gt_ignored[g]:
                         break
@@ -415,11 +509,14 @@ def detection_metrics(
     gt_boxes: Sequence[BoxesLike],
     gt_areas: Sequence[Sequence[float] | np.ndarray | None] | None = None,
     max_dets: tuple[int, ...] = (1, 10, 100),
+    gt_crowd: Sequence[Sequence[bool] | np.ndarray | None] | None = None,
 ) -> DetectionMetrics:
-    """Class-agnostic AP/AR of a region proposer, computed as pycocotools' ``COCOeval`` (bbox, one category,
-    no crowd boxes) does. One entry per image: predicted xyxy boxes (pixels) with scores, ground-truth xyxy boxes,
-    and optionally ground-truth areas for the size ranges (default: box areas). Score ties across images are broken
-    by image order, as COCOeval does with its sorted image ids."""
+    """Class-agnostic AP/AR of a region proposer, computed as pycocotools' ``COCOeval`` (bbox, one category) does.
+    One entry per image: predicted xyxy boxes (pixels) with scores, ground-truth xyxy boxes, optionally
+    ground-truth areas for the size ranges (default: box areas) and ``iscrowd`` flags (default: none is a crowd).
+    A crowd box counts as no object: a detection that falls inside it (intersection over the detection's area
+    at the IoU threshold) is neither a true nor a false positive. Score ties across images are broken by image
+    order, as COCOeval does with its sorted image ids."""
     if not len(pred_boxes) == len(pred_scores) == len(gt_boxes):
         raise ValueError(
             f"detection_metrics: pred_boxes, pred_scores and gt_boxes must have one entry per image, got "
@@ -427,6 +524,8 @@ def detection_metrics(
         )
     if gt_areas is not None and len(gt_areas) != len(gt_boxes):
         raise ValueError(f"detection_metrics: gt_areas has {len(gt_areas)} entries but gt_boxes has {len(gt_boxes)}")
+    if gt_crowd is not None and len(gt_crowd) != len(gt_boxes):
+        raise ValueError(f"detection_metrics: gt_crowd has {len(gt_crowd)} entries but gt_boxes has {len(gt_boxes)}")
     if not max_dets or any(k <= 0 for k in max_dets):
         raise ValueError(f"detection_metrics: max_dets must be positive counts, got {max_dets}")
     groups = []
@@ -436,8 +535,10 @@ def detection_metrics(
         gt = _as_boxes(gt_boxes[i], f"gt_boxes[{i}]")
         given = None if gt_areas is None else gt_areas[i]
         areas = _box_areas(gt) if given is None else _as_values(given, gt.shape[0], f"gt_areas[{i}]")
+        flags = None if gt_crowd is None else gt_crowd[i]
+        crowd = None if flags is None else _as_values(flags, gt.shape[0], f"gt_crowd[{i}]").astype(bool)
         if dt.shape[0] or gt.shape[0]:
-            groups.append(_make_group(0, dt, scores, gt, areas, max(max_dets)))
+            groups.append(_make_group(0, dt, scores, gt, areas, max(max_dets), crowd))
     precision: dict[tuple[str, int], list[np.ndarray]] = {}
     recall: dict[tuple[str, int], list[np.ndarray]] = {}
     for name, area in AREA_RANGES.items():
@@ -630,10 +731,13 @@ def _pycocoevalcap_scores(
     gts = tokenizer.tokenize({k: [{"caption": c} for c in references[k]] for k in predictions})
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     meteor_scorer = Meteor()
+    java = meteor_scorer.meteor_p
     try:
         meteor, _ = meteor_scorer.compute_score(gts, res)
     finally:
-        del meteor_scorer
+        del meteor_scorer  # its __del__ closes Java's stdin, kills it and waits
+        for pipe in (java.stdout, java.stderr):  # which it leaves open (a ResourceWarning)
+            pipe.close()
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
     return CaptionScores(

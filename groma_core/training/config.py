@@ -82,6 +82,15 @@ class StageConfig(BaseModel):
         description="how several processes share the stage: ddp (replicated model) or fsdp (sharded parameters, "
         "for the reference's stage 3; only the last stage may use it)",
     )
+    attribute_loss: float = Field(
+        0.0,
+        ge=0.0,
+        description="detection stages: weight of an auxiliary loss that makes the region encoder's token of each "
+        "ground-truth box name the box's category (the detection file's category_id) and give back its box, read "
+        "out by fixed random projections (no parameters, nothing to drop after the stage); the stage must train "
+        "region_encoder. 0: off (the reference)",
+    )
+    attribute_classes: int = Field(128, ge=2, description="attribute_loss: category ids must be below this")
     fsdp_wrap: list[str] = Field(
         default_factory=lambda: ["LlamaDecoderLayer"],
         description="fsdp: module class names sharded as their own units",
@@ -95,6 +104,8 @@ class StageConfig(BaseModel):
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"dataset(s) listed twice in data: {', '.join(repeated)}")
+        if self.attribute_loss and self.objective != "detection":
+            raise ValueError(f"attribute_loss is for detection stages; this stage's objective is {self.objective}")
         return self
 
 

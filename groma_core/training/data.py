@@ -175,6 +175,8 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             out[key] = [_boxes(s.get(key)) for s in samples]
         else:
             out[key] = None
+    if all("box_labels" in s for s in samples):  # the category of each of ``boxes`` (detection files that have one)
+        out["box_labels"] = [torch.as_tensor(s["box_labels"], dtype=torch.long).reshape(-1) for s in samples]
     return out
 
 

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from groma_core import tokens as T
+from groma_core.boxes import IDENTITY_FRAME, Frame, to_input_frame
 from groma_core.errors import GromaError, InputError
 from groma_core.images import BOX_TOLERANCE_PX
 from groma_core.training.config import TrainingConfig
@@ -185,11 +186,12 @@ CROP_ATTEMPTS = 10
 
 
 def augment_detection(
-    image: Image.Image, boxes: Sequence[Box], size: tuple[int, int], augment: DetectionAugment
+    image: Image.Image, boxes: Sequence[Box], size: tuple[int, int] | None, augment: DetectionAugment
 ) -> tuple[Image.Image, Tensor, list[int]]:
-    """One draw of the stage-1 augmentation: the (W, H) = ``size`` image, its boxes as normalized xyxy and the
-    indices of the input boxes they come from. A crop that keeps no box is drawn again (the reference draws
-    another image); after ``CROP_ATTEMPTS`` the whole image is kept."""
+    """One draw of the stage-1 augmentation: the (W, H) = ``size`` image (``None``: the crop at its own size, for
+    a tokenizer that keeps the aspect ratio), its boxes as normalized xyxy and the indices of the input boxes they
+    come from. A crop that keeps no box is drawn again (the reference draws another image); after
+    ``CROP_ATTEMPTS`` the whole image is kept."""
     w, h = image.size
     scale = min(random.choice(augment.scales) / min(w, h), augment.max_side / max(w, h))
     rw, rh = max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5))
@@ -209,8 +211,9 @@ def augment_detection(
             break
     image = image.crop(crop_box)
     cw, ch = crop_box[2] - crop_box[0], crop_box[3] - crop_box[1]
-    out_w, out_h = size
-    image = image.resize((out_w, out_h), Image.BILINEAR)
+    out_w, out_h = size or (cw, ch)
+    if (out_w, out_h) != (cw, ch):
+        image = image.resize((out_w, out_h), Image.BILINEAR)
     cropped = cropped * [out_w / cw, out_h / ch, out_w / cw, out_h / ch]
     big = ((cropped[:, 2] - cropped[:, 0]) >= augment.min_box) & ((cropped[:, 3] - cropped[:, 1]) >= augment.min_box)
     cropped, kept = cropped[big], kept[big]
@@ -284,6 +287,9 @@ class _ImageDataset(torch.utils.data.Dataset, ABC):
 
     max_unreadable_in_a_row = 20
     max_unreadable_fraction = 0.1
+    #: where an image lies in the model's input (the image tokenizer's ``input_frame``; set by :func:`open_dataset`):
+    #: the samples' boxes are normalized to the input, so a letterboxing tokenizer gets its padded frame
+    frame: Callable[[int, int], Frame] = staticmethod(lambda width, height: IDENTITY_FRAME)
 
     def __init__(self, ann: str | Path, images: str | Path, preprocess: Preprocess, name: str | None = None):
         self.ann = Path(ann)
@@ -362,7 +368,10 @@ class _ImageDataset(torch.utils.data.Dataset, ABC):
             self.count("sample_no_box")
             return None
         boxes = tuple(b for b in fitted if b is not None)
-        return replace(r, boxes=boxes, areas=tuple(a for a, b in zip(r.areas, fitted) if b is not None))
+        kept = {"areas": tuple(a for a, b in zip(r.areas, fitted) if b is not None)}
+        if getattr(r, "labels", ()):
+            kept["labels"] = tuple(a for a, b in zip(r.labels, fitted) if b is not None)
+        return replace(r, boxes=boxes, **kept)
 
     def sized(self, info: Any) -> bool:
         """Whether an image entry has a positive size (else the record is counted as dropped)."""
@@ -427,9 +436,17 @@ class DetectionDataset(_ImageDataset):
 
     def item(self, record):
         image = self.load(record.image.file_name)
-        size = (self.image_size[1], self.image_size[0])
-        image, boxes, _ = augment_detection(image, record.boxes, size, self.augment)
-        return {"pixel_values": self.pixels(image), "boxes": boxes, "image_file": record.image.file_name}
+        fills = self.frame(*image.size) == IDENTITY_FRAME
+        size = (self.image_size[1], self.image_size[0]) if fills else None  # a letterbox keeps the crop's aspect
+        image, boxes, kept = augment_detection(image, record.boxes, size, self.augment)
+        sample = {
+            "pixel_values": self.pixels(image),
+            "boxes": to_input_frame(boxes, self.frame(*image.size)),
+            "image_file": record.image.file_name,
+        }
+        if record.labels:
+            sample["box_labels"] = torch.tensor([record.labels[k] for k in kept], dtype=torch.long)
+        return sample
 
 
 class _ConversationDataset(_ImageDataset):
@@ -455,7 +472,10 @@ class _ConversationDataset(_ImageDataset):
     def item(self, record):
         file_name, turns, boxes = self.sample(record)
         ids, labels = render_conversation(self.tokenizer, self.template, turns)
-        pixels = self.pixels(self.load(file_name))
+        image = self.load(file_name)
+        frame = self.frame(*image.size)
+        boxes = {k: to_input_frame(v, frame) for k, v in boxes.items()}
+        pixels = self.pixels(image)
         return {"pixel_values": pixels, "input_ids": ids, "labels": labels, **boxes, "image_file": file_name}
 
     def fit_all(self, boxes: Sequence[Box], info: Any) -> list[Box] | None:
@@ -484,7 +504,18 @@ class _ConversationDataset(_ImageDataset):
 
 class RecDataset(_ConversationDataset):
     """Referring expression comprehension (RefCOCO-style file): ``Locate <p>expr</p> in the image.`` ->
-    ``<roi><ground_box></roi>``."""
+    ``<roi><ground_box></roi>``. With ``turns`` > 1 the expressions of one image are asked together, up to
+    ``turns`` per sample, as the turns of one conversation (in the file's order; the reference asks one)."""
+
+    def __init__(self, *args, turns: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.turns = int(turns)
+        if self.turns > 1:
+            by_image: dict[str, list] = {}
+            for r in self.records:
+                by_image.setdefault(r.image.file_name, []).append(r)
+            step = self.turns
+            self.records = [tuple(g[k : k + step]) for g in by_image.values() for k in range(0, len(g), step)]
 
     def read(self, ann):
         from groma_core.data import read_rec
@@ -496,13 +527,13 @@ class RecDataset(_ConversationDataset):
         return None if boxes is None else replace(r, box=boxes[0])
 
     def sample(self, r):
-        question = random.choice(REC_INSTRUCTIONS).format(T.P_OPEN + r.expression.strip() + T.P_CLOSE)
+        group = r if isinstance(r, tuple) else (r,)
         answer = T.ROI_OPEN + T.GROUND_BOX + T.ROI_CLOSE
-        return (
-            r.image.file_name,
-            [(question, answer)],
-            {"ground_boxes": normalized([r.box], r.image.width, r.image.height)},
-        )
+        turns = [
+            (random.choice(REC_INSTRUCTIONS).format(T.P_OPEN + e.expression.strip() + T.P_CLOSE), answer) for e in group
+        ]
+        info = group[0].image
+        return info.file_name, turns, {"ground_boxes": normalized([e.box for e in group], info.width, info.height)}
 
 
 class GroundingDataset(_ConversationDataset):
@@ -780,6 +811,9 @@ class DatasetSpec(BaseModel):
     regions: int = Field(16, ge=1, le=100, description="recall: a binding sample lists 1 to this many regions")
     queries: int = Field(8, ge=1, description="recall: REC turns per binding sample")
     copy_fraction: float = Field(0.5, ge=0.0, le=1.0, description="recall: fraction of copying samples")
+    turns: int = Field(
+        1, ge=1, le=64, description="rec: expressions of one image asked in one sample, as its turns (1: the reference)"
+    )
     template: Literal["default", "llava"] = Field(
         "default", description="conversation template (the reference: default in stage 2, llava in stage 3)"
     )
@@ -801,6 +835,8 @@ class DatasetSpec(BaseModel):
 
     @model_validator(mode="after")
     def _files(self) -> DatasetSpec:
+        if self.turns > 1 and self.format != "rec":
+            raise ValueError(f"turns is an option of the rec format, not of {self.format}")
         if self.format in SYNTHETIC_FORMATS:
             given = [k for k in ("ann", "images") if getattr(self, k) is not None]
             if given:
@@ -898,8 +934,14 @@ def open_dataset(
     tokenizer = model.image_tokenizer
     if spec.format == "detection":
         size = tuple(tokenizer.image_size)
-        return DetectionDataset(ann, images, tokenizer.preprocess, size, spec.augment(max(size)), name=name)
-    return LANGUAGE_FORMATS[spec.format](ann, images, tokenizer.preprocess, model.tokenizer, spec.template, name)
+        dataset = DetectionDataset(ann, images, tokenizer.preprocess, size, spec.augment(max(size)), name=name)
+    else:
+        extra = {"turns": spec.turns} if spec.format == "rec" else {}
+        dataset = LANGUAGE_FORMATS[spec.format](
+            ann, images, tokenizer.preprocess, model.tokenizer, spec.template, name, **extra
+        )
+    dataset.frame = tokenizer.input_frame
+    return dataset
 
 
 def build_datasets(config: RecipeTraining, model, base_dir: Path | None = None) -> dict[str, Any]:

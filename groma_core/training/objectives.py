@@ -8,9 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from groma_core.boxes import xyxy_to_cxcywh
 from groma_core.errors import InputError
 from groma_core.model import IGNORE_INDEX, GromaModel
 from groma_core.types import Proposals
+
+ATTRIBUTE_SEED = 20240421
+"""Seed of the attribute loss's fixed readout projections."""
+ATTRIBUTE_SCALE = 16.0
+"""Inverse temperature of the attribute loss's cosine logits."""
 
 
 @runtime_checkable
@@ -33,11 +39,21 @@ class Objective(nn.Module):
     """The loss of one micro-batch as a module (so that DDP/FSDP see one forward): ``forward(batch)`` ->
     (loss, {term: detached value})."""
 
-    def __init__(self, model: GromaModel, kind: str, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        model: GromaModel,
+        kind: str,
+        generator: torch.Generator | None = None,
+        attribute_loss: float = 0.0,
+        attribute_classes: int = 128,
+    ):
         super().__init__()
         self.model = model
         self.kind = kind
         self.generator = generator
+        self.attribute_loss = attribute_loss
+        self.attribute_classes = attribute_classes
+        self._readout: tuple[Tensor, Tensor] | None = None
 
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         needed = ("boxes",) if self.kind == "detection" else ("input_ids", "labels")
@@ -98,4 +114,46 @@ class Objective(nn.Module):
         total = terms.pop("loss", None)
         if total is None:
             total = torch.stack([v.float() for v in terms.values()]).sum()
+        if self.attribute_loss:
+            attributes = self._attributes(features, batch)
+            terms.update(attributes)
+            total = total.float() + self.attribute_loss * (attributes["attribute_ce"] + attributes["attribute_box"])
         return total.float(), {k: v.detach().float() for k, v in terms.items()}
+
+    def readout(self, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The fixed projections of :meth:`_attributes`: unit class directions (width, classes) and a box readout
+        (width, 4), drawn from a fixed seed so that every process and every resumed run uses the same."""
+        if self._readout is None or self._readout[0].shape[0] != width:
+            g = torch.Generator().manual_seed(ATTRIBUTE_SEED)
+            classes = F.normalize(torch.randn(width, self.attribute_classes, generator=g), dim=0)
+            box = torch.randn(width, 4, generator=g)
+            self._readout = (classes, box)
+        return tuple(t.to(device) for t in self._readout)  # type: ignore[return-value]
+
+    def _attributes(self, features, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The attribute loss of a detection stage: the region encoder's token of each ground-truth box, made unit
+        length, names the box's category (cosine logits x :data:`ATTRIBUTE_SCALE` over fixed random class
+        directions, cross-entropy) and gives back its (cx, cy, w, h) through a fixed random linear readout (mean
+        squared error); so the tokens the language model will read carry what and where each object is."""
+        labels = batch.get("box_labels")
+        if labels is None:
+            raise InputError(
+                f"dataset {batch.get('dataset')!r}: attribute_loss needs a category_id on every box of the detection "
+                "file"
+            )
+        boxes = batch["boxes"]
+        if sum(int(b.shape[0]) for b in boxes) == 0:
+            zero = batch["pixel_values"].new_zeros(())
+            return {"attribute_ce": zero, "attribute_box": zero}
+        target = torch.cat(labels).to(self.model.device)
+        if int(target.max()) >= self.attribute_classes:
+            raise InputError(
+                f"dataset {batch.get('dataset')!r}: category_id {int(target.max())} is not below attribute_classes "
+                f"({self.attribute_classes}); raise the stage's attribute_classes"
+            )
+        tokens = torch.cat(self.model.region_encoder(features, list(boxes))).float()
+        classes, readout = self.readout(tokens.shape[-1], tokens.device)
+        unit = F.normalize(tokens, dim=-1)
+        ce = F.cross_entropy(ATTRIBUTE_SCALE * unit @ classes, target)
+        where = xyxy_to_cxcywh(torch.cat(list(boxes)).float())
+        return {"attribute_ce": ce, "attribute_box": F.mse_loss(unit @ readout, where)}

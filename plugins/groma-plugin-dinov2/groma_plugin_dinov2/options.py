@@ -58,6 +58,11 @@ class Dinov2Options(StageOptions):
         description="preprocessing: 'pil-bicubic' (reference inference path) or 'bilinear' (the reference's "
         "mmdet/cv2 evaluation path)",
     )
+    letterbox: bool = Field(
+        default=False,
+        description="keep the aspect ratio: scale the longer side to input_size and pad the rest (boxes stay "
+        "normalized to the original image); false fills the square as the reference does",
+    )
     position_interpolation: Literal["transformers-4.32", "installed"] = Field(
         default="transformers-4.32",
         description="position-embedding resize: the reference's transformers-4.32 formula, or the installed "

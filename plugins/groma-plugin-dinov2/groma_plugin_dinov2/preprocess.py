@@ -30,9 +30,10 @@ _COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS: linear weights are integers 
 _COEF_SCALE = 1 << _COEF_BITS
 
 
-def pil_bicubic_pixels(image: Image.Image, size: int) -> np.ndarray:
-    """(3, size, size) float32 pixel values of one image by the reference's PIL path."""
-    rgb = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+def pil_bicubic_pixels(image: Image.Image, size: int, height: int | None = None) -> np.ndarray:
+    """(3, height, size) float32 pixel values of one image by the reference's PIL path (height defaults to
+    size: a square)."""
+    rgb = image.convert("RGB").resize((size, height or size), Image.Resampling.BICUBIC)
     x = (np.asarray(rgb, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
     x = (x - np.asarray(IMAGENET_MEAN, dtype=np.float32)) / np.asarray(IMAGENET_STD, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
@@ -77,11 +78,11 @@ def cv2_bilinear_resize(array: np.ndarray, width: int, height: int) -> np.ndarra
     return np.clip((mixed + 2) >> 2, 0, 255).astype(np.uint8)
 
 
-def bilinear_pixels(image: Image.Image, size: int) -> np.ndarray:
-    """(3, size, size) float32 pixel values of one image by the reference's mmdet path (cv2 bilinear + mmcv
-    normalization)."""
+def bilinear_pixels(image: Image.Image, size: int, height: int | None = None) -> np.ndarray:
+    """(3, height, size) float32 pixel values of one image by the reference's mmdet path (cv2 bilinear + mmcv
+    normalization; height defaults to size: a square)."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    x = cv2_bilinear_resize(rgb, size, size).astype(np.float32)
+    x = cv2_bilinear_resize(rgb, size, height or size).astype(np.float32)
     mean = (np.asarray(IMAGENET_MEAN) * 255).astype(np.float32).astype(np.float64)  # mmdet stores float32
     std_inv = 1 / (np.asarray(IMAGENET_STD) * 255).astype(np.float32).astype(np.float64)
     x = (x.astype(np.float64) - mean).astype(np.float32)
@@ -89,8 +90,19 @@ def bilinear_pixels(image: Image.Image, size: int) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def preprocess_images(images: Sequence[Image.Image], size: int, method: ResizeMethod) -> Tensor:
-    """A batch of PIL images of any sizes -> float32 pixel values (B, 3, size, size)."""
+def letterbox_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(w, h) of a ``width`` x ``height`` image scaled, aspect kept, so that its longer side is ``size`` (each
+    side at least one pixel)."""
+    scale = size / max(width, height)
+    return min(size, max(1, round(width * scale))), min(size, max(1, round(height * scale)))
+
+
+def preprocess_images(
+    images: Sequence[Image.Image], size: int, method: ResizeMethod, letterbox: bool = False
+) -> Tensor:
+    """A batch of PIL images of any sizes -> float32 pixel values (B, 3, size, size): resized to fill the square
+    (the reference), or with ``letterbox`` scaled with their aspect ratio kept into its top-left corner, the rest
+    zero (the mean colour after normalization)."""
     if len(images) == 0:
         raise InputError("preprocess needs at least one image, got an empty sequence")
     convert = pil_bicubic_pixels if method == "pil-bicubic" else bilinear_pixels
@@ -98,5 +110,11 @@ def preprocess_images(images: Sequence[Image.Image], size: int, method: ResizeMe
     for i, image in enumerate(images):
         if not isinstance(image, Image.Image):
             raise InputError(f"preprocess: images[{i}] must be a PIL.Image.Image, got {type(image).__name__}")
-        pixels.append(convert(image, size))
+        if not letterbox:
+            pixels.append(convert(image, size))
+            continue
+        w, h = letterbox_size(image.width, image.height, size)
+        canvas = np.zeros((3, size, size), dtype=np.float32)
+        canvas[:, :h, :w] = convert(image, w, h)
+        pixels.append(canvas)
     return torch.from_numpy(np.stack(pixels))

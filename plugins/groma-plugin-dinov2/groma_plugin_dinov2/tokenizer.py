@@ -9,12 +9,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from groma_core.boxes import IDENTITY_FRAME, Frame
 from groma_core.errors import InputError
 from groma_core.stages import ImageTokenizer
 from groma_core.types import ImageFeatures
 from groma_plugin_dinov2.encoder import build_encoder, installed_key
 from groma_plugin_dinov2.options import Dinov2Options
-from groma_plugin_dinov2.preprocess import preprocess_images
+from groma_plugin_dinov2.preprocess import letterbox_size, preprocess_images
 
 #: the published feature levels, oldest first: hidden_states[-4], ..., hidden_states[-1] (pre final LayerNorm)
 LEVEL_NAMES = ("last-3", "last-2", "last-1", "last")
@@ -73,8 +74,17 @@ class Dinov2ImageTokenizer(ImageTokenizer):
             self.dinov2.requires_grad_(False)
 
     def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
-        """RGB PIL images of any sizes -> float32 (B, 3, input_size, input_size), by the ``resize`` method."""
-        return preprocess_images(images, self.options.input_size, self.options.resize)
+        """RGB PIL images of any sizes -> float32 (B, 3, input_size, input_size), by the ``resize`` method (and
+        ``letterbox``)."""
+        return preprocess_images(images, self.options.input_size, self.options.resize, self.options.letterbox)
+
+    def input_frame(self, width: int, height: int) -> Frame:
+        """The identity, or with ``letterbox`` the top-left rectangle the image is scaled into."""
+        if not self.options.letterbox:
+            return IDENTITY_FRAME
+        size = self.options.input_size
+        w, h = letterbox_size(width, height, size)
+        return (w / size, h / size, 0.0, 0.0)
 
     def forward(self, pixel_values: Tensor) -> ImageFeatures:
         """Encode (B, 3, input_size, input_size) pixel values."""

@@ -1,0 +1,240 @@
+"""Aspect-keeping (letterbox) preprocessing and the detection stage's attribute loss: what reaches the model and
+what comes back to the user."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from groma_core.boxes import IDENTITY_FRAME, from_input_frame, to_input_frame
+from groma_core.data.shapes import ShapesConfig, write_shapes_dataset
+from groma_core.training import TrainingConfig, run_training
+from groma_core.training.datasets import DatasetSpec, open_dataset
+from groma_core.training.objectives import Objective
+
+SIDE = 112
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    write_shapes_dataset(out, ShapesConfig(images=8, seed=5, width=(200, 260), height=(100, 140)))
+    return out
+
+
+def build_model(sp_dir, letterbox: bool):
+    from groma_core.api import build
+
+    return build(
+        "groma-tiny",
+        [
+            f"language_backbone.tokenizer={sp_dir}",
+            f"image_tokenizer.input_size={SIDE}",
+            f"image_tokenizer.letterbox={str(letterbox).lower()}",
+            "region_proposer.num_queries=16",
+            "region_proposer.frozen=false",
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def boxed(sp_dir):
+    return build_model(sp_dir, letterbox=True)
+
+
+def spec(shapes, fmt: str, file: str) -> DatasetSpec:
+    ann = shapes / "annotations" / f"{file}_train.json"
+    return DatasetSpec(format=fmt, ann=str(ann), images=str(shapes / "images"))
+
+
+def test_letterbox_keeps_the_aspect_ratio_and_pads_with_the_mean_colour(boxed):
+    image = Image.new("RGB", (200, 100), (250, 10, 10))
+    pixels = boxed.image_tokenizer.preprocess([image])[0]
+    assert pixels.shape == (3, SIDE, SIDE)
+    assert boxed.image_tokenizer.input_frame(200, 100) == (1.0, 0.5, 0.0, 0.0)
+    inside, padding = pixels[:, : SIDE // 2, :], pixels[:, SIDE // 2 :, :]
+    assert (inside[0] > 1.5).all() and (inside[1] < -1.5).all()  # red, normalized
+    assert torch.count_nonzero(padding) == 0  # zero = the mean colour after normalization
+
+
+@pytest.mark.parametrize("size", [(1, 1000), (1000, 1), (1, 1), (2, 1000), (1000, 2)])
+def test_extreme_aspect_ratios_give_boxes_back_in_the_original_pixels(boxed, size):
+    width, height = size
+    image = Image.new("RGB", size, (0, 200, 0))
+    assert boxed.image_tokenizer.preprocess([image]).shape == (1, 3, SIDE, SIDE)
+    frame = boxed.image_tokenizer.input_frame(width, height)
+    whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    placed = to_input_frame(whole, frame)
+    assert placed.min() >= 0 and placed.max() <= 1
+    assert torch.allclose(from_input_frame(placed, frame), whole, atol=1e-6)
+    # a region of the padded square, partly or wholly in the padding, comes back inside the image
+    back = from_input_frame(torch.tensor([[0.2, 0.2, 0.9, 0.9], [0.95, 0.95, 1.0, 1.0]]), frame)
+    assert back.min() >= 0 and back.max() <= 1
+    if min(size) < 2:  # the API refuses images under 2 pixels a side, with one line; the frame still holds
+        return
+    answer = boxed.describe_region(image, [0, 0, width, height], max_new_tokens=4)
+    for phrase in answer.phrases:
+        for x1, y1, x2, y2 in phrase.boxes_px:
+            assert 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height
+
+
+def test_the_reference_resize_leaves_boxes_as_they_are(sp_dir):
+    model = build_model(sp_dir, letterbox=False)
+    assert model.image_tokenizer.input_frame(640, 240) == IDENTITY_FRAME
+    boxes = torch.tensor([[-0.1, 0.2, 1.2, 0.5]])
+    assert torch.equal(from_input_frame(boxes, IDENTITY_FRAME), boxes)  # unclipped, as the reference reports them
+
+
+def colour_share(pixels: torch.Tensor, box: torch.Tensor, rgb) -> float:
+    """The share of the box's input pixels (normalized xyxy of the input) that have the shape's colour."""
+    from groma_plugin_dinov2.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    side = pixels.shape[-1]
+    x1, y1, x2, y2 = (box * side).round().int().tolist()
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    rgb01 = (pixels[:, y1:y2, x1:x2] * std + mean) * 255
+    close = (rgb01 - torch.tensor(rgb, dtype=torch.float32)[:, None, None]).abs().amax(0) < 40
+    return close.float().mean().item()
+
+
+def test_training_samples_carry_boxes_in_the_letterboxed_input(shapes, boxed):
+    scenes = json.loads((shapes / "annotations" / "scenes_train.json").read_text())["images"]
+    by_file = {s["file_name"]: s for s in scenes}
+    data = open_dataset(spec(shapes, "region-caption", "region_captions"), boxed)
+    checked = 0
+    for i in range(len(data)):
+        sample = data[i]
+        scene = by_file[sample["image_file"]]
+        (box,) = sample["refer_boxes"]
+        frame = boxed.image_tokenizer.input_frame(scene["width"], scene["height"])
+        assert box[3] <= frame[1] + 1e-6  # inside the placed image, above the padding
+        target = next(o for o in scene["objects"] if box_matches(o, box, frame, scene))
+        if not target["occluded_by"] and target["area"] > 150:
+            assert colour_share(sample["pixel_values"], box, target["rgb"]) > 0.3
+            checked += 1
+    assert checked >= 3
+
+
+def box_matches(obj, box, frame, scene) -> bool:
+    x, y, w, h = obj["bbox"]
+    width, height = scene["width"], scene["height"]
+    original = torch.tensor([x / width, y / height, (x + w) / width, (y + h) / height])
+    return torch.allclose(to_input_frame(original, frame), box, atol=1e-4)
+
+
+def test_detection_samples_under_letterbox_keep_boxes_on_their_shapes(shapes, boxed):
+    data = open_dataset(DatasetSpec(format="detection", ann=str(shapes / "annotations" / "detection_train.json"),
+                                    images=str(shapes / "images"), source="coco"), boxed)
+    torch.manual_seed(0)
+    for i in range(4):
+        sample = data[i]
+        placed = sample["pixel_values"].abs().amax(0) > 0  # the image; the padding is exactly zero
+        rows, cols = torch.nonzero(placed.any(1)).flatten(), torch.nonzero(placed.any(0)).flatten()
+        assert rows[0] == 0 and cols[0] == 0 and (rows[-1] < SIDE - 1 or cols[-1] < SIDE - 1)  # a crop keeps its aspect
+        for _, _, x2, y2 in (sample["boxes"] * SIDE).tolist():
+            assert x2 <= cols[-1] + 1.5 and y2 <= rows[-1] + 1.5  # every box on the image, none in the padding
+
+
+def attribute_config(weight: float) -> TrainingConfig:
+    return TrainingConfig.model_validate(
+        {
+            "stages": [
+                {
+                    "name": "detection",
+                    "objective": "detection",
+                    "train": ["region_proposer", "region_encoder"],
+                    "data": [{"name": "shapes", "source": "coco"}],
+                    "batch_size": 2,
+                    "lr": 2e-4,
+                    "max_steps": 2,
+                    "attribute_loss": weight,
+                }
+            ],
+            "progress": False,
+            "tensorboard": False,
+        }
+    )
+
+
+def test_attribute_loss_trains_the_region_encoder_and_logs_its_terms(shapes, sp_dir, tmp_path):
+    model = build_model(sp_dir, letterbox=True)
+    data = open_dataset(DatasetSpec(format="detection", ann=str(shapes / "annotations" / "detection_train.json"),
+                                    images=str(shapes / "images"), source="coco"), model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run_training(model, attribute_config(1.0), {"shapes": data}, tmp_path)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(x["attribute_ce"]) and x["attribute_ce"] > 0 for x in log)
+    assert all(np.isfinite(x["attribute_box"]) for x in log)
+    after = model.state_dict()
+    changed = {k.split(".")[0] for k in after if not torch.equal(after[k], before[k])}
+    assert changed == {"region_proposer", "region_encoder"}  # the readout has no parameters: nothing to drop
+
+
+def test_attribute_loss_lowers_on_a_fixed_batch(shapes, sp_dir):
+    """A few optimizer steps on one batch make the region tokens name their boxes' categories better."""
+    model = build_model(sp_dir, letterbox=False)
+    data = open_dataset(DatasetSpec(format="detection", ann=str(shapes / "annotations" / "detection_train.json"),
+                                    images=str(shapes / "images"), source="coco"), model)
+    from groma_core.training.data import collate
+
+    torch.manual_seed(0)
+    batch = collate([{**data[i], "dataset": "shapes", "source": "coco"} for i in range(3)])
+    objective = Objective(model, "detection", attribute_loss=1.0)
+    optimizer = torch.optim.Adam(model.region_encoder.parameters(), lr=3e-3)
+    first = None
+    for _ in range(15):
+        features = model.image_tokenizer(batch["pixel_values"])
+        terms = objective._attributes(features, batch)
+        first = first if first is not None else terms["attribute_ce"].item()
+        optimizer.zero_grad()
+        (terms["attribute_ce"] + terms["attribute_box"]).backward()
+        optimizer.step()
+    assert terms["attribute_ce"].item() < 0.5 * first
+
+
+def test_attribute_loss_needs_categories_and_a_detection_stage(shapes, sp_dir):
+    with pytest.raises(ValueError, match="attribute_loss is for detection stages"):
+        TrainingConfig.model_validate({"stages": [{
+            "name": "s", "objective": "lm", "train": ["language_backbone"], "data": [{"name": "x"}], "batch_size": 1,
+            "lr": 1e-3, "attribute_loss": 1.0}]})  # fmt: skip
+    model = build_model(sp_dir, letterbox=False)
+    objective = Objective(model, "detection", attribute_loss=1.0, attribute_classes=4)
+    batch = {"dataset": "shapes", "boxes": [torch.tensor([[0.1, 0.1, 0.5, 0.5]])], "box_labels": [torch.tensor([9])],
+             "pixel_values": torch.zeros(1, 3, SIDE, SIDE)}
+    features = model.image_tokenizer(batch["pixel_values"])
+    from groma_core.errors import InputError
+
+    with pytest.raises(InputError, match="category_id 9 is not below attribute_classes"):
+        objective._attributes(features, batch)
+    with pytest.raises(InputError, match="needs a category_id on every box"):
+        objective._attributes(features, {**batch, "box_labels": None})
+
+
+def test_rec_turns_ask_the_expressions_of_one_image_together(tmp_path, sp_dir):
+    data = tmp_path / "shapes"
+    write_shapes_dataset(data, ShapesConfig(images=10, seed=9, rec_per_image=8))
+    model = build_model(sp_dir, letterbox=False)
+    single = open_dataset(spec(data, "rec", "rec"), model)
+    grouped = open_dataset(DatasetSpec(format="rec", ann=str(data / "annotations" / "rec_train.json"),
+                                       images=str(data / "images"), turns=3), model)
+    per_image: dict[str, list[str]] = {}
+    for r in single.records:
+        per_image.setdefault(r.image.file_name, []).append(r.expression)
+    assert max(len(v) for v in per_image.values()) > 3  # some image is split over several samples
+    assert len(grouped) == sum(-(-len(v) // 3) for v in per_image.values())
+    asked: dict[str, list[str]] = {}
+    for i in range(len(grouped)):
+        sample = grouped[i]
+        record = grouped.records[i]
+        assert 1 <= len(record) <= 3 and len({r.image.file_name for r in record}) == 1
+        assert sample["ground_boxes"].shape == (len(record), 4)  # one box per question, in order
+        text = model.tokenizer.decode(sample["input_ids"])
+        assert text.count("<ground_box>") == len(record)
+        asked.setdefault(sample["image_file"], []).extend(r.expression for r in record)
+    assert asked == per_image  # every expression asked once
+    with pytest.raises(ValueError, match="turns is an option of the rec format"):
+        DatasetSpec(format="grounded-caption", ann="a.json", images="i", turns=2)
