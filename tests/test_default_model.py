@@ -95,10 +95,9 @@ def test_rec_on_held_out_images_answers_every_expression_with_a_box(rec_summary)
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 5 item 7, blocked: the shipped 26-minute CPU model reaches REC 0.21 on held-out shapes (target 0.85 "
-    "here, 0.90 on 500 images); its language model does not learn to bind <rK> to regions in that budget, selection "
-    "offers the target for only 92-94% of the expressions, and the square resize hides circle/ellipse and "
-    "square/rectangle (benchmarks/rec_ceiling.py)",
+    reason="issue 14, open: the shipped 26-minute CPU model reaches REC 0.21 on held-out shapes (target 0.85 here, "
+    "0.90 on 500 images); its language model does not read the region tokens (benchmarks/README.md: the levers tried "
+    "so far, together, gave 0.18)",
 )
 def test_rec_accuracy_on_held_out_images_reaches_the_target(rec_summary):
     assert rec_summary["metrics"]["accuracy"] >= 0.85
