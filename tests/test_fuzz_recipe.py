@@ -57,14 +57,7 @@ def pm() -> PluginManager:
 
 @pytest.fixture(scope="module")
 def base(sp_dir) -> dict:
-    return {
-        "name": "tiny",
-        "image_tokenizer": {"plugin": "tiny-conv", "image_size": 64, "patch_size": 8, "channels": 16},
-        "region_proposer": {"plugin": "grid", "cells": 3},
-        "region_encoder": {"plugin": "roi-pool"},
-        "language_backbone": {"plugin": "tiny-llama", "tokenizer": str(sp_dir)},
-        "region_selection": {"score_threshold": 0.0},
-    }
+    return tiny.recipe_dict(sp_dir)
 
 
 def assert_clear(error: RecipeError) -> None:

@@ -296,4 +296,17 @@ __all__ = [
     "TinyConvTokenizer",
     "TinyLlamaBackbone",
     "make_sentencepiece",
+    "recipe_dict",
 ]
+
+
+def recipe_dict(tokenizer) -> dict:
+    """The recipe of the test plugins' tiny pipeline (tokenizer: a SentencePiece directory)."""
+    return {
+        "name": "tiny",
+        "image_tokenizer": {"plugin": "tiny-conv", "image_size": 64, "patch_size": 8, "channels": 16},
+        "region_proposer": {"plugin": "grid", "cells": 3},
+        "region_encoder": {"plugin": "roi-pool"},
+        "language_backbone": {"plugin": "tiny-llama", "tokenizer": str(tokenizer)},
+        "region_selection": {"score_threshold": 0.0},
+    }
