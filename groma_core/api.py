@@ -164,21 +164,31 @@ def _construct_stages(recipe: Recipe, manager: PluginManager) -> GromaModel:
     return model
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> file name) of a sharded checkpoint's index file (the Hugging Face layout,
+    ``*.index.json``), checked to be a JSON object mapping names to non-empty file names."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{index}: not a valid index file ({one_line(exc, 200)})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()
+    ):
+        raise CheckpointError(
+            f"{index}: not a valid index file (expected a JSON object whose weight_map maps tensor names to file "
+            "names)"
+        )
+    return weight_map
+
+
 def weight_index(path: Path) -> dict[str, str] | None:
     """The tensor -> file map of a checkpoint directory's :data:`WEIGHTS_INDEX` (None when it has none), checked:
     a JSON object whose ``weight_map`` maps names to files of that directory that exist."""
     index = path / WEIGHTS_INDEX
     if not index.is_file():
         return None
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{index}: not a readable JSON file ({one_line(exc, 200)})") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-    ):
-        raise CheckpointError(f"{index}: expected a JSON object whose weight_map maps tensor names to file names")
+    weight_map = read_weight_map(index)
     for name in dict.fromkeys(weight_map.values()):
         if Path(name).name != name or not name.endswith(".safetensors"):  # a file of this folder, nowhere else
             raise CheckpointError(f"{index}: {echo(name)} is not the name of a .safetensors file of {path}")

@@ -102,19 +102,9 @@ def source_files(src: Path) -> tuple[str, list[Path]]:
     for index_name in ("pytorch_model.bin.index.json", "model.safetensors.index.json"):
         index = src / index_name
         if index.is_file():
-            try:
-                data = json.loads(index.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise CheckpointError(f"{index}: not a valid index file ({one_line(exc, 200)})") from None
-            weight_map = data.get("weight_map") if isinstance(data, dict) else None
-            if not isinstance(weight_map, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()
-            ):
-                raise CheckpointError(
-                    f"{index}: not a valid index file (expected a JSON object whose weight_map maps tensor names to "
-                    "file names)"
-                )
-            files = [src / f for f in dict.fromkeys(weight_map.values())]
+            from groma_core.api import read_weight_map
+
+            files = [src / f for f in dict.fromkeys(read_weight_map(index).values())]
             absent = [f.name for f in files if not f.is_file()]
             if absent:
                 raise CheckpointError(f"{index}: shard(s) listed but missing: {', '.join(absent)}")

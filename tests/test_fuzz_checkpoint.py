@@ -21,7 +21,7 @@ from torch import nn
 from groma_core.api import WEIGHTS_INDEX, load, load_weights, weight_files
 from groma_core.convert import SourceFile, convert_checkpoint
 from groma_core.errors import MAX_LINE_CHARS, CheckpointError
-from groma_core.testing.fixtures import GoldenSet, golden_sets
+from groma_core.testing.fixtures import GoldenSet, require_golden_sets
 
 FUZZ = settings(
     max_examples=80,
@@ -30,7 +30,6 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-needs_golden = pytest.mark.skipif(not golden_sets(), reason="no golden fixture set found")
 
 
 def small_model() -> nn.Module:
@@ -226,7 +225,7 @@ def test_an_index_of_any_content_loads_or_fails_with_one_line(tmp_path_factory, 
 # -- groma convert ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def golden() -> GoldenSet:
-    return GoldenSet(golden_sets()[0])
+    return GoldenSet(require_golden_sets()[0])  # the repository ships tiny-a: missing, these tests fail
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +249,6 @@ def reference(gs: GoldenSet, folder: Path, state: dict | None = None) -> Path:
     return folder
 
 
-@needs_golden
 def test_converting_two_models_into_one_folder_keeps_only_the_second(golden, pm, tmp_path):
     state_b = {k: (v + 0.5 if v.is_floating_point() else v) for k, v in golden.weights().items()}
     src_a = reference(golden, tmp_path / "a")
@@ -266,7 +264,6 @@ def test_converting_two_models_into_one_folder_keeps_only_the_second(golden, pm,
     assert torch.equal(model.state_dict()["image_projector.layers.0.weight"], state_b["img_txt_bridge.0.weight"])
 
 
-@needs_golden
 def test_a_folder_holding_other_files_is_not_a_destination(golden, pm, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -276,7 +273,6 @@ def test_a_folder_holding_other_files_is_not_a_destination(golden, pm, tmp_path)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
-@needs_golden
 def test_integer_tensors_of_the_right_shape_are_refused_at_conversion(golden, pm, tmp_path):
     state = dict(golden.weights())
     state["img_txt_bridge.0.weight"] = state["img_txt_bridge.0.weight"].to(torch.int32)
@@ -286,7 +282,6 @@ def test_integer_tensors_of_the_right_shape_are_refused_at_conversion(golden, pm
     assert list((tmp_path / "out").iterdir()) == []
 
 
-@needs_golden
 def test_a_damaged_later_shard_leaves_no_partial_files(golden, pm, tmp_path):
     src = tmp_path / "a"
     src.mkdir()
@@ -306,7 +301,6 @@ def test_a_damaged_later_shard_leaves_no_partial_files(golden, pm, tmp_path):
     assert list(out.iterdir()) == []
 
 
-@needs_golden
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
