@@ -15,7 +15,7 @@ from groma_core.errors import CheckpointError, GromaError, RecipeError, echo, on
 from groma_core.model import GromaModel
 from groma_core.plugins import PluginManager
 from groma_core.quantization import check_quantization, quantize_model
-from groma_core.recipe import Recipe, load_recipe
+from groma_core.recipe import Recipe, is_path_option, load_recipe
 from groma_core.stages import BuildContext
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -101,15 +101,6 @@ def build(
     return quantize_model(model, quantize) if quantize is not None else model
 
 
-PATH_OPTIONS = ("pretrained", "tokenizer")
-
-
-def _is_path_option(options, name: str) -> bool:
-    """``pretrained``, ``tokenizer``, or a field declared with ``Field(json_schema_extra={"path": True})``."""
-    extra = type(options).model_fields[name].json_schema_extra
-    return name in PATH_OPTIONS or (isinstance(extra, dict) and bool(extra.get("path")))
-
-
 def _resolved_options(recipe: Recipe, kind: str):
     """The stage's options with relative path options resolved against the recipe file's directory, so that a
     checkpoint directory can be moved as a whole (a path that does not exist there is left as given)."""
@@ -119,7 +110,7 @@ def _resolved_options(recipe: Recipe, kind: str):
     updates = {}
     for name in type(options).model_fields:
         value = getattr(options, name, None)
-        if not (isinstance(value, str) and value and _is_path_option(options, name)):
+        if not (isinstance(value, str) and value and is_path_option(type(options), name)):
             continue
         if not Path(os.path.expanduser(value)).is_absolute() and (recipe.base_dir / value).exists():
             updates[name] = str(recipe.base_dir / value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import logging
 import os
@@ -27,31 +28,129 @@ def _manager():
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    """List installed plugins, the stages they register and any load error."""
+    """List installed plugins: each stage they register with its description, and any load error; with --options
+    NAME, the options of the stage NAME with their types, defaults and descriptions."""
     manager = _manager()
+    if args.options:
+        return _print_options(manager, args.options, args.json)
+    entries = {(e.kind, e.name): e for e in manager.entries()}
     rows = []
     for record in manager.records:
-        if record.stages:
-            for kind, name in record.stages:
-                rows.append((name, kind, record.distribution, record.version, record.status, record.error or ""))
-        else:
-            rows.append(("-", "-", record.distribution, record.version, record.status, record.error or ""))
+        for kind, name in record.stages:
+            entry = entries.get((kind, name))
+            description = entry.description if entry is not None and entry.distribution == record.distribution else ""
+            rows.append(
+                (name, kind, record.name, record.distribution, record.version, record.status, description, record.error)
+            )
+        if not record.stages:
+            rows.append(("-", "-", record.name, record.distribution, record.version, record.status, "", record.error))
     if args.json:
-        keys = ("name", "stage", "distribution", "version", "status", "error")
-        print(json.dumps([dict(zip(keys, r)) for r in rows], indent=1))
+        keys = ("name", "stage", "plugin", "distribution", "version", "status", "description", "error")
+        print(json.dumps([dict(zip(keys, (*r[:7], r[7] or ""))) for r in rows], indent=1))
         return 0
-    header = ("NAME", "STAGE", "DISTRIBUTION", "VERSION", "STATUS")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for r in rows:
-        print("  ".join(str(v).ljust(w) for v, w in zip(r[:5], widths)).rstrip())
-        if r[5]:
-            print(f"    error: {r[5]}")
+    header = ("NAME", "STAGE", "PLUGIN", "DISTRIBUTION", "VERSION", "STATUS", "DESCRIPTION")
+    _print_table(header, [r[:7] for r in rows], after=[f"error: {r[7]}" if r[7] else "" for r in rows])
     return 0
 
 
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[object]], after: Sequence[str] = ()) -> None:
+    """Columns padded to their widest cell; ``after[i]``, when not empty, is printed indented below row i."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    for i, row in enumerate(rows):
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+        if i < len(after) and after[i]:
+            print(f"    {after[i]}")
+
+
+def _print_options(manager, name: str, as_json: bool) -> int:
+    """``groma plugins --options NAME``: the options of every stage called NAME."""
+    from groma_core.errors import UnknownPluginError
+
+    found = [e for e in manager.entries() if e.name == name]
+    if not found:
+        failed = manager.failed_for(name)
+        if failed:
+            causes = "; ".join(f"{r.distribution} failed to load ({r.cause})" for r in failed)
+            raise UnknownPluginError(f"--options {name}: the plugin is not available: {causes}")
+        names = sorted({e.name for e in manager.entries()})
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownPluginError(f"--options {name}: no stage of that name{hint}; installed: {', '.join(names)}")
+    described = [(entry, [_option_row(n, f) for n, f in entry.config.model_fields.items()]) for entry in found]
+    if as_json:
+        keys = ("name", "type", "default", "description")
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": e.name,
+                        "stage": e.kind,
+                        "distribution": e.distribution,
+                        "description": e.description,
+                        "options": [dict(zip(keys, row)) for row in rows],
+                    }
+                    for e, rows in described
+                ],
+                indent=1,
+            )
+        )
+        return 0
+    for i, (entry, rows) in enumerate(described):
+        if i:
+            print()
+        about = f": {entry.description}" if entry.description else ""
+        print(f"{entry.name} ({entry.kind}, {entry.distribution} {entry.version}){about}")
+        if rows:
+            _print_table(("OPTION", "TYPE", "DEFAULT", "DESCRIPTION"), rows)
+        else:
+            print("no options")
+    return 0
+
+
+def _option_row(name: str, info) -> tuple[str, str, str, str]:
+    """An option's name, type (with its bounds), default (JSON; "required" when it has none) and description."""
+    from pydantic_core import PydanticUndefined
+
+    bounds = []
+    for constraint in info.metadata:
+        for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(constraint, attr, None) is not None:
+                bounds.append(f"{sign}{getattr(constraint, attr)}")
+    kind = _type_name(info.annotation) + (f" ({', '.join(bounds)})" if bounds else "")
+    if info.is_required():
+        default = "required"
+    else:
+        value = info.default_factory() if info.default is PydanticUndefined else info.default
+        default = json.dumps(value, default=str)
+    return name, kind, default, info.description or ""
+
+
+def _type_name(annotation) -> str:
+    """A type as a recipe writer reads it: ``int``, ``list[float]``, ``str | None``, ``"a" | "b"``."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(json.dumps(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _print_notes(notes: Sequence[str]) -> None:
+    """What loading a recipe changed beyond its files' words, one line each on stderr."""
+    for note in notes:
+        print(f"groma: note: {one_line(note)}", file=sys.stderr)
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
-    """List the shipped recipes with their one-line purpose."""
+    """List the shipped recipes with their one-line purpose (`groma recipes cp NAME DEST` copies one to edit)."""
     from groma_core.recipe import recipe_purpose, recipes_dir, shipped_recipes
 
     recipes = shipped_recipes()
@@ -64,8 +163,22 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes_cp(args: argparse.Namespace) -> int:
+    """Copy a shipped recipe to DEST (a file, or a folder to hold NAME.yaml) to edit it; comments are kept, the
+    relative paths of the original are made absolute, and an existing file is never overwritten. To change a few
+    values of a recipe, a file with `extends: NAME` and only those values is often shorter."""
+    from groma_core.recipe import copy_recipe
+
+    target, rewritten, left = copy_recipe(args.name, args.dest, _manager())
+    made = f"; relative paths made absolute: {', '.join(rewritten)}" if rewritten else ""
+    kept = f"; relative paths not found beside the original, left as written: {', '.join(left)}" if left else ""
+    print(f"copied {args.name} to {target}{made}{kept}")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Check a recipe without loading weights; print every problem at once."""
+    """Check a recipe (a file, a shipped recipe name or a model folder) without loading weights; print every
+    problem at once. With --print, stdout holds only the validated recipe as YAML."""
     from groma_core.recipe import load_recipe
 
     try:
@@ -73,8 +186,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except RecipeError as exc:
         print(str(exc), file=sys.stderr)
         return 1
+    _print_notes(recipe.notes)
     stages = ", ".join(f"{k}={c.plugin}" for k, c in recipe.stages.items())
-    print(f"ok: {recipe.source} ({stages})")
+    print(f"ok: {recipe.source} ({stages})", file=sys.stderr if args.print else sys.stdout)
     if args.print:
         print(recipe.to_yaml(), end="")
     return 0
@@ -113,6 +227,7 @@ def _load_model(args: argparse.Namespace):
 
     device = resolve_device(args.device)  # a device this machine lacks is refused before the model is read
     model = load(args.model or None, args.set, _manager())  # no --model: the embedded default
+    _print_notes(model.recipe.notes)
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.quantize:  # cast first: the 4-bit layers compute in the model's dtype
         from groma_core.quantization import quantize_model
@@ -261,6 +376,7 @@ def _train(args: argparse.Namespace) -> int:
 
     manager = _manager()
     recipe = load_recipe(args.recipe, args.overrides, manager)
+    _print_notes(recipe.notes)
     train = recipe.core.train
     if train is None:
         raise RecipeError(recipe.source, ["train: missing section (the training stages and their datasets)"])
@@ -348,7 +464,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe file, or the name of a shipped recipe (see `groma recipes`)")
+    p.add_argument("recipe", help="recipe file, shipped recipe name (see `groma recipes`) or model folder")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
 
 
@@ -368,14 +484,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list installed plugins and their stages", description=cmd_plugins.__doc__)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--options", metavar="NAME", help="the options of the stage NAME: types, defaults, descriptions")
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("recipes", help="list the shipped recipes", description=cmd_recipes.__doc__)
+    p = sub.add_parser("recipes", help="list the shipped recipes, or copy one", description=cmd_recipes.__doc__)
     p.set_defaults(func=cmd_recipes)
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    cp = actions.add_parser("cp", help="copy a shipped recipe to edit it", description=cmd_recipes_cp.__doc__)
+    cp.add_argument("name", help="a shipped recipe (see `groma recipes`)")
+    cp.add_argument("dest", help="the new file, or a folder to hold NAME.yaml (never overwritten)")
+    cp.set_defaults(func=cmd_recipes_cp)
 
     p = sub.add_parser("validate", help="check a recipe without loading weights", description=cmd_validate.__doc__)
     _add_recipe_args(p)
-    p.add_argument("--print", action="store_true", help="print the validated recipe with all defaults filled in")
+    p.add_argument(
+        "--print", action="store_true", help="print the validated recipe with all defaults filled in (YAML only)"
+    )
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("ground", help="answer a grounded prompt about images", description=cmd_ground.__doc__)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib.metadata as metadata
 import os
+import re
 import traceback
 import warnings
 from collections.abc import Callable, Mapping
@@ -62,6 +63,8 @@ class PluginRecord:
     status: str = "ok"
     error: str | None = None
     stages: list[tuple[str, str]] = field(default_factory=list)
+    cause: str | None = None
+    """the exception that made it fail, without where it was raised (what an unknown-plugin error repeats)"""
 
 
 def _similar(name: str, choices: list[str]) -> str:
@@ -113,7 +116,7 @@ class PluginManager:
             except BaseException as exc:  # noqa: BLE001 - a broken plugin must never take the program down
                 if isinstance(exc, KeyboardInterrupt):
                     raise
-                self._fail(PluginRecord(ep.name, dist_name, version), f"import failed: {_describe(exc)}")
+                self._fail(PluginRecord(ep.name, dist_name, version), f"import failed: {_describe(exc)}", _cause(exc))
                 continue
             self.register_plugin(plugin, name=ep.name, distribution=dist_name, version=version)
 
@@ -137,7 +140,7 @@ class PluginManager:
                 self._pm.unregister(plugin)
             except Exception:  # noqa: BLE001 - it may not have been registered at all
                 pass
-            return self._fail(record, f"invalid plugin: {_describe(exc)}")
+            return self._fail(record, f"invalid plugin: {_describe(exc)}", _cause(exc))
         for kind, hook_name in HOOK_FOR_KIND.items():
             caller = getattr(self._pm.hook, hook_name)
             for impl in caller.get_hookimpls():
@@ -146,13 +149,14 @@ class PluginManager:
                 try:
                     impl.function(register=self._registrar(kind, record))
                 except Exception as exc:  # noqa: BLE001
-                    return self._fail(record, f"{hook_name} raised {_describe(exc)}")
+                    return self._fail(record, f"{hook_name} raised {_describe(exc)}", _cause(exc))
         self.records.append(record)
         return record
 
-    def _fail(self, record: PluginRecord, message: str) -> PluginRecord:
+    def _fail(self, record: PluginRecord, message: str, cause: str) -> PluginRecord:
         record.status = "error"
         record.error = message
+        record.cause = cause
         self.records.append(record)
         warnings.warn(f"groma plugin {record.name!r} ({record.distribution}): {message}", PluginWarning, stacklevel=3)
         return record
@@ -220,11 +224,30 @@ class PluginManager:
         try:
             return self._stages[kind][name]
         except KeyError:
-            installed = self.names(kind)
-            raise UnknownPluginError(
-                f"unknown {kind} plugin {name!r}{_similar(name, installed)}; installed: "
-                f"{', '.join(installed) or '(none)'}"
-            ) from None
+            pass
+        failed = self.failed_for(name)
+        if failed:
+            causes = "; ".join(f"{r.distribution} failed to load ({r.cause})" for r in failed)
+            raise UnknownPluginError(f"{kind} plugin {name!r} is not available: {causes}")
+        installed = self.names(kind)
+        others = [r.name for r in self.records if r.status == "error"]
+        broken = ""
+        if others:
+            broken = f"; {len(others)} plugin(s) failed to load: {', '.join(others)} (see `groma plugins`)"
+        raise UnknownPluginError(
+            f"unknown {kind} plugin {name!r}{_similar(name, installed)}; installed: "
+            f"{', '.join(installed) or '(none)'}{broken}"
+        )
+
+    def failed_for(self, name: str) -> list[PluginRecord]:
+        """The plugins that failed to load and would have provided the stage ``name``: an entry point of that name,
+        or one whose error names it in quotes (``... the 'detectron2' region proposer is not available``)."""
+        return [
+            r
+            for r in self.records
+            if r.status == "error"
+            and (r.name == name or re.search(rf"['\"`]{re.escape(name)}['\"`]", r.cause or ""))
+        ]
 
     def build(self, kind: str, name: str, config: BaseModel, context: BuildContext) -> Stage:
         """Build the stage ``name`` of ``kind`` from a validated config."""
@@ -233,6 +256,10 @@ class PluginManager:
 
 def _owners(entries: list[StageEntry]) -> str:
     return " and ".join(sorted(f"{e.distribution} {e.version}" for e in entries))
+
+
+def _cause(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _describe(exc: BaseException) -> str:

@@ -6,9 +6,12 @@ name exists, and the installed plugin names for an unknown plugin.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
+import json
 import os
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from groma_core import tokens as T
-from groma_core.errors import PluginConflictError, RecipeError, UnknownPluginError, echo
+from groma_core.errors import PluginConflictError, RecipeError, UnknownPluginError, echo, one_line
 from groma_core.plugins import PluginManager
 from groma_core.selection import SelectionConfig
 from groma_core.stages import STAGE_KINDS
@@ -31,6 +34,10 @@ MAX_RECIPE_BYTES = 1 << 20
 """Largest recipe file read (1 MiB; the shipped recipes are a few KiB)."""
 MAX_RECIPE_DEPTH = 32
 """Deepest nesting of mappings and lists in a recipe or an override value, YAML aliases expanded."""
+MAX_EXTENDS_DEPTH = 16
+"""Longest chain of recipes extending one another (``extends:``)."""
+PATH_OPTIONS = ("pretrained", "tokenizer")
+"""Stage options that are paths whatever their declaration (see :func:`is_path_option`)."""
 MAX_RECIPE_VALUES = 100_000
 """Most values (mappings, lists and scalars) a recipe or an override may hold once its YAML aliases are expanded
 (a few hundred bytes of nested aliases, a "billion laughs", would otherwise expand to billions)."""
@@ -98,6 +105,9 @@ class Recipe:
     source: str = "<recipe>"
     base_dir: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """What loading changed beyond the files' words (a switched plugin's dropped options, weights left out for a
+    swapped stage); the command line prints them on stderr."""
 
     def weights_path(self) -> Path | None:
         """The weights location, resolved against the recipe file's directory."""
@@ -265,15 +275,34 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
     """Apply ``key.sub=value`` overrides to a recipe mapping (a copy); return it and {dotted path: override}.
-    A number indexes a list (``train.stages.0.lr=1e-4``)."""
-    import copy
+    A number indexes a list (``train.stages.0.lr=1e-4``). ``STAGE.plugin=OTHER`` switches the stage's plugin and
+    drops the options the file gave the old one (see :func:`override_recipe`)."""
+    overridden = override_recipe(data, overrides)
+    return overridden.data, overridden.origin
 
-    data = copy.deepcopy(data)
-    origin: dict[str, str] = {}
+
+@dataclass
+class Overridden:
+    """A recipe mapping after ``key.sub=value`` overrides."""
+
+    data: dict[str, Any]
+    origin: dict[str, str]
+    """dotted path -> the override that set it"""
+    switched: dict[str, str] = field(default_factory=dict)
+    """stage -> the plugin its section named before an override switched it"""
+    notes: list[str] = field(default_factory=list)
+    """one line for each switch that dropped options"""
+
+
+def override_recipe(data: Mapping[str, Any], overrides: Sequence[str]) -> Overridden:
+    """Apply ``key.sub=value`` overrides to a copy of a recipe mapping. Setting a stage's ``plugin`` to another
+    plugin drops the options the recipe gave the old one (they belong to it), keeps those that overrides set, and
+    says so in :attr:`Overridden.notes`."""
+    result = Overridden(copy.deepcopy(dict(data)), {})
     problems: list[str] = []
     for text in overrides:
         parts, value = parse_override(text)
-        node: Any = data
+        node: Any = result.data
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
             if isinstance(node, list):
@@ -290,15 +319,53 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> tuple[dic
                 problems.append(f"override {echo(text)}: {'.'.join(parts[:i])} is not a section")
                 break
             if last:
+                if node is result.data and key in STAGE_SECTIONS:
+                    _note_switch(result, key, node.get(key), value)
+                if i == 1 and key == "plugin" and parts[0] in STAGE_SECTIONS and node is result.data[parts[0]]:
+                    _switch_plugin(result, parts[0], value, text)
                 node[key] = value
-                origin[".".join(parts)] = text
+                result.origin[".".join(parts)] = text
             else:
                 if isinstance(node, dict) and (key not in node or node[key] is None):
                     node[key] = {}
                 node = node[key]
     if problems:
         raise RecipeError("overrides", problems)
-    return data, origin
+    return result
+
+
+def _plugin_of(section: Any) -> str | None:
+    plugin = section.get("plugin") if isinstance(section, dict) else None
+    return plugin if isinstance(plugin, str) and plugin else None
+
+
+def _note_switch(result: Overridden, kind: str, old: Any, new: Any) -> None:
+    """A whole stage section replaced by an override (``region_proposer={plugin: sam}``): remember its old plugin."""
+    before, after = _plugin_of(old), _plugin_of(new)
+    if before and after and before != after:
+        result.switched[kind] = before
+
+
+def _switch_plugin(result: Overridden, kind: str, plugin: Any, text: str) -> None:
+    """``STAGE.plugin=OTHER``: drop the options of the section that no override set (they were the old plugin's)."""
+    section = result.data[kind]
+    before = _plugin_of(section)
+    if before is None or plugin == before:
+        return
+    result.switched[kind] = before
+    if not isinstance(plugin, str):
+        return  # not a plugin name: validation says so
+    dropped = [k for k in section if k != "plugin" and f"{kind}.{k}" not in result.origin]
+    for k in dropped:
+        del section[k]
+    if dropped:
+        names = ", ".join(_path_part(k) for k in dropped[:8])
+        more = f" and {len(dropped) - 8} more" if len(dropped) > 8 else ""
+        old, new = one_line(before, 80), one_line(plugin, 80)
+        result.notes.append(
+            f"override {echo(text)}: {kind} switched from {old} to {new}; dropped {len(dropped)} option(s) of {old}: "
+            f"{names}{more}"
+        )
 
 
 # -- validation ----------------------------------------------------------------------------------------------
@@ -334,9 +401,9 @@ def _fields_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
     return list(fields) if fields else []
 
 
-def _pydantic_problems(exc: ValidationError, model: type[BaseModel], prefix: str, data: Any) -> list[str]:
+def _pydantic_problems(errors: Sequence[Any], model: type[BaseModel], prefix: str) -> list[str]:
     problems = []
-    for err in exc.errors():
+    for err in errors:
         loc = [_path_part(p) for p in err["loc"]]
         path = ".".join([prefix, *loc]) if prefix else ".".join(loc)
         if err["type"] == "extra_forbidden":
@@ -353,6 +420,37 @@ def _pydantic_problems(exc: ValidationError, model: type[BaseModel], prefix: str
     return problems
 
 
+def _stage_problems(
+    exc: ValidationError, manager: PluginManager, kind: str, plugin: str, previous: str | None
+) -> list[str]:
+    """The problems of a stage section's options; an unknown option that belongs to another plugin of the stage
+    (left from the plugin the section named before) is named as such."""
+    config = manager.get(kind, plugin).config
+    foreign: list[str] = []
+    rest = []
+    for err in exc.errors():
+        option = err["loc"][0] if len(err["loc"]) == 1 else None
+        owners = _plugins_with_option(manager, kind, str(option)) if err["type"] == "extra_forbidden" else []
+        if not owners:
+            rest.append(err)
+        elif previous in owners:
+            foreign.append(
+                f"{kind}.{_path_part(option)}: an option of {previous}, not of {plugin}: this section switched "
+                f"plugin ({previous} -> {plugin}) and keeps the old one's options; remove it"
+            )
+        else:
+            foreign.append(
+                f"{kind}.{_path_part(option)}: an option of {', '.join(owners)}, not of {plugin} (left from another "
+                f"plugin?); remove it; {plugin}'s options: {', '.join(config.model_fields) or '(none)'}"
+            )
+    return foreign + _pydantic_problems(rest, config, kind)
+
+
+def _plugins_with_option(manager: PluginManager, kind: str, option: str) -> list[str]:
+    """The installed plugins of ``kind`` that take an option called ``option``."""
+    return [name for name in manager.names(kind) if option in manager.get(kind, name).config.model_fields]
+
+
 def _path_part(part: Any) -> str:
     """A part of a dotted path as it is shown: a key of unusual length or characters is shown shortened."""
     text = str(part)
@@ -365,11 +463,18 @@ def validate_recipe(
     source: str = "<recipe>",
     base_dir: Path | None = None,
     origin: Mapping[str, str] | None = None,
+    switched: Mapping[str, str] | None = None,
 ) -> Recipe:
     """Check a recipe mapping against the core schema and each stage plugin's options; raise a
-    :class:`RecipeError` listing every problem, or return the validated :class:`Recipe`."""
+    :class:`RecipeError` listing every problem, or return the validated :class:`Recipe`. ``switched``: stage ->
+    the plugin its section named before an ``extends`` or an override switched it (its options, left in the
+    section, are then named as such)."""
     manager = manager or PluginManager()
     problems: list[str] = []
+    if "extends" in data:
+        problems.append(
+            f"extends: {echo(data['extends'])}: only a recipe file can extend another (load it with load_recipe)"
+        )
     stages: dict[str, StageChoice] = {}
     for kind in STAGE_SECTIONS:
         section = data.get(kind)
@@ -395,13 +500,13 @@ def validate_recipe(
         try:
             stages[kind] = StageChoice(plugin, entry.config.model_validate(options))
         except ValidationError as exc:
-            problems += _pydantic_problems(exc, entry.config, kind, options)
-    core_data = {k: v for k, v in data.items() if k not in STAGE_SECTIONS}
+            problems += _stage_problems(exc, manager, kind, plugin, (switched or {}).get(kind))
+    core_data = {k: v for k, v in data.items() if k not in STAGE_SECTIONS and k != "extends"}
     core: CoreRecipe | None = None
     try:
         core = CoreRecipe.model_validate(core_data)
     except ValidationError as exc:
-        found = _pydantic_problems(exc, CoreRecipe, "", core_data)
+        found = _pydantic_problems(exc.errors(), CoreRecipe, "")
         # a misspelled stage section reads as an unknown core key: suggest the section names too
         problems += [
             p + _did_you_mean(p.split(":")[0], STAGE_SECTIONS) if "unknown option" in p and "did you" not in p else p
@@ -440,11 +545,20 @@ def recipes_dir() -> Path:
     return shipped.resolve() if shipped.is_dir() else package.parent / "recipes"
 
 
+MODEL_RECIPE = "recipe.yaml"
+"""The recipe file of a model folder (written by ``groma convert`` and by training)."""
+
+
 def resolve_recipe_path(name_or_path: str | Path) -> Path:
-    """A recipe file path, or the name of a shipped recipe (``groma-7b`` -> ``recipes/groma-7b.yaml``)."""
+    """A recipe file path, a model folder (its ``recipe.yaml``), or the name of a shipped recipe (``groma-7b`` ->
+    ``recipes/groma-7b.yaml``)."""
     p = Path(name_or_path)
     if p.is_file():
         return p
+    if p.is_dir():
+        if (p / MODEL_RECIPE).is_file():
+            return p / MODEL_RECIPE
+        raise RecipeError(str(p), [f"a folder, but not a model folder (it has no {MODEL_RECIPE})"])
     shipped = recipes_dir() / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped
@@ -461,11 +575,295 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = (), manager: PluginManager | None = None) -> Recipe:
-    """Read, override and validate a recipe file (or a shipped recipe name)."""
+    """Read a recipe file (a shipped recipe name, or a model folder) with the recipes it extends, apply the
+    overrides, leave a swapped stage's tensors out of the weights, and validate it."""
+    manager = manager or PluginManager()
     path = resolve_recipe_path(path)
+    composed = compose_recipe(path, manager)
+    overridden = override_recipe(composed.data, overrides)
+    weights_plugins = None if "weights" in overridden.origin else composed.weights_plugins
+    notes = overridden.notes + _exclude_swapped_weights(overridden.data, weights_plugins)
+    recipe = validate_recipe(
+        overridden.data,
+        manager,
+        str(path),
+        path.resolve().parent,
+        overridden.origin,
+        {**composed.switched, **overridden.switched},
+    )
+    recipe.notes = notes
+    return recipe
+
+
+# -- extends -------------------------------------------------------------------------------------------------
+@dataclass
+class Composed:
+    """A recipe file with the recipes it extends merged in."""
+
+    data: dict[str, Any]
+    chain: list[Path]
+    """the files, the loaded one first, then the one it extends, and so on"""
+    switched: dict[str, str] = field(default_factory=dict)
+    """stage -> the plugin a base named before the extending file switched it"""
+    weights_plugins: dict[str, str] | None = None
+    """the stage plugins of the file that named ``weights`` (what its tensors belong to)"""
+
+
+def compose_recipe(path: str | Path, manager: PluginManager | None = None) -> Composed:
+    """Read a recipe file and, through its ``extends:``, the recipes it builds on: a shipped recipe name, a recipe
+    file or a model folder, relative to the extending file. Mappings merge deeply, the extending file winning; a
+    stage section that names another ``plugin`` replaces the base's section whole. Relative paths a base wrote
+    (``weights``, ``train.data_root``, stage path options) are made absolute, so that they keep meaning what they
+    meant beside that base."""
+    return _compose(Path(path), manager or PluginManager(), ())
+
+
+def _compose(path: Path, manager: PluginManager, chain: tuple[Path, ...]) -> Composed:
+    here = path.resolve()
+    if here in chain:
+        raise RecipeError(str(chain[0]), [f"extends: a cycle: {_chain_text([*chain, here])}"])
+    if len(chain) > MAX_EXTENDS_DEPTH:
+        raise RecipeError(
+            str(chain[0]), [f"extends: more than {MAX_EXTENDS_DEPTH} recipes deep: {_chain_text([*chain, here])}"]
+        )
     data = read_recipe_file(path)
-    data, origin = apply_overrides(data, overrides)
-    return validate_recipe(data, manager, str(path), path.resolve().parent, origin)
+    own_weights = "weights" in data
+    if "extends" not in data:
+        plugins = _stage_plugins(data) if own_weights else None
+        return Composed(data, [here], {}, plugins)
+    target = data.pop("extends")
+    if not isinstance(target, str) or not target.strip():
+        raise RecipeError(
+            str(path),
+            [f"extends: expected the name of a shipped recipe, a recipe file or a model folder, got {echo(target)}"],
+        )
+    base_path = _extended_path(target, path, [*chain, here])
+    base = _compose(base_path, manager, (*chain, here))
+    base_data = _absolute_paths(base.data, base_path.resolve().parent, manager)
+    switched: dict[str, str] = dict(base.switched)
+    merged = _merge(base_data, data, switched)
+    plugins = _stage_plugins(merged) if own_weights else base.weights_plugins
+    return Composed(merged, [here, *base.chain], switched, plugins)
+
+
+def _extended_path(target: str, path: Path, chain: list[Path]) -> Path:
+    """The file ``extends: target`` names, written in ``path``: a file or model folder relative to ``path``'s
+    folder (or absolute), else a shipped recipe."""
+    given = Path(os.path.expanduser(target))
+    candidate = given if given.is_absolute() else path.parent / given
+    if candidate.is_file():
+        return candidate
+    if candidate.is_dir():
+        if (candidate / MODEL_RECIPE).is_file():
+            return candidate / MODEL_RECIPE
+        raise RecipeError(
+            str(path),
+            [
+                f"extends: {echo(target)} is a folder without {MODEL_RECIPE}, not a model folder "
+                f"({_chain_text(chain)} -> {echo(target)})"
+            ],
+        )
+    shipped = recipes_dir() / f"{target}.yaml"
+    if "/" not in target and shipped.is_file():
+        return shipped
+    names = [r.stem for r in shipped_recipes()]
+    raise RecipeError(
+        str(path),
+        [
+            f"extends: {echo(target)}: no such recipe file, model folder (relative to {path.parent}) or shipped "
+            f"recipe{_did_you_mean(target, names)} ({_chain_text(chain)} -> {echo(target)}); shipped: "
+            f"{', '.join(names) or '(none)'}"
+        ],
+    )
+
+
+def _chain_text(chain: Sequence[Path]) -> str:
+    """``a.yaml -> b.yaml -> a.yaml``: shipped recipes by name, files beside the first one by their name there,
+    others by their full path."""
+    shipped = recipes_dir().resolve()
+    start = chain[0].parent if chain else Path()
+    shown = []
+    for p in chain:
+        if p.parent == shipped:
+            shown.append(p.stem)
+        elif p.is_relative_to(start):
+            shown.append(str(p.relative_to(start)))
+        else:
+            shown.append(str(p))
+    return " -> ".join(shown)
+
+
+def _stage_plugins(data: Mapping[str, Any]) -> dict[str, str]:
+    """stage -> the plugin its section names (stages without one left out)."""
+    return {kind: plugin for kind in STAGE_SECTIONS if (plugin := _plugin_of(data.get(kind)))}
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any], switched: dict[str, str]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``: mappings merge key by key, anything else is replaced; a stage
+    section naming another plugin replaces the base's section (recorded in ``switched``)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in over.items():
+        old = out.get(key)
+        before, after = _plugin_of(old), _plugin_of(value)
+        if key in STAGE_SECTIONS and before and after and before != after:
+            out[key] = copy.deepcopy(value)
+            switched[key] = before
+        elif isinstance(old, dict) and isinstance(value, dict):
+            out[key] = _merge_mappings(old, value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _merge_mappings(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        old = out.get(key)
+        out[key] = _merge_mappings(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return copy.deepcopy(out)
+
+
+# -- paths ---------------------------------------------------------------------------------------------------
+def is_path_option(config: type[BaseModel], name: str) -> bool:
+    """Whether a stage option is a path: ``pretrained``, ``tokenizer``, or a field declared with
+    ``Field(json_schema_extra={"path": True})``."""
+    field_info = config.model_fields.get(name)
+    extra = field_info.json_schema_extra if field_info is not None else None
+    return name in PATH_OPTIONS or (isinstance(extra, dict) and bool(extra.get("path")))
+
+
+def relative_paths(
+    data: Mapping[str, Any], folder: Path, manager: PluginManager, *, missing: bool = False
+) -> list[tuple[tuple[str, ...], str]]:
+    """The relative paths a recipe mapping holds that mean a place beside its file in ``folder``, with where they
+    are: ``weights`` and ``train.data_root`` always (an absent data_root of a recipe with datasets is its folder,
+    listed as ``.``), a stage path option when it exists in ``folder`` (as the stages resolve it). ``missing``:
+    instead, the relative stage path options that do not exist in ``folder`` (taken from the working directory)."""
+    found: list[tuple[tuple[str, ...], str]] = []
+
+    def relative(value: Any) -> bool:
+        return isinstance(value, str) and bool(value) and not Path(os.path.expanduser(value)).is_absolute()
+
+    if relative(data.get("weights")) and not missing:
+        found.append((("weights",), data["weights"]))
+    train = data.get("train")
+    if isinstance(train, dict) and not missing:
+        root = train.get("data_root", "." if train.get("datasets") else None)
+        if relative(root):
+            found.append((("train", "data_root"), root))
+    for kind in STAGE_SECTIONS:
+        section = data.get(kind)
+        plugin = _plugin_of(section)
+        if plugin is None:
+            continue
+        try:
+            config: type[BaseModel] | None = manager.get(kind, plugin).config
+        except (UnknownPluginError, PluginConflictError):
+            config = None
+        for name, value in section.items():
+            is_path = is_path_option(config, name) if config is not None else name in PATH_OPTIONS
+            if is_path and relative(value) and (folder / os.path.expanduser(value)).exists() != missing:
+                found.append(((kind, name), value))
+    return found
+
+
+def _absolute_paths(data: dict[str, Any], folder: Path, manager: PluginManager) -> dict[str, Any]:
+    """A copy of ``data`` whose relative paths beside its file in ``folder`` (:func:`relative_paths`) are
+    absolute."""
+    out = copy.deepcopy(data)
+    for keys, value in relative_paths(data, folder, manager):
+        node = out
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = os.path.normpath(folder / os.path.expanduser(value))
+    return out
+
+
+# -- weights of swapped stages -------------------------------------------------------------------------------
+def _exclude_swapped_weights(data: dict[str, Any], weights_plugins: Mapping[str, str] | None) -> list[str]:
+    """Add to ``weights_exclude`` each stage whose plugin is not the one the recipe that named ``weights`` had
+    (and the image projector when the image tokenizer or language backbone changed: it sits between them); return
+    a note saying so, if anything was added."""
+    if not weights_plugins or data.get("weights") in (None, ""):
+        return []
+    current = _stage_plugins(data)
+    swapped = [k for k in STAGE_SECTIONS if k in weights_plugins and k in current and current[k] != weights_plugins[k]]
+    excluded = data.get("weights_exclude") or []
+    if not swapped or not isinstance(excluded, list):
+        return []
+    parts = swapped + (["image_projector"] if {"image_tokenizer", "language_backbone"} & set(swapped) else [])
+    added = [p for p in parts if p not in excluded]
+    if not added:
+        return []
+    data["weights_exclude"] = [*excluded, *added]
+    changes = ", ".join(f"{k} {weights_plugins[k]} -> {current[k]}" for k in swapped)
+    return [
+        f"weights: swapped {changes}; the tensors of {', '.join(added)} in {one_line(data['weights'], 200)} are not "
+        "loaded (added to weights_exclude)"
+    ]
+
+
+# -- copies of shipped recipes -------------------------------------------------------------------------------
+def copy_recipe(name: str, dest: str | Path, manager: PluginManager | None = None) -> tuple[Path, list[str], list[str]]:
+    """Copy a shipped recipe (or any recipe file) to ``dest`` (a file, or a folder to hold ``NAME.yaml``),
+    comments and all, to edit it; the relative paths that meant places beside the original are made absolute.
+    Refuses to overwrite a file. Returns the new file, the dotted paths made absolute, and those of relative stage
+    paths left as written (they exist nowhere beside the original; beside the copy they mean another place)."""
+    source = resolve_recipe_path(name)
+    target = Path(dest)
+    if target.is_dir():
+        target = target / source.name
+    if not target.parent.is_dir():
+        raise RecipeError(str(target), [f"no such folder: {target.parent}"])
+    data = read_recipe_file(source)
+    folder = source.resolve().parent
+    manager = manager or PluginManager()
+    left = [".".join(keys) for keys, _ in relative_paths(data, folder, manager, missing=True)]
+    paths = [
+        (keys, value)
+        for keys, value in relative_paths(data, folder, manager)
+        if keys != ("train", "data_root") or "data_root" in data["train"]
+    ]
+    text = _rewrite_scalars(
+        source.read_text(encoding="utf-8"),
+        {keys: os.path.normpath(folder / os.path.expanduser(value)) for keys, value in paths},
+    )
+    try:
+        with open(target, "x", encoding="utf-8") as f:  # "x": never overwrite, even a file made meanwhile
+            f.write(text)
+    except FileExistsError:
+        raise RecipeError(
+            str(target), ["already exists; not overwritten (remove it, or copy to another name)"]
+        ) from None
+    return target, [".".join(keys) for keys, _ in paths], left
+
+
+_PLAIN_SCALAR = re.compile(r"[A-Za-z0-9_./~+-][A-Za-z0-9_./~+@-]*\Z")
+
+
+def _rewrite_scalars(text: str, values: Mapping[tuple[str, ...], str]) -> str:
+    """``text`` (YAML) with the scalars at the given key paths replaced, everything else (comments, layout) kept."""
+    if not values:
+        return text
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    spans: list[tuple[int, int, str]] = []
+
+    def walk(node: Any, keys: tuple[str, ...]) -> None:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for key_node, value_node in node.value:
+            here = (*keys, str(key_node.value))
+            if here in values and isinstance(value_node, yaml.ScalarNode):
+                new = values[here]
+                shown = new if _PLAIN_SCALAR.match(new) and yaml.safe_load(new) == new else json.dumps(new)
+                spans.append((value_node.start_mark.index, value_node.end_mark.index, shown))
+            else:
+                walk(value_node, here)
+
+    walk(root, ())
+    for start, end, shown in sorted(spans, reverse=True):
+        text = text[:start] + shown + text[end:]
+    return text
 
 
 def recipe_purpose(path: Path) -> str:

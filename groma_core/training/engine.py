@@ -593,7 +593,7 @@ def _export_recipe(model: GromaModel) -> str | None:
         return None
     import yaml
 
-    from groma_core.api import PATH_OPTIONS
+    from groma_core.recipe import PATH_OPTIONS
 
     data = recipe.to_dict()
     data["weights"] = ckpt.WEIGHTS_FILE
