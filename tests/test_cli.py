@@ -124,6 +124,25 @@ def test_errors_are_one_line_unless_debug(tmp_path):
     assert out.returncode == 1 and "no such recipe" in out.stderr
 
 
+def test_recipes_cp_copies_a_shipped_recipe_to_edit_and_never_overwrites(tmp_path):
+    out = groma("recipes", "cp", "shapes-tiny", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    copy = tmp_path / "shapes-tiny.yaml"
+    assert out.stdout.startswith(f"copied shapes-tiny to {copy}; relative paths made absolute: train.data_root")
+    original = (ROOT / "recipes" / "shapes-tiny.yaml").read_text()
+    text = copy.read_text()
+    assert text.splitlines()[0] == original.splitlines()[0]  # comments kept
+    data_root = yaml.safe_load(text)["train"]["data_root"]
+    assert Path(data_root) == (ROOT / "data" / "shapes").resolve()  # the same folder as the original's
+    assert groma("validate", str(copy)).returncode == 0
+    again = groma("recipes", "cp", "groma-7b", str(copy))
+    assert again.returncode == 1 and copy.read_text() == text
+    assert again.stderr == (
+        f"groma: error: {copy}: already exists; "
+        "not overwritten (remove it, or copy to another name)\n"
+    )
+
+
 def test_plugin_that_fails_to_import_shows_in_plugins_and_others_work(tmp_path):
     info = tmp_path / "groma_plugin_boom-1.0.dist-info"
     info.mkdir()
@@ -205,6 +224,7 @@ def test_convert_names_a_missing_source_and_writes_nothing(tmp_path):
 BEHAVIOUR_CHECKS = {
     ("plugins",): test_plugins_lists_builtin_and_installed,
     ("recipes",): test_recipes_lists_shipped_recipes_with_purpose,
+    ("recipes", "cp"): test_recipes_cp_copies_a_shipped_recipe_to_edit_and_never_overwrites,
     ("validate",): test_validate_reports_every_problem_and_exits_1,
     ("ground",): test_ground_answers_with_the_embedded_model,
     ("chat",): test_chat_answers_each_line_and_reads_boxes,
