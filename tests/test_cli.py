@@ -107,8 +107,8 @@ def test_validate_reports_every_problem_and_exits_1(tmp_path):
 def test_validate_shipped_recipe_with_override():
     out = groma("validate", "groma-7b", "region_selection.max_regions=50", "--print")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("ok: ")
-    printed = yaml.safe_load(out.stdout.split("\n", 1)[1])
+    assert out.stderr.startswith("ok: ")  # stdout is the YAML alone
+    printed = yaml.safe_load(out.stdout)
     assert printed["region_selection"]["max_regions"] == 50
     assert printed["image_tokenizer"]["plugin"] == "dinov2"
 
