@@ -415,12 +415,17 @@ def build_demo(
         return f"**Error:** {html.escape(text)}" if error else html.escape(text)
 
     def on_upload(path, state):
+        # the drop zone is emptied after each file (the picture moves to the canvas), ready for the next one; that
+        # change comes back here with no file and leaves everything as it is
+        if not path:
+            keep = gr.update()
+            return state, keep, keep, keep, keep, keep, keep
         try:
             state, message = app.load(path, state)
         except Exception as exc:  # noqa: BLE001 - shown on the page; the app keeps serving
-            return PageState(), None, status_md(error_message(exc), True), "", None, None
-        value = {"image": state.image, "boxes": []} if state.image is not None else None
-        return state, value, status_md(message), "", None, None
+            return PageState(), None, None, status_md(error_message(exc), True), "", None, None
+        value = {"image": state.image, "boxes": []}
+        return state, None, value, status_md(message), "", None, None
 
     def on_run(state, annotation, task, question, max_new_tokens, do_sample, temperature, top_p):
         try:
@@ -498,19 +503,23 @@ def build_demo(
                     record = gr.JSON(label="answer.json")
                 download = gr.File(label="Download the answer (JSON)", interactive=False, elem_id="groma-json")
         upload.change(
-            on_upload, [upload, state], [state, canvas, status, answer, picture, download], api_name="load"
+            on_upload, [upload, state], [state, upload, canvas, status, answer, picture, download],
+            api_name="load",
+            show_progress_on=[canvas],
         )
         run.click(
             on_run,
             [state, canvas, task, question, max_new_tokens, do_sample, temperature, top_p],
             [state, canvas, picture, answer, record, download, status],
             api_name="run",
+            show_progress_on=[picture],
         )
         question.submit(
             on_run,
             [state, canvas, task, question, max_new_tokens, do_sample, temperature, top_p],
             [state, canvas, picture, answer, record, download, status],
             api_name=False,
+            show_progress_on=[picture],
         )
         new_chat.click(on_new_chat, [state], [state, answer, status], api_name=False)
     demo.groma_app = app  # the handlers, for tests and the load test's batching figures
