@@ -331,6 +331,32 @@ def cmd_chat(args: argparse.Namespace) -> int:
         _print_answer("groma", answer)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Serve a web page to try the model: upload an image or pick an example, draw boxes, ask, see the grounded
+    answer drawn on the picture. The model is loaded before the page starts; Ctrl+C stops it."""
+    import importlib.util
+
+    missing = [m for m in ("gradio", "gradio_image_annotation") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise GromaError(f'{", ".join(missing)} not installed: the web demo needs: pip install "groma-core[demo]"')
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry calls from a local demo
+    from groma_core.demo import port_problem, serve
+
+    problem = port_problem(args.host, args.port)  # found before minutes of model loading
+    if problem:
+        raise GromaError(problem)
+    model = _load_model(args)
+    print(f"groma demo: model {args.model or 'embedded default'} loaded; starting the page", file=sys.stderr)
+    serve(
+        model,
+        args.host,
+        args.port,
+        max_pixels=args.max_image_pixels, concurrency=args.concurrency,
+        max_new_tokens=args.max_new_tokens,
+    )
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a model on a benchmark; predictions are written as they are made, so --resume continues a run."""
     from groma_core.evaluation.harness import TASKS, evaluate
@@ -523,6 +549,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="the image to talk about")
     _add_model_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("demo", help="web page to try a model (needs groma-core[demo])", description=cmd_demo.__doc__)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=positive_int, default=7860, help="port to listen on (default 7860)")
+    p.add_argument(
+        "--concurrency", type=positive_int, default=8, help="requests answered at once, in one batch (default 8)"
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=positive_int,
+        default=40_000_000,
+        help="largest upload in pixels, width x height (default 40,000,000)",
+    )
+    _add_model_args(p)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help="evaluate a model on a benchmark", description=cmd_eval.__doc__)
     p.add_argument(

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Refresh constraints.txt, the lock: resolve everything scripts/setup.sh installs in a throwaway venv made from nothing
-# (torch==2.13.0 first and alone, then groma-core and every plugins/* with their [test] extras) and write its full
-# `pip freeze`, less the groma packages themselves, under a header carrying the fingerprint of the dependency
+# (torch==2.13.0 first and alone, then groma-core with its [test,demo] extras and every plugins/* with [test]) and
+# write its full `pip freeze`, less the groma packages themselves, under a header carrying the fingerprint of the dependency
 # declarations it was resolved from.
 #   bash scripts/lock.sh                              newest releases that resolve (torch stays 2.13.0)
 #   bash scripts/lock.sh transformers==5.23.0 ...     the same with some packages held at a version
@@ -75,7 +75,7 @@ pip_quiet() {  # pip, its output shown only when it fails
 }
 PIP_CONSTRAINT="$tmp/holds.txt" pip_quiet install --upgrade pip setuptools wheel
 PIP_CONSTRAINT="$tmp/holds.txt" pip_quiet install "$TORCH"  # first, alone: the local CPU build
-targets=("$tmp/src[test]")
+targets=("$tmp/src[test,demo]")
 for plugin in plugins/*/; do
   targets+=("$tmp/src/${plugin%/}[test]")
 done
@@ -91,7 +91,7 @@ count=$(wc -l <"$tmp/freeze.txt")
 {
   echo "# The lock: every package scripts/setup.sh (and so CI) installs, at the exact version it was tested with."
   echo "# Every install goes through this file (PIP_CONSTRAINT): torch stays the local CPU build, torchvision never enters."
-  echo "# Written by scripts/lock.sh from a fresh venv (torch first, then groma-core and plugins/* with [test]); do not edit."
+  echo "# Written by scripts/lock.sh from a fresh venv (torch first, then groma-core[test,demo] and plugins/*[test]); do not edit."
   echo "# Refresh after changing the dependencies of any pyproject.toml (setup.sh refuses a stale lock), then run the tests:"
   echo "#   bash scripts/lock.sh [NAME==VERSION ...]    (names with a version are held; the next line keeps this lock's)"
   echo "# made by: bash scripts/lock.sh${*:+ $*}"

@@ -34,7 +34,7 @@ step() {  # step "what" command...: one line, and the command's output only if i
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_CONSTRAINT="$PWD/$LOCK"
 step "pip, setuptools, wheel" python -m pip install --upgrade pip setuptools wheel
 step "torch 2.13.0 (CPU build), first and alone" python -m pip install torch==2.13.0
-step "groma-core[test], editable" python -m pip install --no-build-isolation -e ".[test]"
+step "groma-core[test,demo], editable" python -m pip install --no-build-isolation -e ".[test,demo]"
 plugins=()
 for plugin in plugins/*/; do
   plugins+=(-e "${plugin%/}[test]")

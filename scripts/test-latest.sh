@@ -39,7 +39,7 @@ install() {
   . "$venv/bin/activate"
   python -m pip install --quiet -c "$pins" --upgrade pip setuptools wheel || return 1
   python -m pip install --quiet -c "$pins" torch==2.13.0 || return 1  # first, alone: the local CPU build
-  local targets=(-e ".[test]")
+  local targets=(-e ".[test,demo]")
   for plugin in plugins/*/; do targets+=(-e "${plugin%/}[test]"); done
   python -m pip install --quiet --no-build-isolation --upgrade --upgrade-strategy eager -c "$pins" "${targets[@]}"
 }
