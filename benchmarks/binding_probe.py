@@ -8,11 +8,14 @@ scratch has to grow them. This probe isolates that step with the easiest possibl
 is the embedding of one ordinary word of the tokenizer, and a query names that word. No image, no region encoder.
 
     python benchmarks/binding_probe.py [--layout groma|adjacent] [--steps 1500] [--regions 12] [--device cuda]
+        [--index-in-region] [--adjacent-first N] [--copy-mix F]
 
 ``groma``: the reference's layout (``USER: <p> word </p> <roi>`` -> ``<rK>``); ``adjacent``: the answer follows the
 word directly (one hop fewer). The model is the embedded default's language backbone architecture, freshly
 initialised (the recipe's ``init_seed``), with the default's tokenizer. Prints accuracy every 100 steps next to
-chance (picking one of the sample's regions at random), and the machine.
+chance (picking one of the sample's regions at random), and the machine. ``--index-in-region`` adds each ``<rK>``'s
+embedding, rescaled to the word's RMS, to region K's word (what the recipe option ``index_region_tokens`` does to
+region tokens); ``--adjacent-first N`` trains N steps on the adjacent layout before the chosen one.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=8, help="queries per sample (regions drawn with replacement)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--index-in-region", action="store_true",
+                    help="add <rK>'s embedding to region K's embedding (the recipe option index_region_tokens)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -109,7 +114,16 @@ def main() -> None:
         ids, labels = ids.to(args.device), labels.to(args.device)
         mask = (ids != tok.pad_id).long()
         position_ids = torch.arange(length, device=args.device).expand_as(ids)
-        logits = backbone(backbone.embed(ids), mask, position_ids).logits[:, :-1].float()
+        embeds = backbone.embed(ids)
+        if args.index_in_region:  # a region's word follows its <rK>: add <rK>'s embedding to it
+            after_index = torch.zeros_like(ids, dtype=torch.bool)
+            after_index[:, 1:] = torch.isin(ids[:, :-1], torch.tensor(region_ids, device=ids.device))
+            after_index &= ~torch.isin(ids, torch.tensor(region_ids, device=ids.device))
+            shifted = torch.zeros_like(embeds)
+            shifted[:, 1:] = embeds[:, :-1]
+            rms = lambda x: x.detach().pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)  # noqa: E731
+            embeds = torch.where(after_index[..., None], embeds + shifted * rms(embeds) / rms(shifted), embeds)
+        logits = backbone(embeds, mask, position_ids).logits[:, :-1].float()
         target = labels[:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
         loss.backward()

@@ -150,7 +150,15 @@ def _construct_stages(recipe: Recipe, manager: PluginManager) -> GromaModel:
                 f"has {n_region_tokens} region tokens (<r0>..<r{n_region_tokens - 1}>); at most {n_region_tokens}"
             ],
         )
-    model = GromaModel(image_tokenizer, proposer, encoder, backbone, recipe.core.region_selection, recipe.core.template)
+    model = GromaModel(
+        image_tokenizer,
+        proposer,
+        encoder,
+        backbone,
+        recipe.core.region_selection,
+        recipe.core.template,
+        index_region_tokens=recipe.core.index_region_tokens,
+    )
     model.recipe = recipe
     return model
 

@@ -68,6 +68,11 @@ class GenerationOutput:
     proposal_extras: dict[str, Any] = field(default_factory=dict)  # the proposer's extras (e.g. masks)
 
 
+def _rms(x: Tensor) -> Tensor:
+    """Root mean square over the last dimension (kept), without gradient: a scale, not a feature."""
+    return x.detach().pow(2).mean(-1, keepdim=True).sqrt()
+
+
 class GromaModel(TasksMixin, nn.Module):
     """A Groma pipeline built from four stages (see DESIGN.md's data flow)."""
 
@@ -79,6 +84,7 @@ class GromaModel(TasksMixin, nn.Module):
         language_backbone: LanguageBackbone,
         selection: SelectionConfig | None = None,
         template: str = "llava",
+        index_region_tokens: bool = False,
     ):
         super().__init__()
         self.image_tokenizer = image_tokenizer
@@ -88,6 +94,7 @@ class GromaModel(TasksMixin, nn.Module):
         self.image_projector = ImageProjector(image_tokenizer.token_dim, language_backbone.hidden_size)
         self.selection = selection or SelectionConfig()
         self.template = template
+        self.index_region_tokens = index_region_tokens
         self.recipe: Any = None
         if region_encoder.hidden_size != language_backbone.hidden_size:
             raise ValueError(
@@ -273,17 +280,28 @@ class GromaModel(TasksMixin, nn.Module):
         image_embeds = self.image_projector(features.tokens.to(self.image_projector.layers[0].weight.dtype))
         region_feats = self.region_encoder(features, regions.boxes)
         embeds = embeds.clone()
+        region_index_embeds = (
+            self.language_backbone.embed(torch.tensor(tok.region_ids, device=device))
+            if self.index_region_tokens
+            else None
+        )
         for i in range(batch):
             real = mask[i].bool()
             row_ids = ids_t[i]
             img_pos = torch.nonzero((row_ids == image_id) & real).flatten()
             embeds[i, img_pos] = image_embeds[i].to(embeds.dtype)
             reg_pos = torch.nonzero((row_ids == region_id) & real).flatten()
+            feats = region_feats[i]
+            if region_index_embeds is not None and feats.shape[0]:
+                # region K's token also carries <rK>'s embedding, scaled to the token's own RMS so that neither
+                # drowns the other (region tokens are often 100x a word embedding's norm)
+                index = region_index_embeds[: feats.shape[0]].to(feats.dtype)
+                feats = feats + index * (_rms(feats) / _rms(index).clamp(min=1e-6))
             if reg_pos.numel():
-                embeds[i, reg_pos] = region_feats[i].to(embeds.dtype)
+                embeds[i, reg_pos] = feats.to(embeds.dtype)
             feat_pos = torch.nonzero((row_ids == feat_id) & real).flatten()
             if feat_pos.numel():
-                embeds[i, feat_pos] = region_feats[i][regions.refer_index[i]].to(embeds.dtype)
+                embeds[i, feat_pos] = feats[regions.refer_index[i]].to(embeds.dtype)
         return PreparedInputs(embeds, mask, position_ids, ids_t, labels_t, prompt_ids, regions, features, proposals)
 
     # -- training forward ------------------------------------------------------------------------------------

@@ -79,6 +79,12 @@ class CoreRecipe(BaseModel):
         "own initialisation, such as their `pretrained` directories",
     )
     template: Literal["llava", "default"] = Field("llava", description="conversation template")
+    index_region_tokens: bool = Field(
+        False,
+        description="add the input embedding of each region's index token <rK> to its region token, so that the "
+        "token that describes a region also names it (not in the reference, where <rK> only precedes the region "
+        "token; helps a language model trained from scratch to answer with the right <rK>)",
+    )
     region_selection: SelectionConfig = Field(default_factory=SelectionConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     train: RecipeTraining | None = Field(

@@ -360,3 +360,38 @@ def test_labels_stay_on_their_tokens_after_expansion(tiny_model, images):
     assert len(supervised) == 4
     assert torch.equal(row_labels[supervised], row_ids[supervised])  # each label sits on its own token
     assert supervised[-1] == len(row_ids) - 1
+
+
+def test_index_region_tokens_adds_each_regions_index_at_its_scale(tiny_recipe, manager, images):
+    """With ``index_region_tokens`` region K reaches the language model as its region token plus <rK>'s embedding
+    rescaled to the region token's RMS (so the token names its region); off (the reference), as the token alone."""
+    from groma_core.api import build
+    from groma_core.recipe import validate_recipe
+
+    tiny_recipe["region_proposer"] = {"plugin": "user-boxes"}
+    boxes = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.95]])
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = build(validate_recipe({**tiny_recipe, "index_region_tokens": on}, manager), manager=manager).eval()
+        tok = model.tokenizer
+        ids = prompt_ids(model, "Compare <roi><refer_box></roi><refer_feat> and <roi><refer_box></roi><refer_feat>.")
+        with torch.no_grad():
+            inputs = model.prepare_inputs(model.image_tokenizer.preprocess(images[:1]), [ids], refer_boxes=[boxes])
+            feats = model.region_encoder(inputs.features, inputs.regions.boxes)[0]
+            index = model.language_backbone.embed(torch.tensor(tok.region_ids[: feats.shape[0]]))
+        region_pos = (inputs.ids[0] == tok.token_id(T.REGION)).nonzero().flatten()
+        feat_pos = (inputs.ids[0] == tok.token_id(T.REFER_FEAT)).nonzero().flatten()
+        given = inputs.inputs_embeds[0, region_pos]
+        assert feats.shape[0] == 2
+        # a <refer_feat> carries exactly its region's token, index included
+        for j, k in enumerate(inputs.regions.refer_index[0].tolist()):
+            assert torch.equal(inputs.inputs_embeds[0, feat_pos[j]], given[k])
+        if not on:
+            assert torch.equal(given, feats)
+            continue
+        added = given - feats
+        rms = lambda x: x.pow(2).mean(-1).sqrt()  # noqa: E731
+        # float32 rounding of a sum of two vectors of equal RMS: 1e-4 relative
+        assert torch.allclose(rms(added), rms(feats), rtol=1e-4)
+        cos = torch.nn.functional.cosine_similarity(added, index, dim=-1)
+        assert torch.allclose(cos, torch.ones_like(cos), atol=1e-4)
