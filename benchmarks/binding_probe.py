@@ -35,10 +35,12 @@ from groma_core.training.synthetic import RecallDataset, ordinary_ids
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layout", choices=("groma", "adjacent"), default="groma")
+    ap.add_argument("--layout", choices=("groma", "adjacent", "echo"), default="groma")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--copy-mix", type=float, default=0.0, help="fraction of each batch that is dense copying text")
     ap.add_argument("--adjacent-first", type=int, default=0, help="a curriculum: this many adjacent-layout steps first")
+    ap.add_argument("--first-layout", choices=("adjacent", "echo"), default="adjacent",
+                    help="the layout of the --adjacent-first steps")
     ap.add_argument("--regions", type=int, default=12, help="each sample has 2..N regions")
     ap.add_argument("--queries", type=int, default=8, help="queries per sample (regions drawn with replacement)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -78,10 +80,12 @@ def main() -> None:
         for k in torch.randint(0, n, (args.queries,)).tolist():
             if layout == "groma":  # as the REC prompt: the phrase, the rest of the question, then <roi>
                 q = locate + [p_open, content[k], p_close] + rest + [roi_open]
+            elif layout == "echo":  # the REC prompt, and the answer repeats the phrase before <roi>
+                q = locate + [p_open, content[k], p_close] + rest + [p_open, content[k], p_close, roi_open]
             else:
                 q = user + [content[k]]
-            ids += q + [region_ids[k]] + ([roi_close] if layout == "groma" else [])
-            labels += [-100] * len(q) + [region_ids[k]] + ([-100] if layout == "groma" else [])
+            ids += q + [region_ids[k]] + ([roi_close] if layout != "adjacent" else [])
+            labels += [-100] * len(q) + [region_ids[k]] + ([-100] if layout != "adjacent" else [])
         return ids, labels, 1.0 / n
 
     recall = RecallDataset(tok, 1, copy_fraction=1.0)
@@ -97,7 +101,7 @@ def main() -> None:
     start = time.perf_counter()
     print(f"layout {args.layout}, 2-{args.regions} regions, {args.queries} queries per sample, batch {args.batch_size}")
     for step in range(1, args.steps + 1):
-        layout = "adjacent" if step <= args.adjacent_first else args.layout
+        layout = args.first_layout if step <= args.adjacent_first else args.layout
         n_copy = round(args.copy_mix * args.batch_size)
         rows = [copy_sample() for _ in range(n_copy)] + [sample(layout) for _ in range(args.batch_size - n_copy)]
         length = max(len(r[0]) for r in rows)

@@ -4,6 +4,7 @@ what comes back to the user."""
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -238,3 +239,28 @@ def test_rec_turns_ask_the_expressions_of_one_image_together(tmp_path, sp_dir):
     assert asked == per_image  # every expression asked once
     with pytest.raises(ValueError, match="turns is an option of the rec format"):
         DatasetSpec(format="grounded-caption", ann="a.json", images="i", turns=2)
+
+
+def test_bare_phrases_put_each_phrases_regions_right_after_it(tmp_path, sp_dir):
+    data = tmp_path / "shapes"
+    write_shapes_dataset(data, ShapesConfig(images=6, seed=4))
+    model = build_model(sp_dir, letterbox=False)
+    ann, images = str(data / "annotations" / "flickr_train.json"), str(data / "images")
+    plain = open_dataset(DatasetSpec(format="grounded-caption", ann=ann, images=images), model)
+    bare = open_dataset(DatasetSpec(format="grounded-caption", ann=ann, images=images, bare_phrases=True), model)
+    assert len(plain) == len(bare) > 0
+    for i in range(len(bare)):
+        random.seed(i)
+        a = plain[i]
+        random.seed(i)
+        b = bare[i]
+        assert torch.equal(a["ground_boxes"], b["ground_boxes"])  # the same regions, in the same order
+        supervised = model.tokenizer.decode([t for t in b["labels"] if t != -100])
+        for tag in ("<p>", "</p>", "<roi>", "</roi>"):
+            assert tag not in supervised
+        record = bare.records[i]
+        for phrase in record.phrases:  # every phrase is followed by exactly its own placeholders
+            words = record.caption[phrase.span[0] : phrase.span[1]].split()[-1]
+            assert words + " " + "<ground_box> " * len(phrase.boxes) in supervised + " "
+    with pytest.raises(ValueError, match="bare_phrases is an option of the grounded-caption format"):
+        DatasetSpec(format="rec", ann="a.json", images="i", bare_phrases=True)

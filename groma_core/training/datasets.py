@@ -560,7 +560,12 @@ class GroundingDataset(_ConversationDataset):
 
 class GroundedCaptionDataset(_ConversationDataset):
     """Grounded captions (Flickr30k Entities, MDETR style): ``[grounding]`` + a caption instruction -> the
-    caption with ``<p>phrase</p><roi><ground_box>...</roi>`` at the phrase spans."""
+    caption with ``<p>phrase</p><roi><ground_box>...</roi>`` at the phrase spans (with ``bare_phrases``:
+    ``phrase<ground_box>...``)."""
+
+    def __init__(self, *args, bare_phrases: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bare_phrases = bool(bare_phrases)
 
     def read(self, ann):
         from groma_core.data import read_grounded_captions
@@ -575,7 +580,12 @@ class GroundedCaptionDataset(_ConversationDataset):
         text, end, boxes = "", 0, []
         for phrase in r.phrases:
             start, stop = phrase.span
-            text += r.caption[end:start] + grounded(r.caption[start:stop], len(phrase.boxes))
+            phrase_text = r.caption[start:stop]
+            text += r.caption[end:start] + (
+                phrase_text + T.GROUND_BOX * len(phrase.boxes)
+                if self.bare_phrases
+                else grounded(phrase_text, len(phrase.boxes))
+            )
             boxes += phrase.boxes
             end = stop
         text += r.caption[end:]
@@ -814,6 +824,11 @@ class DatasetSpec(BaseModel):
     turns: int = Field(
         1, ge=1, le=64, description="rec: expressions of one image asked in one sample, as its turns (1: the reference)"
     )
+    bare_phrases: bool = Field(
+        False,
+        description="grounded-caption: each phrase directly followed by its regions (`a red circle<r3>`), without "
+        "<p></p><roi></roi> (not the reference: a curriculum step in which the answer follows its phrase at once)",
+    )
     template: Literal["default", "llava"] = Field(
         "default", description="conversation template (the reference: default in stage 2, llava in stage 3)"
     )
@@ -837,6 +852,8 @@ class DatasetSpec(BaseModel):
     def _files(self) -> DatasetSpec:
         if self.turns > 1 and self.format != "rec":
             raise ValueError(f"turns is an option of the rec format, not of {self.format}")
+        if self.bare_phrases and self.format != "grounded-caption":
+            raise ValueError(f"bare_phrases is an option of the grounded-caption format, not of {self.format}")
         if self.format in SYNTHETIC_FORMATS:
             given = [k for k in ("ann", "images") if getattr(self, k) is not None]
             if given:
@@ -937,6 +954,8 @@ def open_dataset(
         dataset = DetectionDataset(ann, images, tokenizer.preprocess, size, spec.augment(max(size)), name=name)
     else:
         extra = {"turns": spec.turns} if spec.format == "rec" else {}
+        if spec.format == "grounded-caption":
+            extra = {"bare_phrases": spec.bare_phrases}
         dataset = LANGUAGE_FORMATS[spec.format](
             ann, images, tokenizer.preprocess, model.tokenizer, spec.template, name, **extra
         )
