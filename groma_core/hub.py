@@ -318,16 +318,27 @@ def _download_release(hub_id: HubId, probe: Path) -> Path:
     else:
         weights = ["pytorch_model.bin", "model.safetensors"]
     folder = _download(hub_id, REFERENCE_PATTERNS + weights, "release")
-    from groma_core.convert import source_files
-
-    try:
-        source_files(folder)
-    except CheckpointError as exc:
+    revision = f" --revision {hub_id.revision}" if hub_id.revision else ""
+    fetch = f"run again online or `hf download {hub_id.repo}{revision}`"
+    indexes = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+    index = next((folder / n for n in indexes if (folder / n).is_file()), None)
+    if index is None and not any((folder / n).is_file() for n in ("pytorch_model.bin", "model.safetensors")):
         raise GromaError(
             f"{hub_id}: not a Groma checkpoint: expected pytorch_model.bin (or pytorch_model-0000x-of-0000y.bin with "
-            f"pytorch_model.bin.index.json, or safetensors) beside config.json ({one_line(exc, 200)}); if the "
-            f"download was cut short, run again online or `hf download {hub_id.repo}`"
-        ) from None
+            f"pytorch_model.bin.index.json, or safetensors) beside config.json; if the download was cut short, {fetch}"
+        )
+    from groma_core.api import read_weight_map
+
+    if index is not None:
+        try:
+            shards = dict.fromkeys(read_weight_map(index).values())
+        except CheckpointError as exc:
+            raise GromaError(f"{hub_id}: {one_line(exc, 300)}") from None
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise GromaError(
+                f"{hub_id}: the download is incomplete: {', '.join(missing)} of {index.name} not in {folder}; {fetch}"
+            )
     return folder
 
 

@@ -379,3 +379,15 @@ def test_too_little_disk_space_is_one_line_before_converting(release_files, home
     with pytest.raises(GromaError, match=r"converting needs about 8192\.0 GiB free in .*groma-7b-finetune, which"):
         load(repo)
     assert conversions(repo) == [] and not list((models_dir() / "FoundationVision--groma-7b-finetune").glob(".*tmp*"))
+
+
+def test_release_with_a_shard_missing_from_the_cache_is_one_line(release_files, homes, tmp_path):
+    files = sharded(release_files, tmp_path)
+    del files["pytorch_model-00002-of-00003.bin"]  # a download cut short, then offline
+    put_in_hub_cache(Path(homes["HF_HOME"]), "FoundationVision/groma-7b-pretrain", files)
+    with pytest.raises(GromaError) as failed:
+        load("FoundationVision/groma-7b-pretrain")
+    message = str(failed.value)
+    assert "\n" not in message and "the download is incomplete: pytorch_model-00002-of-00003.bin" in message
+    assert "hf download FoundationVision/groma-7b-pretrain" in message
+    assert conversions("FoundationVision/groma-7b-pretrain") == []
