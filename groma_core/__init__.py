@@ -22,12 +22,13 @@ def build(recipe, overrides=(), manager=None):
     return _build(recipe, overrides, manager)
 
 
-def load(model=None, overrides=(), manager=None, *, quantize=None):
-    """Load a model from a checkpoint directory or a recipe; with no ``model``, the embedded default model (a tiny
-    Groma trained on synthetic shapes). See :func:`groma_core.api.load`."""
+def load(model=None, overrides=(), manager=None, *, quantize=None, dtype=None, convert_overrides=()):
+    """Load a model from a checkpoint directory, a recipe or a Hugging Face Hub repo id (``org/name[@revision]``);
+    with no ``model``, the embedded default model (a tiny Groma trained on synthetic shapes). See
+    :func:`groma_core.api.load`."""
     from groma_core.api import load as _load
 
-    return _load(model, overrides, manager, quantize=quantize)
+    return _load(model, overrides, manager, quantize=quantize, dtype=dtype, convert_overrides=convert_overrides)
 
 
 __all__ = [

@@ -317,11 +317,26 @@ def load(
     manager: PluginManager | None = None,
     *,
     quantize: str | None = None,
+    dtype: str | None = None,
+    convert_overrides: Sequence[str] = (),
 ) -> GromaModel:
     """Load a model from a checkpoint directory (one holding ``recipe.yaml`` and safetensors weights, as written
-    by ``groma convert`` or training), a recipe file / shipped recipe name, or, when ``model`` is None, the
-    embedded default model (:data:`DEFAULT_MODEL`). ``quantize``: "8bit" or "4bit" language model layers (CUDA, or CPU)
-    through bitsandbytes (see :func:`build`)."""
+    by ``groma convert`` or training), a recipe file / shipped recipe name, a Hugging Face Hub repo id
+    (``org/name`` or ``org/name@revision``: a groma-core model folder, or a reference Groma release converted once
+    into the cache, see :mod:`groma_core.hub`), or, when ``model`` is None, the embedded default model
+    (:data:`DEFAULT_MODEL`). A local path that exists always wins over a Hub id. ``quantize``: "8bit" or "4bit"
+    language model layers (CUDA, or CPU) through bitsandbytes (see :func:`build`). ``dtype``: float32, float16 or
+    bfloat16, the dtype of the returned model and of a Hub release's cached conversion (default: the recipe's; a
+    release keeps the dtype it was saved in). ``convert_overrides``: ``key.sub=value`` changes made when a Hub
+    release is converted (as ``groma convert --set``), for settings its config.json cannot express."""
+    from groma_core.hub import parse_hub_id, resolve_hub_model
+
+    if dtype is not None and dtype not in DTYPES:
+        raise GromaError(f"dtype {echo(dtype)}: expected one of {', '.join(DTYPES)}")
+    overrides = [*overrides, f"dtype={dtype}"] if dtype else list(overrides)
+    hub_id = parse_hub_id(model)
+    if hub_id is not None:
+        model = resolve_hub_model(hub_id, dtype, tuple(convert_overrides))
     path = default_model() if model is None else Path(model)
     if path.is_dir():
         recipe_file = path / "recipe.yaml"

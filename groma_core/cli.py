@@ -197,9 +197,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert a reference Groma checkpoint directory (config.json + .bin or safetensors) into a groma-core one."""
     from groma_core.convert import convert_checkpoint
+    from groma_core.hub import download_reference, parse_hub_id
 
+    hub_id = parse_hub_id(args.src)
+    src = download_reference(hub_id) if hub_id is not None else args.src  # a local path that exists wins
     report = convert_checkpoint(
-        args.src,
+        src,
         args.dst,
         dtype=args.dtype,
         manager=_manager(),
@@ -221,12 +224,47 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the Hub models converted into the cache (GROMA_HOME, default ~/.cache/groma): ID, repo, revision asked
+    for, commit, dtype, size on disk and folder. `groma models rm ID` deletes one."""
+    from groma_core.hub import cached_models, models_dir
+
+    models = cached_models()
+    if not models:
+        print(f"no converted models in {models_dir()}")
+        return 0
+    rows = [
+        (m.id, m.repo, m.revision or "(default)", m.commit[:12], m.dtype, _size(m.size), str(m.path)) for m in models
+    ]
+    _print_table(("ID", "REPO", "REVISION", "COMMIT", "DTYPE", "SIZE", "PATH"), rows)
+    return 0
+
+
+def cmd_models_rm(args: argparse.Namespace) -> int:
+    """Delete a converted model from the cache (ID as `groma models` lists it); the Hub download stays in the
+    Hugging Face cache (`hf cache` manages that)."""
+    from groma_core.hub import remove_cached_model
+
+    entry = remove_cached_model(args.id)
+    print(f"removed {entry.id} ({_size(entry.size)}, {entry.path})")
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
 def _load_model(args: argparse.Namespace):
     """The model named by --model (a checkpoint directory or a recipe), on --device in --dtype."""
     from groma_core.api import DTYPES, load, resolve_device
 
     device = resolve_device(args.device)  # a device this machine lacks is refused before the model is read
-    model = load(args.model or None, args.set, _manager())  # no --model: the embedded default
+    # no --model: the embedded default; a Hub id is downloaded (and a reference release converted once, in --dtype)
+    model = load(args.model or None, args.set, _manager(), dtype=args.dtype, convert_overrides=args.convert_set)
     _print_notes(model.recipe.notes)
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.quantize:  # cast first: the 4-bit layers compute in the model's dtype
@@ -470,7 +508,9 @@ def positive_int(text: str) -> int:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", help="checkpoint directory or recipe (default: the embedded tiny model trained on synthetic shapes)"
+        "--model",
+        help="checkpoint directory, recipe, or Hugging Face repo id org/name[@revision] (downloaded; a reference "
+        "release is converted once into GROMA_HOME) (default: the embedded tiny model trained on synthetic shapes)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default: the recipe's)")
@@ -487,6 +527,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "the CPU too, slowly, with bitsandbytes >= 0.50; they compute in --dtype, on CUDA best float16 or bfloat16)",
     )
     p.add_argument("--set", action="append", default=[], metavar="key.sub=value", help="override a recipe value")
+    p.add_argument(
+        "--convert-set",
+        action="append",
+        default=[],
+        metavar="key.sub=value",
+        help="a Hub release only: override a value of the recipe derived from its config.json when it is converted "
+        "(as `groma convert --set`; each set of these is cached as its own conversion)",
+    )
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -600,12 +648,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder for checkpoints, logs and the final model (default runs/train-NAME)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser(
+        "models", help="list (or remove) Hub models converted into the cache", description=cmd_models.__doc__
+    )
+    p.set_defaults(func=cmd_models)
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    rm = actions.add_parser("rm", help="delete a converted model from the cache", description=cmd_models_rm.__doc__)
+    rm.add_argument("id", help="the ID `groma models` lists")
+    rm.set_defaults(func=cmd_models_rm)
+
     from groma_core.cli_data import add_data_commands
 
     add_data_commands(sub)
 
     p = sub.add_parser("convert", help="convert a reference Groma checkpoint", description=cmd_convert.__doc__)
-    p.add_argument("src", help="reference checkpoint directory (config.json + pytorch_model*.bin or safetensors)")
+    p.add_argument(
+        "src",
+        help="reference checkpoint directory (config.json + pytorch_model*.bin or safetensors), or a Hugging Face repo "
+        "id org/name[@revision] holding one (downloaded first)",
+    )
     p.add_argument("dst", help="output directory (recipe.yaml + safetensors shards + tokenizer files)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast floating tensors")
     p.add_argument(

@@ -593,7 +593,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), manager: Plugin
         overridden.data,
         manager,
         str(path),
-        path.resolve().parent,
+        path.parent.resolve(),  # the folder as named: a recipe linked into a Hub snapshot reads its neighbours there
         overridden.origin,
         {**composed.switched, **overridden.switched},
     )
@@ -645,7 +645,7 @@ def _compose(path: Path, manager: PluginManager, chain: tuple[Path, ...]) -> Com
         )
     base_path = _extended_path(target, path, [*chain, here])
     base = _compose(base_path, manager, (*chain, here))
-    base_data = _absolute_paths(base.data, base_path.resolve().parent, manager)
+    base_data = _absolute_paths(base.data, base_path.parent.resolve(), manager)
     switched: dict[str, str] = dict(base.switched)
     merged = _merge(base_data, data, switched)
     plugins = _stage_plugins(merged) if own_weights else base.weights_plugins

@@ -234,6 +234,8 @@ BEHAVIOUR_CHECKS = {
     ("data", "shapes"): test_data_shapes_writes_a_dataset_and_data_alone_shows_its_commands,
     ("convert",): test_convert_names_a_missing_source_and_writes_nothing,
     ("demo",): "tests/test_demo_browser.py (the page in Chromium) and tests/test_demo.py (start-up errors)",
+    ("models",): "tests/test_hub.py::test_models_lists_and_removes_cached_conversions",
+    ("models", "rm"): "tests/test_hub.py::test_models_lists_and_removes_cached_conversions",
 }
 
 
