@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--index-in-region", action="store_true",
                     help="add <rK>'s embedding to region K's embedding (the recipe option index_region_tokens)")
+    ap.add_argument("--noise", type=float, default=0.0,
+                    help="add Gaussian noise of this many times the word's RMS to each region's word (real region "
+                    "tokens carry box position and appearance besides the name)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -119,6 +122,13 @@ def main() -> None:
         mask = (ids != tok.pad_id).long()
         position_ids = torch.arange(length, device=args.device).expand_as(ids)
         embeds = backbone.embed(ids)
+        in_region = torch.zeros_like(ids, dtype=torch.bool)
+        in_region[:, 1:] = torch.isin(ids[:, :-1], torch.tensor(region_ids, device=ids.device))
+        in_region &= ~torch.isin(ids, torch.tensor(region_ids, device=ids.device))
+        if args.noise:
+            word_rms = embeds.detach().pow(2).mean(-1, keepdim=True).sqrt()
+            noise = torch.randn_like(embeds) * word_rms * args.noise
+            embeds = torch.where(in_region[..., None], embeds + noise, embeds)
         if args.index_in_region:  # a region's word follows its <rK>: add <rK>'s embedding to it
             after_index = torch.zeros_like(ids, dtype=torch.bool)
             after_index[:, 1:] = torch.isin(ids[:, :-1], torch.tensor(region_ids, device=ids.device))
