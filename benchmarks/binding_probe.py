@@ -8,14 +8,16 @@ scratch has to grow them. This probe isolates that step with the easiest possibl
 is the embedding of one ordinary word of the tokenizer, and a query names that word. No image, no region encoder.
 
     python benchmarks/binding_probe.py [--layout groma|adjacent] [--steps 1500] [--regions 12] [--device cuda]
-        [--index-in-region] [--adjacent-first N] [--copy-mix F]
+        [--index-in-region] [--adjacent-first N] [--first-layout adjacent|echo] [--noise F] [--copy-mix F]
 
 ``groma``: the reference's layout (``USER: <p> word </p> <roi>`` -> ``<rK>``); ``adjacent``: the answer follows the
 word directly (one hop fewer). The model is the embedded default's language backbone architecture, freshly
 initialised (the recipe's ``init_seed``), with the default's tokenizer. Prints accuracy every 100 steps next to
 chance (picking one of the sample's regions at random), and the machine. ``--index-in-region`` adds each ``<rK>``'s
 embedding, rescaled to the word's RMS, to region K's word (what the recipe option ``index_region_tokens`` does to
-region tokens); ``--adjacent-first N`` trains N steps on the adjacent layout before the chosen one.
+region tokens); ``--adjacent-first N`` trains N steps on the adjacent (or ``--first-layout``) layout before the chosen
+one; ``--noise F`` adds Gaussian noise of F times the word's RMS to each region's word; ``echo``: the REC layout with
+the answer repeating ``<p>word</p>`` before ``<roi>``.
 """
 
 from __future__ import annotations
@@ -122,21 +124,19 @@ def main() -> None:
         mask = (ids != tok.pad_id).long()
         position_ids = torch.arange(length, device=args.device).expand_as(ids)
         embeds = backbone.embed(ids)
-        in_region = torch.zeros_like(ids, dtype=torch.bool)
-        in_region[:, 1:] = torch.isin(ids[:, :-1], torch.tensor(region_ids, device=ids.device))
-        in_region &= ~torch.isin(ids, torch.tensor(region_ids, device=ids.device))
+        is_index = torch.isin(ids, torch.tensor(region_ids, device=ids.device))
+        in_region = torch.zeros_like(is_index)  # a region's word: right after its <rK>
+        in_region[:, 1:] = is_index[:, :-1]
+        in_region &= ~is_index
         if args.noise:
             word_rms = embeds.detach().pow(2).mean(-1, keepdim=True).sqrt()
             noise = torch.randn_like(embeds) * word_rms * args.noise
             embeds = torch.where(in_region[..., None], embeds + noise, embeds)
-        if args.index_in_region:  # a region's word follows its <rK>: add <rK>'s embedding to it
-            after_index = torch.zeros_like(ids, dtype=torch.bool)
-            after_index[:, 1:] = torch.isin(ids[:, :-1], torch.tensor(region_ids, device=ids.device))
-            after_index &= ~torch.isin(ids, torch.tensor(region_ids, device=ids.device))
+        if args.index_in_region:  # add <rK>'s embedding to region K's word
             shifted = torch.zeros_like(embeds)
             shifted[:, 1:] = embeds[:, :-1]
             rms = lambda x: x.detach().pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)  # noqa: E731
-            embeds = torch.where(after_index[..., None], embeds + shifted * rms(embeds) / rms(shifted), embeds)
+            embeds = torch.where(in_region[..., None], embeds + shifted * rms(embeds) / rms(shifted), embeds)
         logits = backbone(embeds, mask, position_ids).logits[:, :-1].float()
         target = labels[:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
