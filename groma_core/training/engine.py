@@ -7,6 +7,7 @@ import difflib
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -602,6 +603,7 @@ def _export_recipe(model: GromaModel) -> str | None:
     for kind in ("image_tokenizer", "region_proposer", "region_encoder", "language_backbone"):
         for name in PATH_OPTIONS:
             value = data.get(kind, {}).get(name)
-            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute() and recipe.base_dir:
+            relative = isinstance(value, str) and value and not Path(os.path.expanduser(value)).is_absolute()
+            if relative and recipe.base_dir:
                 data[kind][name] = str((recipe.base_dir / value).resolve())
     return yaml.safe_dump(data, sort_keys=False)

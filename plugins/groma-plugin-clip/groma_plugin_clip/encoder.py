@@ -3,6 +3,7 @@ open_clip / OpenAI checkpoint file (converted), or open_clip itself."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ def check_explicit_sizes(found: dict[str, Any], options: ClipOptions, source: st
 def load_pretrained(options: ClipOptions) -> CLIPVisionModel:
     """``CLIPVisionModel.from_pretrained`` on the local directory ``options.pretrained`` (a saved CLIPVisionModel or
     a whole CLIPModel, whose vision tower is taken)."""
-    path = Path(options.pretrained).expanduser()
+    path = Path(os.path.expanduser(options.pretrained))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"pretrained: {path} is not a directory with a config.json (a saved CLIPVisionModel or CLIPModel)"

@@ -12,6 +12,7 @@ LayerNorm epsilon are not stored in a state dict.
 from __future__ import annotations
 
 import math
+import os
 import re
 import zipfile
 from collections.abc import Mapping
@@ -70,7 +71,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     ``torch.jit.load``), and ``torch.save`` files (loaded with ``weights_only=True``) holding a state dict or an
     open_clip training checkpoint ``{"state_dict": ...}``.
     """
-    path = Path(path).expanduser()
+    path = Path(os.path.expanduser(path))
     if not path.is_file():
         raise FileNotFoundError(f"open_clip_checkpoint: {path} is not a file")
     if path.suffix == ".safetensors":

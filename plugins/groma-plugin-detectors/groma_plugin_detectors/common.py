@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -91,13 +92,13 @@ def saved_processor(pretrained: str | None) -> Path | None:
     """The ``preprocessor_config.json`` of a pretrained directory, when it has one."""
     if pretrained is None:
         return None
-    path = Path(pretrained).expanduser() / "preprocessor_config.json"
+    path = Path(os.path.expanduser(pretrained)) / "preprocessor_config.json"
     return path if path.is_file() else None
 
 
 def check_pretrained(pretrained: str, plugin: str) -> Path:
     """The pretrained directory as a path; a clear error when it is not a directory with a config.json."""
-    path = Path(pretrained).expanduser()
+    path = Path(os.path.expanduser(pretrained))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{plugin}: pretrained={pretrained!r} is not a model directory (expected config.json and weights written "

@@ -71,3 +71,13 @@ def test_ablation_recipe_swaps_only_the_proposer(name, plugin):
     groma = read_recipe_file(RECIPES / "groma-7b.yaml")
     changed = {k for k in groma.keys() | ablation.keys() if groma.get(k) != ablation.get(k)}
     assert changed == {"name", "description", "region_proposer"}
+
+
+def test_pretrained_under_an_unknown_users_home_is_a_clear_error():
+    """``~someone/...`` for a user this machine does not know is a missing directory, not a RuntimeError from
+    ``Path.expanduser``."""
+    from groma_plugin_detectors.common import check_pretrained, saved_processor
+
+    with pytest.raises(FileNotFoundError, match="owlv2: pretrained='~nosuchuser-groma/owlv2' is not a model directory"):
+        check_pretrained("~nosuchuser-groma/owlv2", "owlv2")
+    assert saved_processor("~nosuchuser-groma/owlv2") is None

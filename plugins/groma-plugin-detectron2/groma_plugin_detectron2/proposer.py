@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from groma_plugin_detectron2.options import Detectron2Options
 def load_config(options: Detectron2Options) -> CfgNode:
     """detectron2's default config merged with the config file (a path, else a model-zoo name) and the overrides."""
     cfg = get_cfg()
-    path = Path(options.config_file).expanduser()
+    path = Path(os.path.expanduser(options.config_file))
     if not path.is_file():
         try:
             path = Path(model_zoo.get_config_file(options.config_file))

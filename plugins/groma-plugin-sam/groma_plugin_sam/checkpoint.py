@@ -9,6 +9,7 @@ conversion in both directions.
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from collections.abc import Mapping
@@ -314,7 +315,7 @@ def load_segment_anything_checkpoint(path: str | Path, options: SamOptions | Non
     """A ``SamModel`` with the weights of an official segment-anything checkpoint file, its architecture read from
     the tensors (the decoder's head count and LayerNorm epsilon from ``options``)."""
     options = options or SamOptions()
-    path = Path(path).expanduser()
+    path = Path(os.path.expanduser(path))
     state = read_state_dict(path)
     config = config_from_segment_anything(
         state, options.decoder_num_attention_heads, decoder_eps(options), options.attn_implementation, str(path)
@@ -329,7 +330,7 @@ def load_segment_anything_checkpoint(path: str | Path, options: SamOptions | Non
 
 def load_pretrained_directory(path: str | Path, options: SamOptions) -> SamModel:
     """``SamModel.from_pretrained`` on a local directory, with the decoder epsilon the options ask for."""
-    path = Path(path).expanduser()
+    path = Path(os.path.expanduser(path))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"pretrained: {path} is not a directory with a config.json (a saved SamModel)")
     config = SamConfig.from_pretrained(str(path), local_files_only=True)
@@ -345,7 +346,7 @@ def build_sam_model(options: SamOptions) -> SamModel:
     randomly initialised from the sizes."""
     if options.pretrained is None:
         return SamModel(config_from_options(options)).eval()
-    path = Path(options.pretrained).expanduser()
+    path = Path(os.path.expanduser(options.pretrained))
     if path.is_dir():
         model = load_pretrained_directory(path, options)
     elif path.is_file():

@@ -7,6 +7,7 @@ missing or broken; :func:`segment_anything_status` says whether it imports here 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,7 @@ def build_official_model(options: SamOptions) -> nn.Module:
         raise RuntimeError(
             f"backend 'segment-anything' needs the segment_anything package, which does not import: {reason}"
         )
-    path = Path(options.pretrained).expanduser() if options.pretrained else None
+    path = Path(os.path.expanduser(options.pretrained)) if options.pretrained else None
     if path is None:
         return build_official_sam(config_from_options(options))
     if path.is_file():

@@ -153,3 +153,12 @@ def test_unreadable_and_mismatched_checkpoints_are_clear_errors(tmp_path, sam_ch
         build_sam_model(
             SamOptions(**{**tiny_options, "hidden_size": 768, "num_attention_heads": 12}, pretrained=sam_checkpoint)
         )
+
+
+def test_pretrained_under_an_unknown_users_home_is_a_clear_error():
+    """``~someone/...`` for a user this machine does not know is a missing directory, not a RuntimeError from
+    ``Path.expanduser``."""
+    from groma_plugin_sam.checkpoint import load_pretrained_directory
+
+    with pytest.raises(FileNotFoundError, match="~nosuchuser-groma/sam is not a directory with a config.json"):
+        load_pretrained_directory("~nosuchuser-groma/sam", SamOptions())
