@@ -8,7 +8,7 @@ scratch has to grow them. This probe isolates that step with the easiest possibl
 is the embedding of one ordinary word of the tokenizer, and a query names that word. No image, no region encoder.
 
     python benchmarks/binding_probe.py [--layout groma|adjacent] [--steps 1500] [--regions 12] [--device cuda]
-        [--index-in-region] [--adjacent-first N] [--first-layout adjacent|echo] [--noise F] [--copy-mix F]
+        [--index-in-region] [--adjacent-first N] [--first-layout adjacent|echo] [--noise F] [--pairs] [--copy-mix F]
 
 ``groma``: the reference's layout (``USER: <p> word </p> <roi>`` -> ``<rK>``); ``adjacent``: the answer follows the
 word directly (one hop fewer). The model is the embedded default's language backbone architecture, freshly
@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=0.0,
                     help="add Gaussian noise of this many times the word's RMS to each region's word (real region "
                     "tokens carry box position and appearance besides the name)")
+    ap.add_argument("--pairs", action="store_true",
+                    help="each region is a pair of words (12 x 8 words, like colour x shape; a sample's regions may "
+                    "share one word), its slot the sum of their embeddings, and a query names both words")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -75,20 +78,31 @@ def main() -> None:
     user = text("USER:")
     locate, rest = text("USER: Locate"), text("in the image. ASSISTANT:")
 
+    first_words, second_words = words[:12], words[12:20]  # the pairs' vocabularies (--pairs)
+    second_of: list[list[tuple[int, int]]] = []  # per batch row: (position, second word) of each pair's slot
+
     def sample(layout: str) -> tuple[list[int], list[int], float]:
         n = int(torch.randint(2, args.regions + 1, (1,)))
-        content = words[torch.randperm(len(words))[:n]].tolist()
+        if args.pairs:
+            pairs = torch.randperm(len(first_words) * len(second_words))[:n].tolist()
+            names = [[int(first_words[c // 8]), int(second_words[c % 8])] for c in pairs]
+        else:
+            names = [[w] for w in words[torch.randperm(len(words))[:n]].tolist()]
         ids = [tok.bos_id] + prefix
+        seconds = []
         for k in range(n):
-            ids += [region_ids[k], content[k]]
+            ids += [region_ids[k], names[k][0]]  # a pair's slot holds its first word; its second is added below
+            if args.pairs:
+                seconds.append((len(ids) - 1, names[k][1]))
+        second_of.append(seconds)
         labels = [-100] * len(ids)
         for k in torch.randint(0, n, (args.queries,)).tolist():
             if layout == "groma":  # as the REC prompt: the phrase, the rest of the question, then <roi>
-                q = locate + [p_open, content[k], p_close] + rest + [roi_open]
+                q = locate + [p_open, *names[k], p_close] + rest + [roi_open]
             elif layout == "echo":  # the REC prompt, and the answer repeats the phrase before <roi>
-                q = locate + [p_open, content[k], p_close] + rest + [p_open, content[k], p_close, roi_open]
+                q = locate + [p_open, *names[k], p_close] + rest + [p_open, *names[k], p_close, roi_open]
             else:
-                q = user + [content[k]]
+                q = user + names[k]
             ids += q + [region_ids[k]] + ([roi_close] if layout != "adjacent" else [])
             labels += [-100] * len(q) + [region_ids[k]] + ([-100] if layout != "adjacent" else [])
         return ids, labels, 1.0 / n
@@ -108,6 +122,7 @@ def main() -> None:
     for step in range(1, args.steps + 1):
         layout = args.first_layout if step <= args.adjacent_first else args.layout
         n_copy = round(args.copy_mix * args.batch_size)
+        second_of.clear()
         rows = [copy_sample() for _ in range(n_copy)] + [sample(layout) for _ in range(args.batch_size - n_copy)]
         length = max(len(r[0]) for r in rows)
         ids = torch.full((len(rows), length), tok.pad_id, dtype=torch.long)
@@ -128,6 +143,12 @@ def main() -> None:
         in_region = torch.zeros_like(is_index)  # a region's word: right after its <rK>
         in_region[:, 1:] = is_index[:, :-1]
         in_region &= ~is_index
+        if args.pairs:  # a pair's slot: the sum of its two words' embeddings
+            extra = torch.zeros_like(embeds)
+            for row, seconds in enumerate(second_of, start=n_copy):
+                for position, word in seconds:
+                    extra[row, position] = backbone.embed(torch.tensor([[word]], device=ids.device))[0, 0]
+            embeds = embeds + extra
         if args.noise:
             word_rms = embeds.detach().pow(2).mean(-1, keepdim=True).sqrt()
             noise = torch.randn_like(embeds) * word_rms * args.noise
