@@ -507,20 +507,14 @@ def build_demo(
             api_name="load",
             show_progress_on=[canvas],
         )
-        run.click(
-            on_run,
-            [state, canvas, task, question, max_new_tokens, do_sample, temperature, top_p],
-            [state, canvas, picture, answer, record, download, status],
-            api_name="run",
-            show_progress_on=[picture],
-        )
-        question.submit(
-            on_run,
-            [state, canvas, task, question, max_new_tokens, do_sample, temperature, top_p],
-            [state, canvas, picture, answer, record, download, status],
-            api_name=False,
-            show_progress_on=[picture],
-        )
+        run_io = {
+            "fn": on_run,
+            "inputs": [state, canvas, task, question, max_new_tokens, do_sample, temperature, top_p],
+            "outputs": [state, canvas, picture, answer, record, download, status],
+            "show_progress_on": [picture],
+        }
+        run.click(**run_io, api_name="run")
+        question.submit(**run_io, api_name=False)
         new_chat.click(on_new_chat, [state], [state, answer, status], api_name=False)
     demo.groma_app = app  # the handlers, for tests and the load test's batching figures
     demo.groma_css = css

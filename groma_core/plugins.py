@@ -221,10 +221,9 @@ class PluginManager:
                 f"{kind} name {name!r} is registered by both {owners}; uninstall one of them or restrict "
                 f"loading with {ENV_ALLOW}"
             )
-        try:
-            return self._stages[kind][name]
-        except KeyError:
-            pass
+        entry = self._stages.get(kind, {}).get(name)
+        if entry is not None:
+            return entry
         failed = self.failed_for(name)
         if failed:
             causes = "; ".join(f"{r.distribution} failed to load ({r.cause})" for r in failed)
