@@ -9,6 +9,7 @@ is the embedding of one ordinary word of the tokenizer, and a query names that w
 
     python benchmarks/binding_probe.py [--layout groma|adjacent] [--steps 1500] [--regions 12] [--device cuda]
         [--index-in-region] [--adjacent-first N] [--first-layout adjacent|echo] [--noise F] [--pairs] [--copy-mix F]
+        [--pointer]
 
 ``groma``: the reference's layout (``USER: <p> word </p> <roi>`` -> ``<rK>``); ``adjacent``: the answer follows the
 word directly (one hop fewer). The model is the embedded default's language backbone architecture, freshly
@@ -17,7 +18,8 @@ chance (picking one of the sample's regions at random), and the machine. ``--ind
 embedding, rescaled to the word's RMS, to region K's word (what the recipe option ``index_region_tokens`` does to
 region tokens); ``--adjacent-first N`` trains N steps on the adjacent (or ``--first-layout``) layout before the chosen
 one; ``--noise F`` adds Gaussian noise of F times the word's RMS to each region's word; ``echo``: the REC layout with
-the answer repeating ``<p>word</p>`` before ``<roi>``.
+the answer repeating ``<p>word</p>`` before ``<roi>``; ``--pointer`` adds to each ``<rK>`` logit a learned match of
+the hidden state with region K's slot (what the recipe option ``region_pointer`` does).
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def main() -> None:
     ap.add_argument("--pairs", action="store_true",
                     help="each region is a pair of words (12 x 8 words, like colour x shape; a sample's regions may "
                     "share one word), its slot the sum of their embeddings, and a query names both words")
+    ap.add_argument("--pointer", action="store_true",
+                    help="the <rK> logits also get a content match between the hidden state and region K's slot "
+                    "(the recipe option region_pointer)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -80,6 +85,7 @@ def main() -> None:
 
     first_words, second_words = words[:12], words[12:20]  # the pairs' vocabularies (--pairs)
     second_of: list[list[tuple[int, int]]] = []  # per batch row: (position, second word) of each pair's slot
+    slots_of: list[list[int]] = []  # per batch row: the position of region K's slot, K = 0..n-1
 
     def sample(layout: str) -> tuple[list[int], list[int], float]:
         n = int(torch.randint(2, args.regions + 1, (1,)))
@@ -90,8 +96,10 @@ def main() -> None:
             names = [[w] for w in words[torch.randperm(len(words))[:n]].tolist()]
         ids = [tok.bos_id] + prefix
         seconds = []
+        slots_of.append([])
         for k in range(n):
-            ids += [region_ids[k], names[k][0]]  # a pair's slot holds its first word; its second is added below
+            ids += [region_ids[k], names[k][0]]
+            slots_of[-1].append(len(ids) - 1)  # a pair's slot holds its first word; its second is added below
             if args.pairs:
                 seconds.append((len(ids) - 1, names[k][1]))
         second_of.append(seconds)
@@ -114,7 +122,10 @@ def main() -> None:
         s = recall.copying()
         return s["input_ids"], s["labels"], -1.0
 
-    opt = torch.optim.AdamW(backbone.parameters(), lr=args.lr, weight_decay=0.0)
+    hidden = backbone.hidden_size
+    pointer = torch.nn.ModuleDict({"q": torch.nn.Linear(hidden, hidden), "k": torch.nn.Linear(hidden, hidden)})
+    params = list(backbone.parameters()) + (list(pointer.parameters()) if args.pointer else [])
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     hits = total = copy_hits = copy_total = 0
     chance = []
     start = time.perf_counter()
@@ -123,6 +134,7 @@ def main() -> None:
         layout = args.first_layout if step <= args.adjacent_first else args.layout
         n_copy = round(args.copy_mix * args.batch_size)
         second_of.clear()
+        slots_of.clear()
         rows = [copy_sample() for _ in range(n_copy)] + [sample(layout) for _ in range(args.batch_size - n_copy)]
         length = max(len(r[0]) for r in rows)
         ids = torch.full((len(rows), length), tok.pad_id, dtype=torch.long)
@@ -158,7 +170,20 @@ def main() -> None:
             shifted[:, 1:] = embeds[:, :-1]
             rms = lambda x: x.detach().pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)  # noqa: E731
             embeds = torch.where(in_region[..., None], embeds + shifted * rms(embeds) / rms(shifted), embeds)
-        logits = backbone(embeds, mask, position_ids).logits[:, :-1].float()
+        out = backbone(embeds, mask, position_ids)
+        logits = out.logits
+        if args.pointer:  # score_K = q(h) . k(slot K / rms) / sqrt(H), added to <rK>'s logit where region K exists
+            k_max = len(region_ids)
+            slots = torch.zeros(len(rows), k_max, hidden, device=ids.device)
+            valid = torch.zeros(len(rows), k_max, dtype=torch.bool, device=ids.device)
+            for row, positions in enumerate(slots_of, start=n_copy):
+                slots[row, : len(positions)] = embeds[row, positions]
+                valid[row, : len(positions)] = True
+            slots = slots / slots.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)
+            score = pointer["q"](out.hidden_states) @ pointer["k"](slots).transpose(1, 2) / hidden**0.5
+            score = score.masked_fill(~valid[:, None, :], 0.0)
+            logits = logits.index_add(2, torch.tensor(region_ids, device=ids.device), score)
+        logits = logits[:, :-1].float()
         target = labels[:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
         loss.backward()

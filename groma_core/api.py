@@ -158,6 +158,7 @@ def _construct_stages(recipe: Recipe, manager: PluginManager) -> GromaModel:
         recipe.core.region_selection,
         recipe.core.template,
         index_region_tokens=recipe.core.index_region_tokens,
+        region_pointer=recipe.core.region_pointer,
     )
     model.recipe = recipe
     return model

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,24 @@ class ImageProjector(nn.Module):
         return self.layers(tokens)
 
 
+class RegionPointer(nn.Module):
+    """A content match between the language model's last hidden state and each region token, added to the logit of
+    that region's index token: ``score_K = q(h) . k(region_K / rms(region_K)) / sqrt(H)`` (not in the reference,
+    whose ``<rK>`` logits come from the language model head alone; see the recipe option ``region_pointer``)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.q = nn.Linear(hidden_size, hidden_size)
+        self.k = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, hidden: Tensor, regions: Tensor, valid: Tensor) -> Tensor:
+        """``hidden`` (B, L, H), ``regions`` (B, K, H), ``valid`` (B, K) -> scores (B, L, K), 0 where not valid."""
+        dtype = self.q.weight.dtype
+        keys = self.k((regions / _rms(regions).clamp(min=1e-6)).to(dtype))
+        scores = self.q(hidden.to(dtype)) @ keys.transpose(1, 2) / hidden.shape[-1] ** 0.5
+        return scores.masked_fill(~valid[:, None, :], 0.0)
+
+
 @dataclass
 class PreparedInputs:
     """The language model's input for a batch, after region selection and prompt expansion."""
@@ -46,6 +64,7 @@ class PreparedInputs:
     regions: Regions
     features: ImageFeatures
     proposals: Proposals
+    region_tokens: list[Tensor] = field(default_factory=list)  # per sample (n_i, H): what the encoder gave
 
 
 @dataclass
@@ -85,6 +104,7 @@ class GromaModel(TasksMixin, nn.Module):
         selection: SelectionConfig | None = None,
         template: str = "llava",
         index_region_tokens: bool = False,
+        region_pointer: bool = False,
     ):
         super().__init__()
         self.image_tokenizer = image_tokenizer
@@ -95,6 +115,8 @@ class GromaModel(TasksMixin, nn.Module):
         self.selection = selection or SelectionConfig()
         self.template = template
         self.index_region_tokens = index_region_tokens
+        # only built when asked, so that the reference's state dict is unchanged
+        self.region_pointer = RegionPointer(language_backbone.hidden_size) if region_pointer else None
         self.recipe: Any = None
         if region_encoder.hidden_size != language_backbone.hidden_size:
             raise ValueError(
@@ -302,7 +324,34 @@ class GromaModel(TasksMixin, nn.Module):
             feat_pos = torch.nonzero((row_ids == feat_id) & real).flatten()
             if feat_pos.numel():
                 embeds[i, feat_pos] = feats[regions.refer_index[i]].to(embeds.dtype)
-        return PreparedInputs(embeds, mask, position_ids, ids_t, labels_t, prompt_ids, regions, features, proposals)
+        return PreparedInputs(
+            embeds, mask, position_ids, ids_t, labels_t, prompt_ids, regions, features, proposals, list(region_feats)
+        )
+
+    def _pointer_logits(self, inputs: PreparedInputs) -> Callable[[Tensor, Tensor], Tensor] | None:
+        """With ``region_pointer``: a function (logits (B, L, V), hidden (B, L, H)) -> logits whose ``<rK>`` columns
+        also hold the match of each position's hidden state with region K of its sample."""
+        pointer = self.region_pointer
+        if pointer is None:
+            return None
+        tokens = inputs.region_tokens
+        batch, width = len(tokens), self.language_backbone.hidden_size
+        k_max = max((int(t.shape[0]) for t in tokens), default=0)
+        if k_max == 0:
+            return None
+        device = inputs.inputs_embeds.device
+        regions = torch.zeros(batch, k_max, width, device=device, dtype=tokens[0].dtype)
+        valid = torch.zeros(batch, k_max, dtype=torch.bool, device=device)
+        for i, t in enumerate(tokens):
+            regions[i, : t.shape[0]] = t
+            valid[i, : t.shape[0]] = True
+        columns = torch.tensor(self.tokenizer.region_ids[:k_max], device=device)
+
+        def add(logits: Tensor, hidden: Tensor) -> Tensor:
+            scores = pointer(hidden, regions, valid).to(logits.dtype)
+            return logits.index_add(2, columns, scores)
+
+        return add
 
     # -- training forward ------------------------------------------------------------------------------------
     def forward(
@@ -317,12 +366,14 @@ class GromaModel(TasksMixin, nn.Module):
         """Logits over the full vocabulary and, with ``labels``, the next-token cross-entropy (ignore -100)."""
         inputs = self.prepare_inputs(pixel_values, input_ids, refer_boxes, ground_boxes, labels, generator=generator)
         out = self.language_backbone(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids)
+        point = self._pointer_logits(inputs)
+        all_logits = out.logits if point is None else point(out.logits, out.hidden_states)
         loss = None
         if inputs.labels is not None:
-            logits = out.logits[:, :-1].float()
+            logits = all_logits[:, :-1].float()
             target = inputs.labels[:, 1:]
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
-        return GromaOutput(out.logits, loss, inputs)
+        return GromaOutput(all_logits, loss, inputs)
 
     # -- generation ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -360,6 +411,7 @@ class GromaModel(TasksMixin, nn.Module):
             top_k=top_k,
             generator=generator,
             keep_step_logits=keep_step_logits,
+            adjust_logits=self._pointer_logits(inputs),
         )
         return GenerationOutput(sequences, inputs.prompt_ids, inputs.regions, step_logits, inputs.proposals.extras)
 
@@ -379,9 +431,11 @@ def decode(
     top_k: int = 0,
     generator: torch.Generator | None = None,
     keep_step_logits: bool = False,
+    adjust_logits: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[list[list[int]], list[Tensor]]:
     """Decode from prepared embeddings with a key/value cache: new ids per sample (EOS excluded) and, if asked,
-    the logits of every step. Rows must be left-padded (or unpadded); positions continue from each row's last."""
+    the logits of every step. Rows must be left-padded (or unpadded); positions continue from each row's last.
+    ``adjust_logits(logits (B, 1, V), hidden (B, 1, H))``, if given, changes each step's logits before picking."""
     mask = attention_mask
     out = backbone(inputs_embeds, mask, position_ids, use_cache=True)
     batch = mask.shape[0]
@@ -390,7 +444,10 @@ def decode(
     step_logits: list[Tensor] = []
     next_pos = position_ids[:, -1:] + 1
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
+        logits = out.logits[:, -1:]
+        if adjust_logits is not None:
+            logits = adjust_logits(logits, out.hidden_states[:, -1:])
+        logits = logits[:, 0].float()
         if keep_step_logits:
             step_logits.append(logits)
         next_ids = _pick(logits, do_sample, temperature, top_p, top_k, generator)

@@ -67,7 +67,14 @@ class CoreRecipe(BaseModel):
     weights: str | None = Field(None, description="safetensors file or directory, relative to the recipe file")
     init_seed: int = Field(0, description="seed of the random initialisation of weights not loaded from files")
     weights_exclude: list[
-        Literal["image_tokenizer", "region_proposer", "region_encoder", "language_backbone", "image_projector"]
+        Literal[
+            "image_tokenizer",
+            "region_proposer",
+            "region_encoder",
+            "language_backbone",
+            "image_projector",
+            "region_pointer",
+        ]
     ] = Field(
         default_factory=list,
         description="parts whose tensors in `weights` are ignored, keeping their own initialisation (e.g. a swapped "
@@ -84,6 +91,13 @@ class CoreRecipe(BaseModel):
         description="add the input embedding of each region's index token <rK> to its region token, so that the "
         "token that describes a region also names it (not in the reference, where <rK> only precedes the region "
         "token; helps a language model trained from scratch to answer with the right <rK>)",
+    )
+    region_pointer: bool = Field(
+        False,
+        description="add to each <rK> logit a learned match between the language model's hidden state and region "
+        "K's token (a pointer head over the regions; not in the reference, where the language model head alone "
+        "scores <rK>; lets a language model trained from scratch learn which region a phrase names; its parameters "
+        "are the `region_pointer` part)",
     )
     region_selection: SelectionConfig = Field(default_factory=SelectionConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)

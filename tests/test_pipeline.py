@@ -395,3 +395,46 @@ def test_index_region_tokens_adds_each_regions_index_at_its_scale(tiny_recipe, m
         assert torch.allclose(rms(added), rms(feats), rtol=1e-4)
         cos = torch.nn.functional.cosine_similarity(added, index, dim=-1)
         assert torch.allclose(cos, torch.ones_like(cos), atol=1e-4)
+
+
+def test_region_pointer_adds_each_regions_match_to_its_index_logit(tiny_recipe, manager, images):
+    """With ``region_pointer`` the logit of <rK> is the language model head's plus the pointer's match of the hidden
+    state with region K's token, for the regions the sample has; every other logit is the head's alone; generation
+    picks from the same logits and training reaches the pointer. Off (the reference) the model has no such tensors."""
+    from groma_core.api import build
+    from groma_core.recipe import validate_recipe
+
+    tiny_recipe["region_proposer"] = {"plugin": "user-boxes"}
+    reference = build(validate_recipe(tiny_recipe, manager), manager=manager)
+    assert reference.region_pointer is None
+    assert not [k for k in reference.state_dict() if k.startswith("region_pointer")]
+
+    torch.manual_seed(0)
+    model = build(validate_recipe({**tiny_recipe, "region_pointer": True}, manager), manager=manager).eval()
+    tok = model.tokenizer
+    boxes = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.95]])
+    ids = prompt_ids(model, "Compare <roi><refer_box></roi><refer_feat> and <roi><refer_box></roi><refer_feat>.")
+    pixels = model.image_tokenizer.preprocess(images[:1])
+    with torch.no_grad():
+        out = model(pixels, [ids], refer_boxes=[boxes])
+        inputs = out.inputs
+        head = model.language_backbone(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids)
+        regions = inputs.region_tokens[0]
+        assert regions.shape[0] == 2
+        pointer = model.region_pointer
+        keys = pointer.k(regions / regions.pow(2).mean(-1, keepdim=True).sqrt())
+        expected = pointer.q(head.hidden_states[0]) @ keys.T / head.hidden_states.shape[-1] ** 0.5
+    columns = tok.region_ids[:2]
+    added = out.logits[0] - head.logits[0]
+    others = [j for j in range(added.shape[-1]) if j not in columns]
+    assert torch.equal(added[:, others], torch.zeros_like(added[:, others]))
+    # float32 sums of a few hundred products: 1e-5
+    assert torch.allclose(added[:, columns], expected, atol=1e-5)
+    assert expected.abs().max() > 1e-3  # a freshly initialised pointer already scores the two regions apart
+
+    gen = model.generate(pixels, [ids], refer_boxes=[boxes], max_new_tokens=3, eos_id=-1, keep_step_logits=True)
+    assert torch.allclose(gen.step_logits[0][0], out.logits[0, -1], atol=1e-5)
+
+    model.train()
+    model(pixels, [ids], refer_boxes=[boxes], labels=[ids]).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.region_pointer.parameters())
