@@ -1,4 +1,4 @@
-"""`groma train`: the shapes-tiny recipe trained on `groma data shapes` output through its three stages in a
+"""`groma train`: the shapes-tiny recipe trained on `groma data shapes` output through its four stages in a
 subprocess, killed mid-way and resumed to the weights of an uninterrupted run, then loaded and asked a grounded
 question; recipe and path problems reported before any weight is loaded."""
 
@@ -51,6 +51,8 @@ def overrides(shapes: Path) -> list[str]:
         "train.stages.1.batch_size=2",
         "train.stages.2.max_steps=2",
         "train.stages.2.batch_size=2",
+        "train.stages.3.max_steps=2",
+        "train.stages.3.batch_size=2",
         "train.save_every=2",
         "train.keep_last=3",
         "train.log_every=1",
@@ -73,11 +75,12 @@ def test_train_kill_resume_then_ground(shapes, tmp_path):
     log = [json.loads(x) for x in (tmp_path / "straight" / "train_log.jsonl").read_text().splitlines()]
     assert [(x["stage"], x["step"]) for x in log] == [
         *[("detection", s) for s in (1, 2)],
-        *[("alignment", s) for s in range(1, 7)],
+        *[("reading", s) for s in range(1, 7)],
+        *[("referring", s) for s in (1, 2)],
         *[("instruction", s) for s in (1, 2)],
     ]
 
-    # a run killed as soon as the alignment stage wrote its first checkpoint, then resumed from the output folder
+    # a run killed as soon as the reading stage wrote its first checkpoint, then resumed from the output folder
     out = tmp_path / "resumed"
     process = subprocess.Popen(
         [sys.executable, "-m", "groma_core.cli", *args, "--out", str(out)],
@@ -88,7 +91,7 @@ def test_train_kill_resume_then_ground(shapes, tmp_path):
     latest = out / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
-        if latest.is_file() and latest.read_text().startswith("alignment/"):
+        if latest.is_file() and latest.read_text().startswith("reading/"):
             process.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
@@ -102,7 +105,7 @@ def test_train_kill_resume_then_ground(shapes, tmp_path):
     for name, value in got.items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [(x["stage"], x["step"]) for x in log][-3:] == [("alignment", 6), ("instruction", 1), ("instruction", 2)]
+    assert [(x["stage"], x["step"]) for x in log][-3:] == [("referring", 2), ("instruction", 1), ("instruction", 2)]
 
     import groma_core
 
@@ -136,7 +139,7 @@ def test_train_reports_dropped_boxes_and_goes_on_past_unreadable_images(shapes, 
     assert done.returncode == 0, done.stderr
     assert "final model in" in done.stdout
     n = len(rec["images"])
-    for name in ("rec_pt", "rec_ft", "refcocog_ft"):
+    for name in ("rec_ft", "refcocog_ft"):  # datasets no stage uses are not opened
         assert (
             f"groma train: dataset {name!r} ({rec_file}): dropped 1 box outside the image, 1 sample that lost a box "
             f"its text needs ({n - 1} of {n} samples kept)"
@@ -189,9 +192,9 @@ def test_problems_are_reported_before_loading_weights(shapes, tmp_path, capsys):
     assert "train.stages.0.lr: Input should be greater than 0" in capsys.readouterr().err
     assert main(["train", str(RECIPE), f"train.data_root={nowhere}", "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    for name in ("detection", "rec_pt", "instruct_ft"):
+    for name in ("detection", "rec_ft", "instruct_ft"):
         assert f"train.datasets.{name}.ann: no such file: {nowhere}" in err
-    assert f"train.datasets.rec_pt.images: no such folder: {nowhere / 'images'}" in err
+    assert f"train.datasets.rec_ft.images: no such folder: {nowhere / 'images'}" in err
     assert not (tmp_path / "out").exists()
     assert main(["validate", str(RECIPE), "train.stages.1.data.0.name=rec_p"]) == 1
     assert "train: stages.1.data.0.name: 'rec_p' is not in datasets (did you mean 'rec_pt'?)" in capsys.readouterr().err

@@ -75,12 +75,23 @@ class Dinov2Options(StageOptions):
         default=True, description="concatenate each 2x2 patch neighbourhood into one token (4C wide, 4x fewer)"
     )
     frozen: bool = Field(default=True, description="no gradients: parameters frozen and forward run under no_grad")
+    pixel_level_stride: int = Field(
+        default=0,
+        ge=0,
+        description="0 (the reference): only the encoder's levels; N > 0 also publishes a level 'pixels', the "
+        "input through a small trained stem (N x N patches -> hidden_size, GELU, 1x1 conv) at stride N, so a "
+        "region encoder can pool details finer than a patch",
+    )
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> Dinov2Options:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.pixel_level_stride and self.input_size % self.pixel_level_stride:
+            raise ValueError(
+                f"pixel_level_stride {self.pixel_level_stride} does not divide input_size {self.input_size}"
             )
         if self.pretrained is None and self.token_layer < -self.num_hidden_layers:
             raise ValueError(

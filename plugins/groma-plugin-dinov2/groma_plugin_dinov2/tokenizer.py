@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from groma_core.boxes import IDENTITY_FRAME, Frame
 from groma_core.errors import InputError
@@ -19,6 +19,8 @@ from groma_plugin_dinov2.preprocess import letterbox_size, preprocess_images
 
 #: the published feature levels, oldest first: hidden_states[-4], ..., hidden_states[-1] (pre final LayerNorm)
 LEVEL_NAMES = ("last-3", "last-2", "last-1", "last")
+#: the extra level of ``pixel_level_stride``: the input pixels through a small stem, finer than a patch
+PIXEL_LEVEL = "pixels"
 
 
 def merge_neighbours(patches: Tensor) -> Tensor:
@@ -40,6 +42,7 @@ class Dinov2ImageTokenizer(ImageTokenizer):
     ``forward(pixel_values)`` -> :class:`ImageFeatures` with ``levels`` "last-3", "last-2", "last-1", "last" = the
     last four layers' patch features before the final LayerNorm, each (B, C, g, g) with g = input_size / patch_size,
     and ``tokens`` = layer ``token_layer``'s patches, 2x2-merged to (B, g^2/4, 4C) (or (B, g^2, C) unmerged).
+    With ``pixel_level_stride`` N a level "pixels" (B, C, input_size / N, input_size / N) is added.
     """
 
     reference_prefixes = ("perceiver.vis_encoder.",)
@@ -70,8 +73,16 @@ class Dinov2ImageTokenizer(ImageTokenizer):
         self.token_dim = 4 * channels if options.merge_tokens else channels
         self.num_tokens = self.grid**2 // 4 if options.merge_tokens else self.grid**2
         self._encoder_keys = frozenset(self.dinov2.state_dict())
+        self.pixel_stem = None
+        stride = options.pixel_level_stride
+        if stride:
+            self.pixel_stem = nn.Sequential(
+                nn.Conv2d(self.num_channels, channels, stride, stride), nn.GELU(), nn.Conv2d(channels, channels, 1)
+            )
+            self.level_channels[PIXEL_LEVEL] = channels
+            self.level_sizes[PIXEL_LEVEL] = (size // stride, size // stride)
         if options.frozen:
-            self.dinov2.requires_grad_(False)
+            self.requires_grad_(False)
 
     def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
         """RGB PIL images of any sizes -> float32 (B, 3, input_size, input_size), by the ``resize`` method (and
@@ -103,6 +114,9 @@ class Dinov2ImageTokenizer(ImageTokenizer):
 
         first = -len(LEVEL_NAMES)
         levels = {name: patch_grid(first + i).permute(0, 3, 1, 2).contiguous() for i, name in enumerate(LEVEL_NAMES)}
+        if self.pixel_stem is not None:
+            with grad:
+                levels[PIXEL_LEVEL] = self.pixel_stem(pixel_values.to(weight.dtype))
         patches = patch_grid(self.options.token_layer)
         tokens = merge_neighbours(patches) if self.options.merge_tokens else patches.reshape(b, g * g, -1)
         return ImageFeatures(tokens=tokens, levels=levels)

@@ -96,6 +96,35 @@ def test_frozen_encoder_has_no_gradients_unless_unfrozen(make_tiny, tiny_options
     assert trainable.dinov2.encoder.layer[0].mlp.fc1.weight.grad is not None
 
 
+def test_pixel_level_is_off_by_default_and_sees_detail_finer_than_a_patch(make_tiny, tiny_options):
+    plain = make_tiny(**tiny_options)
+    assert plain.pixel_stem is None and "pixels" not in plain.level_channels and "pixels" not in plain(
+        torch.randn(1, 3, 112, 112)
+    ).levels
+    stage = make_tiny(**tiny_options, frozen=False, pixel_level_stride=4)
+    assert stage.level_channels["pixels"] == 32 and stage.level_sizes["pixels"] == (28, 28)
+    pixels = torch.randn(1, 3, 112, 112)
+    features = stage(pixels)
+    assert features.levels["pixels"].shape == (1, 32, 28, 28)
+    # the encoder's own levels and tokens are those of the same weights without the stem
+    plain.dinov2.load_state_dict(stage.dinov2.state_dict())
+    torch.testing.assert_close(features.tokens, plain(pixels).tokens, rtol=0, atol=0)
+    # one changed pixel changes exactly the stem cell that holds it (row 50, col 9 -> cell 12, 2)
+    moved = pixels.clone()
+    moved[0, :, 50, 9] += 1.0
+    diff = (stage(moved).levels["pixels"] - features.levels["pixels"]).abs().amax(dim=1)[0]
+    assert diff[12, 2] > 0 and diff.count_nonzero() == 1
+    features.levels["pixels"].sum().backward()
+    assert stage.pixel_stem[0].weight.grad is not None
+    frozen = make_tiny(**tiny_options, pixel_level_stride=4)
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_pixel_level_stride_must_divide_the_input():
+    with pytest.raises(ValueError, match="pixel_level_stride 5 does not divide input_size 112"):
+        Dinov2Options(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, input_size=112, pixel_level_stride=5)
+
+
 @pytest.mark.parametrize(
     "shape", [(1, 1, 112, 112), (1, 3, 224, 224), (3, 112, 112), (1, 112, 112, 3)], ids=["gray", "size", "3d", "hwc"]
 )
