@@ -18,7 +18,6 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file, save_file
 
-
 #: settings that may differ between a run's recipe and the one it is packed as: names and the trainer's data paths
 _PATHS = {("name",), ("description",), ("weights",), ("language_backbone", "tokenizer"), ("train", "data_root")}
 
