@@ -78,5 +78,9 @@ class CheckpointError(GromaError):
     """A checkpoint is missing tensors, has unknown or misshapen ones, or cannot be read."""
 
 
+class ProposalError(GromaError, ValueError):
+    """A region proposer returned candidates that break the stage contract (shape, NaN, out of range)."""
+
+
 class InputError(GromaError, ValueError):
     """Bad user input: an image that cannot be read, a malformed box, a prompt that does not match its boxes."""

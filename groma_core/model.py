@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from groma_core import tokens as T
 from groma_core.boxes import check_boxes
-from groma_core.errors import InputError
+from groma_core.errors import InputError, ProposalError
 from groma_core.inference import TasksMixin
 from groma_core.prompt import max_positions
 from groma_core.selection import SelectionConfig, select_regions
@@ -49,6 +49,37 @@ class RegionPointer(nn.Module):
         keys = self.k((regions / _rms(regions).clamp(min=1e-6)).to(dtype))
         scores = self.q(hidden.to(dtype)) @ keys.transpose(1, 2) / hidden.shape[-1] ** 0.5
         return scores.masked_fill(~valid[:, None, :], 0.0)
+
+
+#: how far outside [0, 1] a proposal's centre may lie (float rounding of a box on the border)
+CENTRE_TOLERANCE = 1e-3
+
+
+def check_proposals(proposals: Proposals, images: int, plugin: str) -> None:
+    """Raise :class:`ProposalError` naming ``plugin`` unless ``proposals`` keeps the contract of
+    :class:`~groma_core.types.Proposals`: one entry per image, finite boxes with x1 >= x0 and y1 >= y0 and centres
+    inside the image, finite scores in [0, 1]."""
+    where = f"region proposer {plugin!r}"
+    if len(proposals.boxes) != images:
+        raise ProposalError(f"{where}: {len(proposals.boxes)} box lists for a batch of {images} images")
+    for i, (boxes, scores) in enumerate(zip(proposals.boxes, proposals.scores)):
+        b, s = boxes.detach().float(), scores.detach().float()
+        problems = {
+            "a box that is not finite (NaN or inf)": ~torch.isfinite(b).all(dim=1),
+            "a box with x1 < x0 or y1 < y0": (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]),
+            "a box whose centre is outside the image (normalized xyxy expected)": (
+                ((b[:, :2] + b[:, 2:]) / 2 < -CENTRE_TOLERANCE) | ((b[:, :2] + b[:, 2:]) / 2 > 1 + CENTRE_TOLERANCE)
+            ).any(dim=1),
+            "a score that is not finite": ~torch.isfinite(s),
+            "a score outside [0, 1]": (s < 0) | (s > 1),
+        }
+        for what, bad in problems.items():
+            if bool(bad.any()):
+                k = int(bad.nonzero()[0, 0])
+                raise ProposalError(
+                    f"{where}: image {i}, proposal {k}: {what} (box {[round(v, 4) for v in b[k].tolist()]}, "
+                    f"score {s[k].item():.4g}); {int(bad.sum())} of {b.shape[0]} proposals are so"
+                )
 
 
 @dataclass
@@ -143,6 +174,14 @@ class GromaModel(TasksMixin, nn.Module):
         if images is not None:
             features.images = list(images)
         return features
+
+    def propose(self, features: ImageFeatures) -> Proposals:
+        """The region proposer's candidates for ``features``, checked by :func:`check_proposals`."""
+        proposals = self.region_proposer(features)
+        recipe = getattr(self.recipe, "stages", None)
+        plugin = recipe["region_proposer"].plugin if recipe else type(self.region_proposer).__name__
+        check_proposals(proposals, features.batch_size, plugin)
+        return proposals
 
     def select(
         self,
@@ -251,7 +290,7 @@ class GromaModel(TasksMixin, nn.Module):
         if features is None:
             features = self.encode_images(pixel_values, images)
         if proposals is None:
-            proposals = self.region_proposer(features)
+            proposals = self.propose(features)
         regions = self.select(proposals, refer_boxes, ground_boxes, generator)
         n_tokens = len(tok.region_ids)
         for i, boxes in enumerate(regions.boxes):  # region K is written <rK>: there must be a token for each

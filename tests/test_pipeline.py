@@ -438,3 +438,33 @@ def test_region_pointer_adds_each_regions_match_to_its_index_logit(tiny_recipe, 
     model.train()
     model(pixels, [ids], refer_boxes=[boxes], labels=[ids]).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.region_pointer.parameters())
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda b, s: (b.index_fill(0, torch.tensor([0]), float("nan")), s), "a box that is not finite"),
+        (lambda b, s: (b, s.index_fill(0, torch.tensor([1]), 2.0)), "proposal 1: a score outside [0, 1]"),
+        (lambda b, s: (b[:, [2, 1, 0, 3]], s), "a box with x1 < x0 or y1 < y0"),
+        (lambda b, s: (b * 640, s), "a box whose centre is outside the image (normalized xyxy expected)"),
+    ],
+    ids=["nan-box", "score-2", "flipped", "pixels"],
+)
+def test_a_proposer_breaking_its_contract_is_named_at_run_time(tiny_model, images, corrupt, message):
+    from groma_core.errors import ProposalError
+    from groma_core.types import Proposals
+
+    def broken(module, args, out):  # the real proposer's output, spoilt as a faulty plugin would
+        pairs = [corrupt(b, s) for b, s in zip(out.boxes, out.scores)]
+        return Proposals([b for b, _ in pairs], [s for _, s in pairs], out.extras)
+
+    assert tiny_model.caption(images[0], max_new_tokens=2).text is not None  # the unspoilt proposer passes
+    handle = tiny_model.region_proposer.register_forward_hook(broken)
+    try:
+        with pytest.raises(ProposalError) as err:
+            tiny_model.caption(images[0], max_new_tokens=2)
+    finally:
+        handle.remove()
+    plugin = tiny_model.recipe.stages["region_proposer"].plugin
+    assert str(err.value).startswith(f"region proposer {plugin!r}: image 0, proposal ")
+    assert message in str(err.value)

@@ -88,5 +88,5 @@ def test_contract_kit_catches_a_broken_proposer(manager):
             register("outside", lambda o, c: Outside(), config=UserBoxesOptions)
 
     manager.register_plugin(Plugin(), name="outside")
-    with pytest.raises(AssertionError, match="centres inside"):
+    with pytest.raises(AssertionError, match="centre is outside the image"):
         check_registered_stage("region_proposer", "outside", manager=manager)

@@ -349,7 +349,7 @@ class DetectionTask(Task):
     def predict(self, model, samples, seed, batch_size):
         images = [load_image(s.image) for s in samples]
         pixels = model.image_tokenizer.preprocess(images).to(model.device, model.image_projector.layers[0].weight.dtype)
-        proposals = model.region_proposer(model.encode_images(pixels, images))
+        proposals = model.propose(model.encode_images(pixels, images))
         out = []
         for s, img, boxes, scores in zip(samples, images, proposals.boxes, proposals.scores):
             w, h = img.size

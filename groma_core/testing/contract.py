@@ -72,18 +72,16 @@ def check_image_tokenizer(stage: ImageTokenizer) -> ImageFeatures:
 
 
 def _check_proposals(props: Proposals, batch: int) -> None:
+    from groma_core.errors import ProposalError
+    from groma_core.model import check_proposals
+
     assert isinstance(props, Proposals), f"forward must return Proposals, got {type(props).__name__}"
-    assert len(props.boxes) == batch, f"expected {batch} box lists, got {len(props.boxes)}"
-    for i, (boxes, scores) in enumerate(zip(props.boxes, props.scores)):
+    for i, boxes in enumerate(props.boxes):
         assert boxes.dtype == torch.float32, f"boxes[{i}] must be float32, got {boxes.dtype}"
-        if boxes.numel():
-            assert torch.isfinite(boxes).all(), f"boxes[{i}] must be finite"
-            centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-            assert centres.min() >= 0 and centres.max() <= 1, f"boxes[{i}] must be normalized: centres inside [0, 1]"
-            assert torch.all(boxes[:, 2] >= boxes[:, 0]) and torch.all(boxes[:, 3] >= boxes[:, 1]), (
-                f"boxes[{i}] must be xyxy with x2 >= x1 and y2 >= y1"
-            )
-            assert scores.min() >= 0 and scores.max() <= 1, f"scores[{i}] must lie in [0, 1]"
+    try:  # what the pipeline checks at run time: one list per image, finite normalized xyxy, scores in [0, 1]
+        check_proposals(props, batch, "under test")
+    except ProposalError as err:
+        raise AssertionError(str(err)) from None
 
 
 def check_region_proposer(stage: RegionProposer, features: ImageFeatures | None = None) -> Proposals:
