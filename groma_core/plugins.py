@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.metadata as metadata
 import os
 import re
@@ -251,6 +252,32 @@ class PluginManager:
     def build(self, kind: str, name: str, config: BaseModel, context: BuildContext) -> Stage:
         """Build the stage ``name`` of ``kind`` from a validated config."""
         return self.get(kind, name).build(config, context)
+
+
+def lazy_factory(target: str) -> Callable[[Any, BuildContext], Stage]:
+    """The stage factory ``"package.module:function"``, importing its module on the first build only: a plugin that
+    registers it loads without the heavy libraries its stages need (``groma plugins``, ``groma validate`` and
+    ``groma --help`` stay fast)."""
+    module, _, name = target.partition(":")
+
+    def factory(config: Any, context: BuildContext) -> Stage:
+        return getattr(importlib.import_module(module), name)(config, context)
+
+    factory.__qualname__ = factory.__name__ = name
+    factory.__doc__ = f"{target}, imported when first built"
+    return factory
+
+
+def lazy_exports(package: str, names: Mapping[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) for ``package``: ``names`` maps each public name to the submodule (relative,
+    ``".backbone"``) that defines it, imported on first access."""
+
+    def __getattr__(attr: str) -> Any:
+        if attr in names:
+            return getattr(importlib.import_module(names[attr], package), attr)
+        raise AttributeError(f"module {package!r} has no attribute {attr!r}")
+
+    return __getattr__
 
 
 def _owners(entries: list[StageEntry]) -> str:

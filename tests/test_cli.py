@@ -272,3 +272,33 @@ def test_eval_detection_refuses_max_new_tokens(tmp_path):
     assert out.stderr.strip() == (
         "groma: error: --max-new-tokens: the detection task runs the region proposer alone and writes no text"
     )
+
+
+def test_listing_validating_and_help_do_not_import_the_stages_heavy_libraries():
+    code = (
+        "import sys, contextlib, io\n"
+        "from groma_core.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['plugins']) == 0 and main(['validate', 'shapes-tiny']) == 0\n"
+        "    assert main(['validate', 'groma-7b']) == 0\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'open_clip', 'segment_anything'}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"  # loaded, listed and checked; nothing built, so no model code imported
+
+
+def test_a_lazily_registered_stage_still_builds_and_its_names_still_import():
+    import groma_plugin_vicuna
+
+    from groma_core.plugins import PluginManager
+
+    entry = PluginManager().get("language_backbone", "vicuna")
+    assert entry.factory.__name__ == "build_vicuna"
+    assert groma_plugin_vicuna.CausalLMBackbone.__module__ == "groma_plugin_vicuna.backbone"
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        groma_plugin_vicuna.nothing  # noqa: B018

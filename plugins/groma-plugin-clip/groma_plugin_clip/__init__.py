@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from groma_core.hookspecs import hookimpl
+from groma_core.plugins import lazy_exports
 from groma_core.stages import BuildContext
-from groma_plugin_clip.open_clip_weights import convert_visual, read_checkpoint, visual_state_dict
 from groma_plugin_clip.options import CLIP_MEAN, CLIP_STD, ClipOptions
-from groma_plugin_clip.tokenizer import LEVEL_NAMES, ClipImageTokenizer, merge_2x2
+
+if TYPE_CHECKING:
+    from groma_plugin_clip.tokenizer import ClipImageTokenizer
 
 __all__ = [
     "CLIP_MEAN",
@@ -22,8 +26,19 @@ __all__ = [
 ]
 
 
+# transformers (the vision tower) is imported when a stage is built or one of these names is used
+__getattr__ = lazy_exports(
+    __name__,
+    {"convert_visual": ".open_clip_weights", "read_checkpoint": ".open_clip_weights",
+     "visual_state_dict": ".open_clip_weights", "LEVEL_NAMES": ".tokenizer", "ClipImageTokenizer": ".tokenizer",
+     "merge_2x2": ".tokenizer"},
+)  # fmt: skip
+
+
 def build_clip(options: ClipOptions, context: BuildContext) -> ClipImageTokenizer:
     """Factory of the ``clip`` image tokenizer (the first stage built: the context is not needed)."""
+    from groma_plugin_clip.tokenizer import ClipImageTokenizer
+
     return ClipImageTokenizer(options)
 
 
