@@ -176,8 +176,11 @@ class GromaModel(TasksMixin, nn.Module):
         return features
 
     def propose(self, features: ImageFeatures) -> Proposals:
-        """The region proposer's candidates for ``features``, checked by :func:`check_proposals`."""
+        """The region proposer's candidates for ``features``, checked by :func:`check_proposals` (in eval mode; in
+        training a NaN reaches the loss, whose guard names the batch's samples)."""
         proposals = self.region_proposer(features)
+        if self.training:
+            return proposals
         recipe = getattr(self.recipe, "stages", None)
         plugin = recipe["region_proposer"].plugin if recipe else type(self.region_proposer).__name__
         check_proposals(proposals, features.batch_size, plugin)

@@ -28,6 +28,9 @@ def multi_scale_deformable_attention(
         raise ValueError(f"spatial_shapes has {len(spatial_shapes)} levels, sampling_locations {levels}")
     if sum(h * w for h, w in spatial_shapes) != value.shape[1]:
         raise ValueError(f"spatial_shapes {list(spatial_shapes)} do not cover the {value.shape[1]} values")
+    # in float32 whatever the model's dtype: CPU grid_sample in bfloat16/float16 returns NaN for finite inputs
+    dtype = value.dtype
+    value, sampling_locations, attention_weights = value.float(), sampling_locations.float(), attention_weights.float()
     grids = 2 * sampling_locations - 1
     sampled = []
     start = 0
@@ -44,7 +47,7 @@ def multi_scale_deformable_attention(
     # (B * heads, 1, Q, levels * points)
     weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
     output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
-    return output.view(batch, heads * head_dim, queries).transpose(1, 2).contiguous()
+    return output.view(batch, heads * head_dim, queries).transpose(1, 2).contiguous().to(dtype)
 
 
 class MultiscaleDeformableAttention(nn.Module):
