@@ -64,11 +64,12 @@ def check_proposals(proposals: Proposals, images: int, plugin: str) -> None:
         raise ProposalError(f"{where}: {len(proposals.boxes)} box lists for a batch of {images} images")
     for i, (boxes, scores) in enumerate(zip(proposals.boxes, proposals.scores)):
         b, s = boxes.detach().float(), scores.detach().float()
+        centres = (b[:, :2] + b[:, 2:]) / 2
         problems = {
             "a box that is not finite (NaN or inf)": ~torch.isfinite(b).all(dim=1),
             "a box with x1 < x0 or y1 < y0": (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]),
             "a box whose centre is outside the image (normalized xyxy expected)": (
-                ((b[:, :2] + b[:, 2:]) / 2 < -CENTRE_TOLERANCE) | ((b[:, :2] + b[:, 2:]) / 2 > 1 + CENTRE_TOLERANCE)
+                (centres < -CENTRE_TOLERANCE) | (centres > 1 + CENTRE_TOLERANCE)
             ).any(dim=1),
             "a score that is not finite": ~torch.isfinite(s),
             "a score outside [0, 1]": (s < 0) | (s > 1),
