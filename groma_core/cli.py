@@ -538,7 +538,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe file, shipped recipe name (see `groma recipes`) or model folder")
+    p.add_argument(
+        "recipe", help="recipe file, shipped recipe name (see `groma recipes`), model folder or Hub repo id (org/name)"
+    )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
 
 

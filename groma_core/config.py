@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -10,3 +12,10 @@ class StageOptions(BaseModel):
     unknown keys are rejected so that a misspelled option never passes silently."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @classmethod
+    def from_reference_config(cls, groma_config: dict[str, Any]) -> StageOptions:
+        """Optional: the options that rebuild this stage of a reference Groma checkpoint from its ``config.json``
+        (a ``GromaConfig`` as a dict). ``groma convert`` calls it on the plugins that take a reference checkpoint's
+        weights (the default ones implement it); a plugin without it cannot be a conversion target."""
+        raise NotImplementedError(f"{cls.__name__} does not derive its options from a reference Groma config")

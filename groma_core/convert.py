@@ -89,7 +89,7 @@ def recipe_from_reference_config(
             recipe[kind] = {"plugin": plugin}
             continue
         options_cls = manager.get(kind, plugin).config
-        options = options_cls.from_reference_config(config)  # type: ignore[attr-defined]
+        options = options_cls.from_reference_config(config)
         recipe[kind] = {"plugin": plugin, **options.model_dump(mode="json", exclude_defaults=True)}
     return recipe
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from groma_core import tokens as T
-from groma_core.boxes import check_boxes
+from groma_core.boxes import IDENTITY_FRAME, check_boxes, to_input_frame
 from groma_core.errors import InputError, ProposalError
 from groma_core.inference import TasksMixin
 from groma_core.prompt import max_positions
@@ -168,6 +168,13 @@ class GromaModel(TasksMixin, nn.Module):
     def device(self) -> torch.device:
         return module_device(self)
 
+    @property
+    def needs_images(self) -> bool:
+        """Whether a stage reads the original images (:attr:`groma_core.stages.Stage.needs_images`): callers then
+        pass them as ``images`` beside the pixel values."""
+        stages = (self.image_tokenizer, self.region_proposer, self.region_encoder, self.language_backbone)
+        return any(getattr(stage, "needs_images", False) for stage in stages)
+
     # -- stages ----------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: Tensor, images: Sequence[Any] | None = None) -> ImageFeatures:
         """Image features of a batch; ``images`` (the original PIL images) ride along for pixel-based stages."""
@@ -180,12 +187,22 @@ class GromaModel(TasksMixin, nn.Module):
         """The region proposer's candidates for ``features``, checked by :func:`check_proposals` (in eval mode; in
         training a NaN reaches the loss, whose guard names the batch's samples)."""
         proposals = self.region_proposer(features)
-        if self.training:
+        if not self.training:
+            recipe = getattr(self.recipe, "stages", None)
+            plugin = recipe["region_proposer"].plugin if recipe else type(self.region_proposer).__name__
+            check_proposals(proposals, features.batch_size, plugin)
+        return self._into_input_frame(proposals, features)
+
+    def _into_input_frame(self, proposals: Proposals, features: ImageFeatures) -> Proposals:
+        """A proposer that reads the original images gives boxes of those images; the core works in the image
+        tokenizer's input frame (the same unless it letterboxes), so they are mapped there."""
+        if not getattr(self.region_proposer, "needs_images", False) or features.images is None:
             return proposals
-        recipe = getattr(self.recipe, "stages", None)
-        plugin = recipe["region_proposer"].plugin if recipe else type(self.region_proposer).__name__
-        check_proposals(proposals, features.batch_size, plugin)
-        return proposals
+        frames = [self.image_tokenizer.input_frame(*image.size) for image in features.images]
+        if all(tuple(frame) == IDENTITY_FRAME for frame in frames):
+            return proposals
+        boxes = [to_input_frame(b, frame) for b, frame in zip(proposals.boxes, frames)]
+        return Proposals(boxes, proposals.scores, proposals.extras)
 
     def select(
         self,
@@ -405,9 +422,13 @@ class GromaModel(TasksMixin, nn.Module):
         ground_boxes: list[Tensor] | None = None,
         labels: Sequence[Sequence[int]] | Tensor | None = None,
         generator: torch.Generator | None = None,
+        images: Sequence[Any] | None = None,
     ) -> GromaOutput:
-        """Logits over the full vocabulary and, with ``labels``, the next-token cross-entropy (ignore -100)."""
-        inputs = self.prepare_inputs(pixel_values, input_ids, refer_boxes, ground_boxes, labels, generator=generator)
+        """Logits over the full vocabulary and, with ``labels``, the next-token cross-entropy (ignore -100).
+        ``images``: the batch's original PIL images, for a stage that reads them (:attr:`needs_images`)."""
+        inputs = self.prepare_inputs(
+            pixel_values, input_ids, refer_boxes, ground_boxes, labels, generator=generator, images=images
+        )
         out = self.language_backbone(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids)
         point = self._pointer_logits(inputs)
         all_logits = out.logits if point is None else point(out.logits, out.hidden_states)

@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from groma_core import tokens as T
-from groma_core.errors import PluginConflictError, RecipeError, UnknownPluginError, echo, one_line
+from groma_core.errors import GromaError, PluginConflictError, RecipeError, UnknownPluginError, echo, one_line
 from groma_core.plugins import PluginManager
 from groma_core.selection import SelectionConfig
 from groma_core.stages import STAGE_KINDS
@@ -570,8 +570,9 @@ MODEL_RECIPE = "recipe.yaml"
 
 
 def resolve_recipe_path(name_or_path: str | Path) -> Path:
-    """A recipe file path, a model folder (its ``recipe.yaml``), or the name of a shipped recipe (``groma-7b`` ->
-    ``recipes/groma-7b.yaml``)."""
+    """A recipe file path, a model folder (its ``recipe.yaml``), the name of a shipped recipe (``groma-7b`` ->
+    ``recipes/groma-7b.yaml``), or a Hugging Face Hub repo id (``org/name[@revision]``: the ``recipe.yaml`` of its
+    model folder, or of its cached conversion, see :func:`groma_core.hub.resolve_hub_model`)."""
     p = Path(name_or_path)
     if p.is_file():
         return p
@@ -582,6 +583,9 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
     shipped = recipes_dir() / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped
+    hub = _hub_model_recipe(str(name_or_path))
+    if hub is not None:
+        return hub
     if not p.suffix and not p.exists():
         names = [r.stem for r in shipped_recipes()]
         raise RecipeError(
@@ -631,8 +635,9 @@ class Composed:
 
 def compose_recipe(path: str | Path, manager: PluginManager | None = None) -> Composed:
     """Read a recipe file and, through its ``extends:``, the recipes it builds on: a shipped recipe name, a recipe
-    file or a model folder, relative to the extending file. Mappings merge deeply, the extending file winning; a
-    stage section that names another ``plugin`` replaces the base's section whole. Relative paths a base wrote
+    file or a model folder, relative to the extending file, or ``embedded``: the embedded default model. Mappings
+    merge deeply, the extending file winning; a stage section that names another ``plugin`` replaces the base's
+    section whole. Relative paths a base wrote
     (``weights``, ``train.data_root``, stage path options) are made absolute, so that they keep meaning what they
     meant beside that base."""
     return _compose(Path(path), manager or PluginManager(), ())
@@ -666,9 +671,28 @@ def _compose(path: Path, manager: PluginManager, chain: tuple[Path, ...]) -> Com
     return Composed(merged, [here, *base.chain], switched, plugins)
 
 
+def _hub_model_recipe(target: str) -> Path | None:
+    """The ``recipe.yaml`` of the model a Hub repo id names (downloaded, and a reference release converted once
+    into ``GROMA_HOME``), or None when ``target`` is not a Hub id."""
+    from groma_core.hub import parse_hub_id, resolve_hub_model
+
+    hub_id = parse_hub_id(target)
+    if hub_id is None:
+        return None
+    return resolve_hub_model(hub_id) / MODEL_RECIPE
+
+
+#: the name ``extends:`` gives the embedded default model (its folder inside the package)
+EMBEDDED_MODEL = "embedded"
+
+
 def _extended_path(target: str, path: Path, chain: list[Path]) -> Path:
     """The file ``extends: target`` names, written in ``path``: a file or model folder relative to ``path``'s
     folder (or absolute), else a shipped recipe."""
+    if target == EMBEDDED_MODEL:
+        from groma_core.api import default_model
+
+        return default_model() / MODEL_RECIPE
     given = Path(os.path.expanduser(target))
     candidate = given if given.is_absolute() else path.parent / given
     if candidate.is_file():
@@ -686,6 +710,12 @@ def _extended_path(target: str, path: Path, chain: list[Path]) -> Path:
     shipped = recipes_dir() / f"{target}.yaml"
     if "/" not in target and shipped.is_file():
         return shipped
+    try:
+        hub = _hub_model_recipe(target)
+    except GromaError as exc:  # not cached offline, no such repo, not a Groma checkpoint...
+        raise RecipeError(str(path), [f"extends: {exc} ({_chain_text(chain)} -> {echo(target)})"]) from None
+    if hub is not None:
+        return hub
     names = [r.stem for r in shipped_recipes()]
     raise RecipeError(
         str(path),
@@ -826,9 +856,10 @@ def _exclude_swapped_weights(data: dict[str, Any], weights_plugins: Mapping[str,
 # -- copies of shipped recipes -------------------------------------------------------------------------------
 def copy_recipe(name: str, dest: str | Path, manager: PluginManager | None = None) -> tuple[Path, list[str], list[str]]:
     """Copy a shipped recipe (or any recipe file) to ``dest`` (a file, or a folder to hold ``NAME.yaml``),
-    comments and all, to edit it; the relative paths that meant places beside the original are made absolute.
-    Refuses to overwrite a file. Returns the new file, the dotted paths made absolute, and those of relative stage
-    paths left as written (they exist nowhere beside the original; beside the copy they mean another place)."""
+    comments and all, to edit it; the relative paths that meant existing places beside the original are made
+    absolute. Refuses to overwrite a file. Returns the new file, the dotted paths made absolute, and those of the
+    relative paths left as written (stage paths and ``train.data_root`` that exist nowhere beside the original:
+    beside the copy they mean a place of the user's, such as their own data folder)."""
     source = resolve_recipe_path(name)
     target = Path(dest)
     if target.is_dir():
@@ -839,11 +870,15 @@ def copy_recipe(name: str, dest: str | Path, manager: PluginManager | None = Non
     folder = source.resolve().parent
     manager = manager or PluginManager()
     left = [".".join(keys) for keys, _ in relative_paths(data, folder, manager, missing=True)]
-    paths = [
-        (keys, value)
-        for keys, value in relative_paths(data, folder, manager)
-        if keys != ("train", "data_root") or "data_root" in data["train"]
-    ]
+    paths = []
+    for keys, value in relative_paths(data, folder, manager):
+        if keys == ("train", "data_root"):
+            if "data_root" not in data["train"]:
+                continue
+            if not (folder / os.path.expanduser(value)).exists():  # data to be put beside the copy
+                left.append("train.data_root")
+                continue
+        paths.append((keys, value))
     text = _rewrite_scalars(
         source.read_text(encoding="utf-8"),
         {keys: os.path.normpath(folder / os.path.expanduser(value)) for keys, value in paths},

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +48,11 @@ class Stage(nn.Module, ABC):
     #: prefixes of the reference ``GromaModel`` state dict that belong to this stage (for the converter),
     #: e.g. ``("perceiver.vis_encoder.",)``
     reference_prefixes: tuple[str, ...] = ()
+
+    #: True for a stage that reads the original images (``ImageFeatures.images``, RGB ``PIL.Image``s) besides the
+    #: features: inference, evaluation and training then load and pass them (training passes each sample's image
+    #: after its augmentation, with the boxes that go with it); False (the default) lets training skip them
+    needs_images: bool = False
 
     def reference_key(self, key: str) -> str | None:
         """This module's state-dict key for the full reference key ``key`` (which starts with one of
@@ -103,12 +108,31 @@ class RegionProposer(Stage):
     boxes (N_i, 4) normalized xyxy with x2 >= x1, y2 >= y1 and centres inside [0, 1] (corners may cross the border:
     the reference selects regions on unclipped boxes), scores (N_i,) in [0, 1]. The core then joins user boxes
     (score 1.0), applies NMS, the score threshold and the top-k cap (see :mod:`groma_core.selection`).
-    A proposer may return zero boxes for an image.
+    A proposer may return zero boxes for an image. A proposer with ``needs_images`` reads ``features.images`` (the
+    original RGB PIL images; None when the caller passed only pixel values) and gives boxes of those images; the core
+    maps them into the image tokenizer's input frame. Optional: ``detection_loss(proposals, targets, source)``
+    (:class:`DetectionLoss`), for training the proposer in a ``detection`` stage.
     """
 
     @abstractmethod
     def forward(self, features: ImageFeatures) -> Proposals:
         """Propose candidate regions for each image of the batch."""
+
+
+@runtime_checkable
+class DetectionLoss(Protocol):
+    """What a region proposer implements to be trained by a ``detection`` stage (stage 1 of the reference).
+
+    ``detection_loss(proposals, targets, source)``: ``proposals`` is the proposer's own output for the batch (its
+    ``extras`` carry whatever the loss needs, such as raw logits of every decoder layer); ``targets[i]`` (n_i, 4)
+    are the ground-truth boxes of image i, normalized xyxy, class-agnostic; ``source`` tags the dataset the batch
+    comes from (the reference trains its ``coco`` and ``sa1b`` objectness heads on their own data). Returns named
+    loss terms: the training loss is the term ``loss`` when there is one (the others are then only logged), else
+    the sum of the terms. Return the same names on every call (a zero where there is nothing to measure):
+    processes average the terms for the logs name by name.
+    """
+
+    def detection_loss(self, proposals: Proposals, targets: list[Tensor], source: str) -> dict[str, Tensor]: ...
 
 
 class RegionEncoder(Stage):

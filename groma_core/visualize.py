@@ -26,8 +26,12 @@ PALETTE = [
 
 def draw_answer(image: Image.Image, answer: GroundedAnswer, width: int | None = None) -> Image.Image:
     """A copy of ``image`` with every grounded phrase's boxes drawn and labelled (phrase, or ``<rK>`` when the
-    answer has no phrase text)."""
+    answer has no phrase text), and its masks, where the proposer gave them, tinted in the phrase's colour."""
     canvas = image.convert("RGB").copy()
+    for i, phrase in enumerate(answer.phrases):  # masks first, under every box and label
+        for mask in phrase.masks or ():
+            if mask is not None:
+                _paint_mask(canvas, mask, PALETTE[i % len(PALETTE)])
     draw = ImageDraw.Draw(canvas)
     line = width or max(2, round(min(canvas.size) / 150))
     font = ImageFont.load_default(size=max(10, round(min(canvas.size) / 30)))
@@ -52,3 +56,21 @@ def draw_answer(image: Image.Image, answer: GroundedAnswer, width: int | None = 
             draw.rectangle((tx, ty, tx + right - left + 2 * line, ty + tag_h), fill=colour)
             draw.text((tx + line, ty + line - top), label, fill=(255, 255, 255), font=font)
     return canvas
+
+
+MASK_OPACITY = 0.45
+"""How much of a phrase's colour a masked pixel takes."""
+
+
+def _paint_mask(canvas: Image.Image, mask, colour: tuple[int, int, int]) -> None:
+    """Tint the pixels of ``mask`` ((H, W) bool, tensor or array, at the image's size or resized to it) in place."""
+    import numpy as np
+
+    array = np.asarray(mask.detach().cpu() if hasattr(mask, "detach") else mask).astype(bool)
+    if array.ndim != 2 or not array.any():
+        return
+    if array.shape != (canvas.height, canvas.width):
+        array = np.asarray(Image.fromarray(array).resize(canvas.size, Image.NEAREST))
+    tint = Image.new("RGB", canvas.size, colour)
+    alpha = Image.fromarray((array * round(255 * MASK_OPACITY)).astype(np.uint8), "L")
+    canvas.paste(tint, (0, 0), alpha)

@@ -128,13 +128,24 @@ def test_recipes_cp_copies_a_shipped_recipe_to_edit_and_never_overwrites(tmp_pat
     out = groma("recipes", "cp", "shapes-tiny", str(tmp_path))
     assert out.returncode == 0, out.stderr
     copy = tmp_path / "shapes-tiny.yaml"
-    assert out.stdout.startswith(f"copied shapes-tiny to {copy}; relative paths made absolute: train.data_root")
+    assert out.stdout.startswith(f"copied shapes-tiny to {copy}")
     original = (ROOT / "recipes" / "shapes-tiny.yaml").read_text()
     text = copy.read_text()
     assert text.splitlines()[0] == original.splitlines()[0]  # comments kept
     data_root = yaml.safe_load(text)["train"]["data_root"]
-    assert Path(data_root) == (ROOT / "data" / "shapes").resolve()  # the same folder as the original's
+    if (ROOT / "data" / "shapes").is_dir():  # the data exists beside the original: the same folder
+        assert "relative paths made absolute: train.data_root" in out.stdout
+        assert Path(data_root) == (ROOT / "data" / "shapes").resolve()
+    else:  # nothing there yet: the data is the user's to put beside the copy
+        assert "left as written: language_backbone.tokenizer, train.data_root" in out.stdout
+        assert data_root == "../data/shapes"
     assert groma("validate", str(copy)).returncode == 0
+    source = tmp_path / "elsewhere"
+    (source / "data").mkdir(parents=True)
+    (source / "r.yaml").write_text("extends: shapes-tiny\ntrain: {data_root: data}\n")
+    out = groma("recipes", "cp", str(source / "r.yaml"), str(tmp_path / "r.yaml"))
+    assert "relative paths made absolute: train.data_root" in out.stdout, out.stdout + out.stderr
+    assert yaml.safe_load((tmp_path / "r.yaml").read_text())["train"]["data_root"] == str(source / "data")
     again = groma("recipes", "cp", "groma-7b", str(copy))
     assert again.returncode == 1 and copy.read_text() == text
     assert again.stderr == (

@@ -234,6 +234,26 @@ def test_model_folder_repo_loads_without_conversion(by_hand, homes):
     assert not models_dir().exists()  # nothing converted, nothing cached by groma
 
 
+def test_hub_id_as_a_recipe_validate_and_extends(by_hand, homes, tmp_path):
+    """A model on the Hub is a recipe like a local model folder: `groma validate org/name`, and a fine-tuning
+    recipe that `extends: org/name` (its weights included) with a change of its own."""
+    files = {p.relative_to(by_hand).as_posix(): p.read_bytes() for p in by_hand.rglob("*") if p.is_file()}
+    put_in_hub_cache(Path(homes["HF_HOME"]), "someone/groma-tuned", files)
+    out = groma("validate", "someone/groma-tuned", env=homes)
+    assert out.returncode == 0 and out.stdout.startswith("ok: "), out.stderr
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("extends: someone/groma-tuned\nregion_selection: {max_regions: 3}\n")
+    model = load(mine)
+    assert model.selection.max_regions == 3
+    assert caption(model) == caption(load(by_hand, ["region_selection.max_regions=3"]))
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("extends: someone/not-cached\n")
+    out = groma("validate", str(missing), env=homes)
+    assert out.returncode == 1, out.stderr
+    assert "extends: someone/not-cached: no such local path, and not in the Hugging Face cache" in out.stderr
+    assert out.stderr.rstrip().endswith("(missing.yaml -> 'someone/not-cached')")  # the chain named
+
+
 def test_local_path_wins_over_a_hub_id(by_hand, homes, tmp_path, monkeypatch):
     (tmp_path / "someone").mkdir()
     import shutil

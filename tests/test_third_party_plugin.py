@@ -90,3 +90,46 @@ def test_contract_kit_catches_a_broken_proposer(manager):
     manager.register_plugin(Plugin(), name="outside")
     with pytest.raises(AssertionError, match="centre is outside the image"):
         check_registered_stage("region_proposer", "outside", manager=manager)
+
+
+def _pixel_proposers():
+    """Three proposers that read the original images: one that declares it and says so without them, one that does
+    not declare it, one that declares it but crashes without them."""
+    from groma_core.errors import InputError
+    from groma_core.stages import RegionProposer
+    from groma_core.types import Proposals
+
+    def boxes_of(features):
+        b = features.batch_size
+        return Proposals([torch.tensor([[0.0, 0.0, 0.5, 0.5]])] * b, [torch.tensor([0.9])] * b)
+
+    class Declared(RegionProposer):
+        needs_images = True
+
+        def forward(self, features):
+            if features.images is None:
+                raise InputError("declared: features.images is None; pass the original images")
+            return boxes_of(features)
+
+    class Undeclared(Declared):
+        needs_images = False
+
+    class Crashes(RegionProposer):
+        needs_images = True
+
+        def forward(self, features):
+            _ = [image.size for image in features.images]  # TypeError when None
+            return boxes_of(features)
+
+    return Declared, Undeclared, Crashes
+
+
+def test_contract_kit_checks_stages_that_read_the_images():
+    from groma_core.testing.contract import check_region_proposer
+
+    declared, undeclared, crashes = _pixel_proposers()
+    check_region_proposer(declared())  # passes: declared, and a one-line InputError without the images
+    with pytest.raises(AssertionError, match="does not declare it: set the class attribute needs_images = True"):
+        check_region_proposer(undeclared())
+    with pytest.raises(AssertionError, match="crashes without features.images .TypeError.*raise groma_core.errors"):
+        check_region_proposer(crashes())

@@ -96,7 +96,38 @@ def check_region_proposer(stage: RegionProposer, features: ImageFeatures | None 
     _check_proposals(props, batch)
     _check_proposals(single, 1)
     _close(props.boxes[1], single.boxes[0], "proposal boxes", atol=1e-5)
+    _check_without_images(stage, features)
     return props
+
+
+def _check_without_images(stage: RegionProposer, features: ImageFeatures) -> None:
+    """A stage that reads the original images declares ``needs_images`` (else training would not pass them) and,
+    given none, fails with a one-line InputError that says so."""
+    from groma_core.errors import InputError
+
+    bare = ImageFeatures(features.tokens, features.levels, None)
+    needs = bool(getattr(stage, "needs_images", False))
+    try:
+        with torch.no_grad():
+            stage(bare)
+    except InputError as err:
+        assert needs, (
+            f"{type(stage).__name__} fails without features.images ({err}) but does not declare it: set the class "
+            "attribute needs_images = True, so that training and evaluation pass the original images"
+        )
+        assert "\n" not in str(err).strip(), f"the error without images must be one line, got: {err}"
+        return
+    except Exception as err:  # noqa: BLE001 - any other failure is the finding
+        raise AssertionError(
+            f"{type(stage).__name__} crashes without features.images ({type(err).__name__}: {err}); "
+            + ("raise groma_core.errors.InputError saying it needs the original images" if needs else
+               "if it reads the original images, set needs_images = True and raise groma_core.errors.InputError "
+               "when they are None")
+        ) from None
+    assert not needs, (
+        f"{type(stage).__name__} declares needs_images but works without features.images: drop the declaration, "
+        "or read the images"
+    )
 
 
 def check_region_encoder(stage: RegionEncoder, features: ImageFeatures | None = None) -> list[Tensor]:

@@ -7,6 +7,7 @@
 ``train.datasets``).
 """
 
+from groma_core.stages import DetectionLoss
 from groma_core.training.config import DataSource, StageConfig, TrainingConfig
 from groma_core.training.data import MixtureSampler, collate
 from groma_core.training.datasets import (
@@ -22,7 +23,6 @@ from groma_core.training.datasets import (
     render_conversation,
 )
 from groma_core.training.engine import StepInfo, TrainingResult, check_training, run_training
-from groma_core.training.objectives import DetectionLoss
 from groma_core.training.params import apply_trainable, param_groups, trainable_names
 
 __all__ = [

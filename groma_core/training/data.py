@@ -155,7 +155,7 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack ``pixel_values``; keep ids, labels and box lists per sample (the model pads them itself).
+    """Stack ``pixel_values``; keep ids, labels, box lists and original ``images`` per sample (the model pads them).
     Optional box fields are None when no sample of the batch has them. ``indices`` and ``image_files`` (None
     where unknown) name the samples, ``skipped`` counts the samples that stand in for an unreadable one."""
     images = [s.get("pixel_values") for s in samples]
@@ -175,6 +175,8 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             out[key] = [_boxes(s.get(key)) for s in samples]
         else:
             out[key] = None
+    if all("image" in s for s in samples):  # the original (augmented) images, for stages that read them
+        out["images"] = [s["image"] for s in samples]
     if all("box_labels" in s for s in samples):  # the category of each of ``boxes`` (detection files that have one)
         out["box_labels"] = [torch.as_tensor(s["box_labels"], dtype=torch.long).reshape(-1) for s in samples]
     return out

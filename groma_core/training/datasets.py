@@ -290,6 +290,9 @@ class _ImageDataset(torch.utils.data.Dataset, ABC):
     #: where an image lies in the model's input (the image tokenizer's ``input_frame``; set by :func:`open_dataset`):
     #: the samples' boxes are normalized to the input, so a letterboxing tokenizer gets its padded frame
     frame: Callable[[int, int], Frame] = staticmethod(lambda width, height: IDENTITY_FRAME)
+    #: whether a sample carries its (augmented) PIL image as ``image``, for a model with a stage that reads the
+    #: original images (set by :func:`open_dataset` from ``model.needs_images``)
+    keep_images: bool = False
 
     def __init__(self, ann: str | Path, images: str | Path, preprocess: Preprocess, name: str | None = None):
         self.ann = Path(ann)
@@ -444,6 +447,8 @@ class DetectionDataset(_ImageDataset):
             "boxes": to_input_frame(boxes, self.frame(*image.size)),
             "image_file": record.image.file_name,
         }
+        if self.keep_images:
+            sample["image"] = image
         if record.labels:
             sample["box_labels"] = torch.tensor([record.labels[k] for k in kept], dtype=torch.long)
         return sample
@@ -476,7 +481,8 @@ class _ConversationDataset(_ImageDataset):
         frame = self.frame(*image.size)
         boxes = {k: to_input_frame(v, frame) for k, v in boxes.items()}
         pixels = self.pixels(image)
-        return {"pixel_values": pixels, "input_ids": ids, "labels": labels, **boxes, "image_file": file_name}
+        sample = {"pixel_values": pixels, "input_ids": ids, "labels": labels, **boxes, "image_file": file_name}
+        return {**sample, "image": image} if self.keep_images else sample
 
     def fit_all(self, boxes: Sequence[Box], info: Any) -> list[Box] | None:
         """The boxes a record's text needs, clipped to its image; None (the record dropped, counted) when one of
@@ -960,6 +966,7 @@ def open_dataset(
             ann, images, tokenizer.preprocess, model.tokenizer, spec.template, name, **extra
         )
     dataset.frame = tokenizer.input_frame
+    dataset.keep_images = bool(getattr(model, "needs_images", False))
     return dataset
 
 

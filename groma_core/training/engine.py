@@ -22,6 +22,7 @@ from torch import nn
 
 from groma_core.errors import CheckpointError, GromaError, RecipeError
 from groma_core.model import GromaModel
+from groma_core.stages import DetectionLoss
 from groma_core.training import checkpoint as ckpt
 from groma_core.training.config import StageConfig, TrainingConfig
 from groma_core.training.data import MixtureDataset, MixtureSampler, StepBatches, collate, to_device
@@ -38,7 +39,7 @@ from groma_core.training.distributed import (
     optimizer_state,
     wrap,
 )
-from groma_core.training.objectives import DetectionLoss, Objective
+from groma_core.training.objectives import Objective
 from groma_core.training.params import apply_trainable, param_groups, pattern_problems, trainable_names
 from groma_core.training.schedule import make_scheduler
 

@@ -2,37 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from groma_core.boxes import xyxy_to_cxcywh
+from groma_core.boxes import from_input_frame, xyxy_to_cxcywh
 from groma_core.errors import InputError
 from groma_core.model import IGNORE_INDEX, GromaModel
-from groma_core.types import Proposals
 
 ATTRIBUTE_SEED = 20240421
 """Seed of the attribute loss's fixed readout projections."""
 ATTRIBUTE_SCALE = 16.0
 """Inverse temperature of the attribute loss's cosine logits."""
-
-
-@runtime_checkable
-class DetectionLoss(Protocol):
-    """What a region proposer implements to be trained by a ``detection`` stage (stage 1 of the reference).
-
-    ``detection_loss(proposals, targets, source)``: ``proposals`` is the proposer's own output for the batch (its
-    ``extras`` carry whatever the loss needs, such as raw logits of every decoder layer); ``targets[i]`` (n_i, 4)
-    are the ground-truth boxes of image i, normalized xyxy, class-agnostic; ``source`` tags the dataset the batch
-    comes from (the reference trains its ``coco`` and ``sa1b`` objectness heads on their own data). Returns named
-    loss terms: the training loss is the term ``loss`` when there is one (the others are then only logged), else
-    the sum of the terms. Return the same names on every call (a zero where there is nothing to measure):
-    processes average the terms for the logs name by name.
-    """
-
-    def detection_loss(self, proposals: Proposals, targets: list[Tensor], source: str) -> dict[str, Tensor]: ...
 
 
 class Objective(nn.Module):
@@ -76,6 +59,7 @@ class Objective(nn.Module):
             ground_boxes=batch.get("ground_boxes"),
             labels=batch["labels"],
             generator=self.generator,
+            images=batch.get("images"),
         )
         return out.loss, {}
 
@@ -105,10 +89,15 @@ class Objective(nn.Module):
         return loss, {"accuracy": accuracy}
 
     def _detection(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        features = self.model.image_tokenizer(batch["pixel_values"])
+        features = self.model.encode_images(batch["pixel_values"], batch.get("images"))
         proposer = self.model.region_proposer
         proposals = proposer(features)
-        terms = dict(proposer.detection_loss(proposals, batch["boxes"], batch["source"]))
+        targets = batch["boxes"]
+        if getattr(proposer, "needs_images", False) and features.images is not None:
+            # a proposer on the original images predicts boxes of those images, not of a letterboxed input
+            frame = self.model.image_tokenizer.input_frame
+            targets = [from_input_frame(t, frame(*image.size)) for t, image in zip(targets, features.images)]
+        terms = dict(proposer.detection_loss(proposals, targets, batch["source"]))
         if not terms:
             raise ValueError(f"{type(proposer).__name__}.detection_loss returned no loss terms")
         total = terms.pop("loss", None)

@@ -155,6 +155,7 @@ class FrozenDetectorProposer(RegionProposer):
 
     detector: Any
     processor: Any
+    needs_images = True
 
     def train(self, mode: bool = True):
         """Frozen detector: it stays in eval mode (BatchNorm statistics untouched) whatever the pipeline's mode."""

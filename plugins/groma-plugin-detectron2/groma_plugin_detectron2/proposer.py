@@ -51,6 +51,8 @@ class Detectron2Proposer(RegionProposer):
     """Proposals of a detectron2 model on the original images (``features.images``): its final instances or its
     RPN's proposals, class labels dropped, boxes scaled back to the original image and normalized."""
 
+    needs_images = True
+
     def __init__(self, options: Detectron2Options):
         super().__init__()
         self.options = options

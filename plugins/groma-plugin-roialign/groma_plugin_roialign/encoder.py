@@ -37,6 +37,17 @@ class RoIAlignEncoderOptions(StageOptions):
     region_dim: int = Field(default=REFERENCE_REGION_DIM, ge=1, description="width of the pooled region vector")
     pos_embed_dim: int = Field(default=256, ge=1, description="hidden width of the box position MLP")
     roi_output_size: int = Field(default=14, ge=1, description="RoIAlign output bins per side")
+    head_convs: int = Field(
+        default=0,
+        ge=0,
+        description="not in the reference (0): extra 3x3 conv + ReLU layers on the pooled bins before the "
+        "flattening linear layer, to read the shape of small objects",
+    )
+    log_box_size: bool = Field(
+        default=False,
+        description="not in the reference (false): the box position MLP reads (cx, cy, log w, log h) instead of "
+        "(cx, cy, w, h), so that a box's aspect ratio (square or rectangle, circle or ellipse) is a linear feature",
+    )
     sampling_ratio: int = Field(default=2, description="RoIAlign samples per bin and axis; <= 0 adapts to the box")
     corner_format_quirk: bool = Field(
         default=True,
@@ -114,6 +125,8 @@ class MlvlRoIAlignEncoder(RegionEncoder):
             sampling_ratio=options.sampling_ratio,
             pos_embed_dim=options.pos_embed_dim,
             backend=options.roi_align_backend,
+            head_convs=options.head_convs,
+            log_box_size=options.log_box_size,
         )
 
     def reference_key(self, key: str) -> str | None:

@@ -3,6 +3,7 @@ layer over the flattened bins, plus an MLP embedding of the box, then the projec
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -22,12 +23,18 @@ class MlvlRoIExtractor(nn.Module):
         sampling_ratio: int = 2,
         pos_embed_dim: int = 256,
         backend: Backend = "torch",
+        head_convs: int = 0,
+        log_box_size: bool = False,
     ):
         super().__init__()
         self.output_size = output_size
+        self.log_box_size = log_box_size
         self.sampling_ratio = sampling_ratio
         self.backend = backend
         self.pconvs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(num_levels))
+        # not in the reference (0 there): more 3x3 conv + ReLU layers on the pooled bins, so that the shape of a
+        # small object inside its box is read non-linearly before the flattening linear layer
+        self.head_convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(head_convs))
         self.pos_embed = nn.Sequential(
             nn.Linear(4, pos_embed_dim),
             nn.ReLU(),
@@ -55,14 +62,20 @@ class MlvlRoIExtractor(nn.Module):
         ]
 
     def appearance(self, pooled: list[Tensor]) -> Tensor:
-        """``flatten_linear(flatten(ReLU(sum_l pconvs[l](pooled[l]))))`` -> (K, region_dim)."""
+        """``flatten_linear(flatten(ReLU(sum_l pconvs[l](pooled[l]))))`` -> (K, region_dim), with each of
+        ``head_convs`` (conv, ReLU) applied before the flattening."""
         dtype = self.flatten_linear.weight.dtype
-        total = sum(conv(p.to(dtype)) for conv, p in zip(self.pconvs, pooled))
-        return self.flatten_linear(F.relu(total).flatten(1))
+        total = F.relu(sum(conv(p.to(dtype)) for conv, p in zip(self.pconvs, pooled)))
+        for conv in self.head_convs:
+            total = F.relu(conv(total))
+        return self.flatten_linear(total.flatten(1))
 
     def forward(
         self, feats: list[Tensor], rois: Tensor, boxes_cxcywh: Tensor, scales: list[tuple[float, float]]
     ) -> Tensor:
         """Region tokens (K, hidden_size) for ``rois`` (K, 5) and their normalized cxcywh boxes (K, 4)."""
+        if self.log_box_size:  # (cx, cy, log w, log h): the aspect ratio is a difference, readable by one linear map
+            size = boxes_cxcywh[:, 2:].float().clamp(min=1e-4).log()
+            boxes_cxcywh = torch.cat([boxes_cxcywh[:, :2].float(), size], dim=1)
         position = self.pos_embed(boxes_cxcywh.to(self.flatten_linear.weight.dtype))
         return self.updims(self.appearance(self.pool(feats, rois, scales)) + position)

@@ -237,3 +237,41 @@ def test_round_trip_of_reference_boxes_is_negligible():
     cxcywh = torch.rand(500, 4, generator=generator) * 0.5 + 0.25
     _, back = _small().rois([cxcywh_to_xyxy(cxcywh)], torch.device("cpu"))
     assert (back - cxcywh).abs().max() < 2e-7
+
+
+def test_head_convs_add_trainable_layers_and_default_keeps_the_reference_keys():
+    plain, deeper = _small(), _small(head_convs=2)
+    extra = set(deeper.state_dict()) - set(plain.state_dict())
+    assert extra == {f"extractor.head_convs.{i}.{p}" for i in range(2) for p in ("weight", "bias")}
+    assert not any("head_convs" in key for key in plain.state_dict())  # the reference layout, untouched
+    features = _features()
+    tokens = torch.cat(deeper(features, [BOXES, BOXES[:1]]))
+    tokens.square().sum().backward()
+    assert all(deeper.extractor.head_convs[i].weight.grad.abs().sum() > 0 for i in range(2))
+    with torch.no_grad():
+        deeper.extractor.head_convs[1].weight.mul_(2.0)
+        changed = torch.cat(deeper(features, [BOXES, BOXES[:1]]))
+    assert not torch.allclose(changed, tokens.detach())
+
+
+def test_log_box_size_feeds_the_position_mlp_log_sizes():
+    """With ``log_box_size`` the position MLP sees (cx, cy, log w, log h): a wide and a tall box of equal area
+    differ by the same amount at any scale (the aspect ratio is linear), where (w, h) shrinks it with the box."""
+    plain, logged = _small(), _small(log_box_size=True)
+    logged.load_state_dict(plain.state_dict())  # the same weights: the option adds none
+    seen: list[torch.Tensor] = []
+    logged.extractor.pos_embed[0].register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    boxes = torch.tensor([[0.1, 0.1, 0.5, 0.3], [0.1, 0.1, 0.3, 0.5], [0.1, 0.1, 0.14, 0.12], [0.1, 0.1, 0.12, 0.14]])
+    features = _features(batch=1)
+    with torch.no_grad():
+        logged(features, [boxes])
+        differs = not torch.allclose(logged(features, [boxes])[0], plain(features, [boxes])[0])
+    x = seen[0]
+    torch.testing.assert_close(x[:, 2:], xyxy_sizes(boxes).log())
+    aspect = x[:, 2] - x[:, 3]
+    torch.testing.assert_close(aspect[0] - aspect[1], aspect[2] - aspect[3])  # log 4 at both scales
+    assert differs
+
+
+def xyxy_sizes(boxes: torch.Tensor) -> torch.Tensor:
+    return boxes[:, 2:] - boxes[:, :2]

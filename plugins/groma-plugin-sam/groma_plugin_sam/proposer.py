@@ -27,6 +27,8 @@ class SamProposer(RegionProposer):
     ``return_masks``. The image tokenizer's features are not used. SAM is frozen.
     """
 
+    needs_images = True
+
     def __init__(self, options: SamOptions):
         super().__init__()
         self.options = options

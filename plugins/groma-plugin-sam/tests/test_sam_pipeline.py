@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,26 @@ def test_ablation_recipe_swaps_only_the_proposer():
         assert recipe.stages[kind].options == reference.stages[kind].options
     assert recipe.core.region_selection == reference.core.region_selection
     assert recipe.core.generation == reference.core.generation
+
+
+def test_trains_with_sam_as_the_frozen_proposer(sam_model, tmp_path):
+    """The ablation's training: language stages with SAM proposing on each sample's original image (issue: `groma
+    train` used to stop at 'features.images is None')."""
+    from groma_core.data import ShapesConfig, write_shapes_dataset
+    from groma_core.training import TrainingConfig, run_training
+    from groma_core.training.datasets import DatasetSpec, open_dataset
+
+    write_shapes_dataset(tmp_path / "shapes", ShapesConfig(images=6, seed=2, width=(64, 96), height=(64, 80)))
+    spec = DatasetSpec(format="rec", ann="annotations/rec_train.json", images="images")
+    data = {"rec": open_dataset(spec, sam_model, tmp_path / "shapes", "rec")}
+    sam = sam_model.region_proposer
+    before = {k: v.clone() for k, v in sam.state_dict().items()}
+    calls = []
+    sam.register_forward_hook(lambda module, args, out: calls.append(len(args[0].images)))
+    stage = {"name": "referring", "train": ["image_projector", "language_backbone"], "freeze": ["region_proposer"],
+             "data": [{"name": "rec"}], "batch_size": 2, "lr": 1e-3, "max_steps": 2}
+    result = run_training(sam_model.train(), TrainingConfig.model_validate({"stages": [stage], "progress": False}),
+                          data, tmp_path / "run")
+    assert calls == [2, 2], "SAM proposed on the two original images of each step"
+    assert all(torch.equal(before[k], v) for k, v in sam.state_dict().items())
+    assert result.steps == {"referring": 2} and all(map(math.isfinite, result.last_loss.values()))

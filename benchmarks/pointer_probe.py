@@ -1,0 +1,120 @@
+"""How well a small expression encoder finds the REC target from a model's frozen region tokens: the ceiling the
+language side could reach with the vision side as it is.
+
+The region tokens of every ground-truth object of a `groma data shapes` image (as the language model receives them,
+letterboxed boxes and all) are computed once by the model's frozen stages; a 1-layer bidirectional GRU over the
+expression's words gives a query, and the model's own kind of pointer (a bilinear match with the RMS-normalised
+region tokens) picks the object. Trained on one dataset's REC expressions, reported on another's, by expression type.
+The candidates are the ground-truth objects only (no proposals, no duplicates), so this is a loose upper bound of
+what the model's REC could be with these tokens.
+
+    python benchmarks/pointer_probe.py MODEL TRAIN_DATA VAL_DATA [--train-images 1500] [--steps 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def region_tokens(model, root: Path, limit: int) -> dict[str, tuple[torch.Tensor, list[list[float]]]]:
+    """file name -> (region tokens of its objects, their xyxy pixel boxes)."""
+    from groma_core.boxes import to_input_frame
+    from groma_core.images import load_image, to_normalized_xyxy
+
+    scenes = json.loads((root / "annotations" / "scenes_train.json").read_text())["images"][:limit]
+    out = {}
+    with torch.no_grad():
+        for scene in scenes:
+            image = load_image(root / "images" / scene["file_name"])
+            boxes = [[x, y, x + w, y + h] for x, y, w, h in (o["bbox"] for o in scene["objects"])]
+            frame = model.image_tokenizer.input_frame(*image.size)
+            normalized = to_input_frame(to_normalized_xyxy(boxes, image.size).float(), frame)
+            features = model.encode_images(model.image_tokenizer.preprocess([image]), [image])
+            out[scene["file_name"]] = (model.region_encoder(features, [normalized])[0].float(), boxes)
+    return out
+
+
+def expressions(root: Path, tokens: dict) -> list[tuple[list[str], torch.Tensor, int, str]]:
+    """(words, region tokens of the image, index of the target object, expression type) per REC expression."""
+    data = json.loads((root / "annotations" / "rec_train.json").read_text())
+    box_of = {a["image_id"]: a["bbox"] for a in data["annotations"]}
+    out = []
+    for info in data["images"]:
+        if info["file_name"] not in tokens:
+            continue
+        regions, boxes = tokens[info["file_name"]]
+        x, y, w, h = box_of[info["id"]]
+        target = min(range(len(boxes)), key=lambda j: sum(abs(a - b) for a, b in zip(boxes[j], (x, y, x + w, y + h))))
+        out.append((info["caption"].split(), regions, target, info.get("ref_type", "all")))
+    return out
+
+
+class ExpressionPointer(nn.Module):
+    def __init__(self, vocabulary: dict[str, int], width: int):
+        super().__init__()
+        self.vocabulary = vocabulary
+        self.embed = nn.Embedding(len(vocabulary) + 1, 128)
+        self.gru = nn.GRU(128, 128, batch_first=True, bidirectional=True)
+        self.q = nn.Linear(256, width)
+        self.k = nn.Linear(width, width)
+
+    def forward(self, words: list[str], regions: torch.Tensor) -> torch.Tensor:
+        ids = torch.tensor([[self.vocabulary.get(w, 0) for w in words]])
+        query = self.q(self.gru(self.embed(ids))[0].mean(1))[0]
+        keys = self.k(regions / regions.pow(2).mean(-1, keepdim=True).sqrt())
+        return keys @ query / regions.shape[-1] ** 0.5
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="checkpoint directory")
+    parser.add_argument("train_data", type=Path, help="a `groma data shapes` folder to train the probe on")
+    parser.add_argument("val_data", type=Path, help="a `groma data shapes` folder to report on")
+    parser.add_argument("--train-images", type=int, default=1500)
+    parser.add_argument("--val-images", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=20000, help="single-expression steps")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import groma_core
+
+    began = time.perf_counter()
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    model = groma_core.load(args.model).eval()
+    train = expressions(args.train_data, region_tokens(model, args.train_data, args.train_images))
+    val = expressions(args.val_data, region_tokens(model, args.val_data, args.val_images))
+    words = sorted({w for sample in train for w in sample[0]})
+    probe = ExpressionPointer({w: i + 1 for i, w in enumerate(words)}, train[0][1].shape[1])
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-3)
+    print(f"model {args.model}; {len(train)} training / {len(val)} validation expressions; "
+          f"machine {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for step in range(1, args.steps + 1):
+        text, regions, target, _ = rng.choice(train)
+        loss = F.cross_entropy(probe(text, regions)[None], torch.tensor([target]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % max(args.steps // 5, 1) == 0:
+            right = collections.defaultdict(list)
+            with torch.no_grad():
+                for text, regions, target, kind in val:
+                    right[kind].append(int(probe(text, regions).argmax()) == target)
+            overall = sum(sum(v) for v in right.values()) / len(val)
+            kinds = ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(right.items()))
+            print(f"step {step}: validation {overall:.3f} ({kinds})", flush=True)
+    print(f"took {time.perf_counter() - began:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
