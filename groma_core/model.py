@@ -503,8 +503,8 @@ def decode(
     mask = attention_mask
     out = backbone(inputs_embeds, mask, position_ids, use_cache=True)
     batch = mask.shape[0]
-    finished = torch.zeros(batch, dtype=torch.bool, device=mask.device)
-    sequences: list[list[int]] = [[] for _ in range(batch)]
+    finished = torch.zeros(batch, dtype=torch.bool, device=mask.device)  # kept on the device: one sync per step
+    picked: list[Tensor] = []  # each step's ids (B,); a row's ids after its first EOS are padding
     step_logits: list[Tensor] = []
     next_pos = position_ids[:, -1:] + 1
     for step in range(max_new_tokens):
@@ -514,22 +514,20 @@ def decode(
         logits = logits[:, 0].float()
         if keep_step_logits:
             step_logits.append(logits)
-        next_ids = _pick(logits, do_sample, temperature, top_p, top_k, generator)
-        for i in range(batch):
-            if finished[i]:
-                continue
-            if eos_id is not None and int(next_ids[i]) == eos_id:
-                finished[i] = True
-            else:
-                sequences[i].append(int(next_ids[i]))
-        if bool(finished.all()) or step == max_new_tokens - 1:  # no forward for a token nobody will read
+        next_ids = torch.where(finished, pad_id, _pick(logits, do_sample, temperature, top_p, top_k, generator))
+        picked.append(next_ids)
+        if eos_id is not None:
+            finished = finished | (next_ids == eos_id)
+        if step == max_new_tokens - 1 or bool(finished.all()):  # no forward for a token nobody will read
             break
-        next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
+        next_ids = torch.where(finished, pad_id, next_ids)
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], dim=1)
         out = backbone(
             backbone.embed(next_ids[:, None]), mask, next_pos, past_key_values=out.past_key_values, use_cache=True
         )
         next_pos = next_pos + 1
+    rows = torch.stack(picked, dim=1).tolist() if picked else [[] for _ in range(batch)]  # one copy to the host
+    sequences = [row[: row.index(eos_id)] if eos_id is not None and eos_id in row else row for row in rows]
     return sequences, step_logits
 
 

@@ -468,3 +468,31 @@ def test_a_proposer_breaking_its_contract_is_named_at_run_time(tiny_model, image
     plugin = tiny_model.recipe.stages["region_proposer"].plugin
     assert str(err.value).startswith(f"region proposer {plugin!r}: image 0, proposal ")
     assert message in str(err.value)
+
+
+def test_decode_ends_each_row_at_its_own_eos_and_drops_what_follows(sp_dir):
+    """Rows of one batch finishing at different steps (EOS forced through the logits hook): each sequence holds the
+    tokens before its first EOS, no EOS and none of the padding fed after it; a row without EOS runs to the limit."""
+    from groma_core.model import decode
+    from groma_core.prompt import GromaTokenizer, SentencePieceCodec
+    from groma_core.testing.tiny import TinyLlamaBackbone
+
+    torch.manual_seed(0)
+    tok = GromaTokenizer(SentencePieceCodec(sp_dir / "tokenizer.model"))
+    backbone = TinyLlamaBackbone(tok, 32, 2, 4).eval()
+    eos, plan = tok.eos_id, {0: 1, 1: 3}  # row -> the step at which it says EOS; row 2 never does
+    step = {"n": 0}
+
+    def force(logits, hidden):
+        forced = torch.full_like(logits, -1e4)
+        for row in range(logits.shape[0]):
+            forced[row, 0, eos if plan.get(row) == step["n"] else 100 + row] = 0.0
+        step["n"] += 1
+        return forced
+
+    embeds = backbone.embed(torch.tensor([[1, 5, 9]] * 3))
+    sequences, _ = decode(
+        backbone, embeds, torch.ones(3, 3, dtype=torch.long), torch.arange(3).expand(3, 3), 6, eos, tok.pad_id,
+        adjust_logits=force,
+    )
+    assert sequences == [[100], [101, 101, 101], [102] * 6]
