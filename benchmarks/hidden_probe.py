@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from pointer_probe import accuracy, fit
 from torch import nn
 
 
-def collect(model, root: Path, count: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor, int]], float]:
-    """(hidden state, region tokens, target index) per sample, and the model's own teacher-forced accuracy."""
+def collect(model, root: Path, count: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor, int, str]], float]:
+    """(hidden state, region tokens, target index, "all") per sample, and the model's own teacher-forced accuracy."""
     from groma_core.training.datasets import DatasetSpec, open_dataset
 
     spec = DatasetSpec(format="rec", ann="annotations/rec_train.json", images="images", template="llava")
@@ -45,9 +45,21 @@ def collect(model, root: Path, count: int) -> tuple[list[tuple[torch.Tensor, tor
                 continue
             j = where[0]
             hidden, regions = out.hidden_states[0, j].float(), inputs.region_tokens[0].float()
-            samples.append((hidden, regions, index_of[int(targets[j])]))
+            samples.append((hidden, regions, index_of[int(targets[j])], "all"))
             right.append(int(logits[0, j].argmax() == targets[j]))
     return samples, sum(right) / max(len(right), 1)
+
+
+class FreshPointer(nn.Module):
+    """The region pointer's form: ``q(h) . k(region / rms(region)) / sqrt(H)``."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.q, self.k = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, hidden: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        keys = self.k(regions / regions.pow(2).mean(-1, keepdim=True).sqrt())
+        return keys @ self.q(hidden) / hidden.shape[-1] ** 0.5
 
 
 def main() -> None:
@@ -74,25 +86,13 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(f"model {args.model}; machine {platform.machine()}, torch {torch.__version__}, {threads} threads")
     print(f"the model's own teacher-forced <rK> accuracy: train {train_own:.3f}, validation {val_own:.3f}")
-    width = train[0][0].shape[0]
-    q, k = nn.Linear(width, width), nn.Linear(width, width)
-    optimizer = torch.optim.AdamW([*q.parameters(), *k.parameters()], lr=1e-3)
+    probe = FreshPointer(train[0][0].shape[0])
 
-    def score(hidden: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-        return k(regions / regions.pow(2).mean(-1, keepdim=True).sqrt()) @ q(hidden) / width**0.5
+    def report(step: int) -> None:
+        on_val, on_train = accuracy(probe, val)[0], accuracy(probe, train[: len(val)])[0]
+        print(f"step {step}: fresh pointer on the frozen hidden states: validation {on_val:.3f}, train {on_train:.3f}")
 
-    for step in range(1, args.steps + 1):
-        hidden, regions, target = rng.choice(train)
-        loss = F.cross_entropy(score(hidden, regions)[None], torch.tensor([target]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % max(args.steps // 3, 1) == 0:
-            with torch.no_grad():
-                on_val = sum(int(score(h, r).argmax() == t) for h, r, t in val) / len(val)
-                on_train = sum(int(score(h, r).argmax() == t) for h, r, t in train[: len(val)]) / len(val)
-            print(f"step {step}: fresh pointer on the frozen hidden states: validation {on_val:.3f}, "
-                  f"train {on_train:.3f}")
+    fit(probe, train, args.steps, rng, report, reports=3)
     print(f"took {time.perf_counter() - began:.0f} s")
 
 

@@ -75,6 +75,29 @@ class ExpressionPointer(nn.Module):
         return keys @ query / regions.shape[-1] ** 0.5
 
 
+def accuracy(score: nn.Module, samples: list[tuple]) -> tuple[float, dict[str, float]]:
+    """Share of (query, regions, target, kind) samples whose best-scored region is the target, overall and by kind."""
+    right = collections.defaultdict(list)
+    with torch.no_grad():
+        for query, regions, target, kind in samples:
+            right[kind].append(int(score(query, regions).argmax()) == target)
+    return sum(sum(v) for v in right.values()) / len(samples), {k: sum(v) / len(v) for k, v in sorted(right.items())}
+
+
+def fit(score: nn.Module, train: list[tuple], steps: int, rng: random.Random, report, reports: int = 5) -> None:
+    """Train ``score`` (query, regions) -> (K,) by cross-entropy on single samples drawn from ``train``, AdamW at
+    1e-3; ``report(step)`` is called ``reports`` times along the way."""
+    optimizer = torch.optim.AdamW(score.parameters(), lr=1e-3)
+    for step in range(1, steps + 1):
+        query, regions, target, _ = rng.choice(train)
+        loss = F.cross_entropy(score(query, regions)[None], torch.tensor([target]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % max(steps // reports, 1) == 0:
+            report(step)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="checkpoint directory")
@@ -96,23 +119,15 @@ def main() -> None:
     val = expressions(args.val_data, region_tokens(model, args.val_data, args.val_images))
     words = sorted({w for sample in train for w in sample[0]})
     probe = ExpressionPointer({w: i + 1 for i, w in enumerate(words)}, train[0][1].shape[1])
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-3)
     print(f"model {args.model}; {len(train)} training / {len(val)} validation expressions; "
           f"machine {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for step in range(1, args.steps + 1):
-        text, regions, target, _ = rng.choice(train)
-        loss = F.cross_entropy(probe(text, regions)[None], torch.tensor([target]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % max(args.steps // 5, 1) == 0:
-            right = collections.defaultdict(list)
-            with torch.no_grad():
-                for text, regions, target, kind in val:
-                    right[kind].append(int(probe(text, regions).argmax()) == target)
-            overall = sum(sum(v) for v in right.values()) / len(val)
-            kinds = ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(right.items()))
-            print(f"step {step}: validation {overall:.3f} ({kinds})", flush=True)
+
+    def report(step: int) -> None:
+        overall, kinds = accuracy(probe, val)
+        print(f"step {step}: validation {overall:.3f} ({', '.join(f'{k} {v:.3f}' for k, v in kinds.items())})",
+              flush=True)
+
+    fit(probe, train, args.steps, rng, report)
     print(f"took {time.perf_counter() - began:.0f} s")
 
 

@@ -88,7 +88,7 @@ class TasksMixin:
             return []
         template = get_template(self.template)
         images = [load_image(r.image) for r in requests]
-        frames = [self.image_tokenizer.input_frame(*img.size) for img in images]
+        frames = self.input_frames(images)
         boxes = []
         for r, img, frame in zip(requests, images, frames):
             given = to_normalized_xyxy(r.boxes_px, img.size) if r.boxes_px else torch.zeros(0, 4)

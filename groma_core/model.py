@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from groma_core import tokens as T
-from groma_core.boxes import IDENTITY_FRAME, check_boxes, to_input_frame
+from groma_core.boxes import IDENTITY_FRAME, Frame, check_boxes, to_input_frame
 from groma_core.errors import InputError, ProposalError
 from groma_core.inference import TasksMixin
 from groma_core.prompt import max_positions
@@ -175,6 +175,10 @@ class GromaModel(TasksMixin, nn.Module):
         stages = (self.image_tokenizer, self.region_proposer, self.region_encoder, self.language_backbone)
         return any(getattr(stage, "needs_images", False) for stage in stages)
 
+    def input_frames(self, images: Sequence[Any]) -> list[Frame]:
+        """Where each original (PIL) image lies in the image tokenizer's input (:data:`groma_core.boxes.Frame`)."""
+        return [self.image_tokenizer.input_frame(*image.size) for image in images]
+
     # -- stages ----------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: Tensor, images: Sequence[Any] | None = None) -> ImageFeatures:
         """Image features of a batch; ``images`` (the original PIL images) ride along for pixel-based stages."""
@@ -198,7 +202,7 @@ class GromaModel(TasksMixin, nn.Module):
         tokenizer's input frame (the same unless it letterboxes), so they are mapped there."""
         if not getattr(self.region_proposer, "needs_images", False) or features.images is None:
             return proposals
-        frames = [self.image_tokenizer.input_frame(*image.size) for image in features.images]
+        frames = self.input_frames(features.images)
         if all(tuple(frame) == IDENTITY_FRAME for frame in frames):
             return proposals
         boxes = [to_input_frame(b, frame) for b, frame in zip(proposals.boxes, frames)]

@@ -637,9 +637,8 @@ def compose_recipe(path: str | Path, manager: PluginManager | None = None) -> Co
     """Read a recipe file and, through its ``extends:``, the recipes it builds on: a shipped recipe name, a recipe
     file or a model folder, relative to the extending file, or ``embedded``: the embedded default model. Mappings
     merge deeply, the extending file winning; a stage section that names another ``plugin`` replaces the base's
-    section whole. Relative paths a base wrote
-    (``weights``, ``train.data_root``, stage path options) are made absolute, so that they keep meaning what they
-    meant beside that base."""
+    section whole. Relative paths a base wrote (``weights``, ``train.data_root``, stage path options) are made
+    absolute, so that they keep meaning what they meant beside that base."""
     return _compose(Path(path), manager or PluginManager(), ())
 
 

@@ -95,8 +95,8 @@ class Objective(nn.Module):
         targets = batch["boxes"]
         if getattr(proposer, "needs_images", False) and features.images is not None:
             # a proposer on the original images predicts boxes of those images, not of a letterboxed input
-            frame = self.model.image_tokenizer.input_frame
-            targets = [from_input_frame(t, frame(*image.size)) for t, image in zip(targets, features.images)]
+            frames = self.model.input_frames(features.images)
+            targets = [from_input_frame(t, frame) for t, frame in zip(targets, frames)]
         terms = dict(proposer.detection_loss(proposals, targets, batch["source"]))
         if not terms:
             raise ValueError(f"{type(proposer).__name__}.detection_loss returned no loss terms")
