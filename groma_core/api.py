@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from groma_core.model import GromaModel
 from groma_core.plugins import PluginManager
 from groma_core.quantization import check_quantization, quantize_model
 from groma_core.recipe import Recipe, is_path_option, load_recipe
-from groma_core.stages import BuildContext
+from groma_core.stages import BuildContext, empty_parameters
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -50,24 +49,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise GromaError(f"device {echo(name)} asked for, but MPS is not available on this machine (use --device cpu)")
     return device
-
-
-@contextlib.contextmanager
-def empty_parameters() -> Iterator[None]:
-    """Create parameters on the ``meta`` device (buffers stay real), so that weights loaded afterwards with
-    ``load_state_dict(..., assign=True)`` are never initialised first."""
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 def build(

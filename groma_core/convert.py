@@ -32,6 +32,7 @@ from groma_core.errors import CheckpointError, GromaError, echo, one_line
 from groma_core.plugins import PluginManager
 from groma_core.recipe import Recipe, apply_overrides, validate_recipe
 from groma_core.reference import alias_original
+from groma_core.stages import empty_parameters
 
 #: reference key prefix of the image projector (owned by the core) -> its groma-core name
 CORE_PREFIXES = {"img_txt_bridge.": "image_projector.layers."}
@@ -272,7 +273,7 @@ def convert_checkpoint(
         recipe_map["dtype"] = dtype
     recipe_map, _ = apply_overrides(recipe_map, recipe_overrides)
     recipe: Recipe = validate_recipe(recipe_map, manager, source=f"{src}/config.json")
-    with torch.device("meta"):
+    with empty_parameters():
         model = _construct(recipe, manager)
     mapper = KeyMapper(model)
     cast = DTYPES[dtype] if dtype else None

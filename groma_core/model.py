@@ -540,16 +540,19 @@ def _pick(
 ) -> Tensor:
     if not do_sample:
         return logits.argmax(-1)
-    logits = logits / max(temperature, 1e-6)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(max(temperature, 1e-6))])  # then top-k, then top-p
     if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        warpers.append(TopKLogitsWarper(top_k))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        warpers.append(TopPLogitsWarper(top_p))
+    logits = warpers(None, logits)  # the warpers read the scores alone
     probs = logits.softmax(-1)
     gen_device = generator.device if generator is not None else probs.device
     return torch.multinomial(probs.to(gen_device), 1, generator=generator).flatten().to(logits.device)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from groma_core.errors import GromaError, InputError
-from groma_core.stages import module_dtype
+from groma_core.stages import empty_parameters, module_dtype
 
 if TYPE_CHECKING:
     from groma_core.model import GromaModel
@@ -152,7 +152,7 @@ def _quantized_linear(linear: nn.Linear, mode: str, compute_dtype: torch.dtype, 
     """A bitsandbytes layer holding ``linear``'s weights (still unquantized: moving it to its device quantizes
     them)."""
     has_bias = linear.bias is not None
-    with torch.device("meta"):  # the weights are the loaded ones: no throw-away random initialisation
+    with empty_parameters():  # the weights are the loaded ones: no throw-away random initialisation
         if mode == "8bit":
             layer = bnb.nn.Linear8bitLt(
                 linear.in_features,

@@ -7,19 +7,23 @@ image, because their small/medium/large ranges are areas in pixels (< 32², 32²
 
 from __future__ import annotations
 
-import math
+import contextlib
+import io
 import re
 import shutil
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from groma_core.boxes import box_iou
+
+if TYPE_CHECKING:
+    from pycocotools.cocoeval import COCOeval
 
 BoxesLike = Tensor | np.ndarray | Sequence[Sequence[float]]
 BoxLike = Tensor | np.ndarray | Sequence[float]
@@ -208,7 +212,7 @@ def phrase_grounding(
             if not key or key not in truth or not len(mine):
                 continue
             gt = np.concatenate(truth[key])
-            iou = _pairwise_iou(mine, gt, np.zeros(len(gt), dtype=bool))
+            iou = torch.nan_to_num(box_iou(torch.from_numpy(mine), torch.from_numpy(gt)), nan=0.0).numpy()
             hits = set(np.nonzero((iou >= iou_threshold).any(axis=0))[0].tolist())
             right += bool(hits)
             found.setdefault(key, set()).update(hits)
@@ -223,139 +227,81 @@ def phrase_grounding(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# COCO/LVIS matching and accumulation (shared by the LVIS-Ground and detection metrics)
+# COCO-style evaluation (LVIS-Ground and detection): pycocotools' COCOeval
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _pairwise_iou(dt: np.ndarray, gt: np.ndarray, gt_crowd: np.ndarray) -> np.ndarray:
-    """(D, G) IoU of xyxy boxes in float64 as the COCO mask API computes box IoU (zero without a positive overlap);
-    against a crowd box the "union" is the detection's own area, so a detection inside a crowd region has IoU 1."""
-    w = np.minimum(dt[:, None, 2], gt[None, :, 2]) - np.maximum(dt[:, None, 0], gt[None, :, 0])
-    h = np.minimum(dt[:, None, 3], gt[None, :, 3]) - np.maximum(dt[:, None, 1], gt[None, :, 1])
-    overlap = (w > 0) & (h > 0)
-    inter = np.where(overlap, w * h, 0.0)
-    dt_areas = _box_areas(dt)[:, None]
-    union = np.where(gt_crowd[None, :], dt_areas, dt_areas + _box_areas(gt)[None, :] - inter)
-    return np.divide(inter, union, out=np.zeros_like(inter), where=overlap)
+@dataclass(frozen=True)
+class _CocoImage:
+    """One image for :func:`_cocoeval`: detections and ground truth, xyxy pixels, with integer categories >= 1."""
 
-
-@dataclass
-class _Group:
-    """Detections and ground truth of one (image, category); detections sorted by score (stable), truncated."""
-
-    category: Hashable
+    dt_boxes: np.ndarray  # (D, 4)
     dt_scores: np.ndarray  # (D,)
-    dt_areas: np.ndarray  # (D,)
-    gt_areas: np.ndarray  # (G,)
-    gt_crowd: np.ndarray  # (G,) bool: crowd regions, never counted, matched by any number of detections
-    ious: np.ndarray  # (D, G)
+    dt_categories: np.ndarray  # (D,)
+    gt_boxes: np.ndarray  # (G, 4)
+    gt_areas: np.ndarray  # (G,): decide small/medium/large
+    gt_crowd: np.ndarray  # (G,) bool
+    gt_categories: np.ndarray  # (G,)
 
 
-@dataclass
-class _GroupMatch:
-    """Matches of one group for one area range: per threshold, which detections matched and which are ignored."""
+def _cocoeval(images: Sequence[_CocoImage], max_dets: Sequence[int], use_categories: bool) -> COCOeval:
+    """pycocotools' ``COCOeval`` (bbox) run and accumulated on in-memory annotations, its printing silenced. Images
+    are numbered 1.. in the given order (which breaks score ties across images, as COCOeval's sorted ids do) and
+    detections keep their order within an image (which breaks ties there)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
 
-    dt_scores: np.ndarray  # (D,)
-    dt_matched: np.ndarray  # (T, D) bool
-    dt_ignored: np.ndarray  # (T, D) bool
-    gt_valid: int  # ground-truth boxes inside the area range
+    def xywh(box: np.ndarray) -> list[float]:
+        return [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]
 
-
-def _make_group(
-    category: Hashable,
-    dt_boxes: np.ndarray,
-    dt_scores: np.ndarray,
-    gt_boxes: np.ndarray,
-    gt_areas: np.ndarray,
-    max_dets: int | None,
-    gt_crowd: np.ndarray | None = None,
-) -> _Group:
-    order = np.argsort(-dt_scores, kind="mergesort")[:max_dets]
-    dt_boxes = dt_boxes[order]
-    crowd = np.zeros(gt_boxes.shape[0], dtype=bool) if gt_crowd is None else gt_crowd
-    return _Group(
-        category=category,
-        dt_scores=dt_scores[order],
-        dt_areas=_box_areas(dt_boxes),
-        gt_areas=gt_areas,
-        gt_crowd=crowd,
-        ious=_pairwise_iou(dt_boxes, gt_boxes, crowd),
-    )
-
-
-def _match_group(group: _Group, area_range: tuple[float, float]) -> _GroupMatch:
-    """Greedy matching in score order: each detection takes the unmatched ground truth of highest IoU >= threshold
-    (ground truth inside the area range and not crowd first, the last one on equal IoU); each ground truth matches
-    at most once per threshold, except a crowd region, which absorbs any number of detections. A detection matched
-    to an ignored ground truth (crowd or outside the area range) is ignored, and so is an unmatched detection outside
-    the area range."""
-    low, high = area_range
-    gt_ignored = group.gt_crowd | (group.gt_areas < low) | (group.gt_areas > high)
-    gt_order = np.argsort(gt_ignored, kind="mergesort")
-    gt_ignored = gt_ignored[gt_order].tolist()
-    gt_crowd = group.gt_crowd[gt_order].tolist()
-    ious = group.ious[:, gt_order].tolist()
-    n_thr, n_dt, n_gt = len(IOU_THRESHOLDS), len(group.dt_scores), len(gt_order)
-    dt_matched = np.zeros((n_thr, n_dt), dtype=bool)
-    dt_ignored = np.zeros((n_thr, n_dt), dtype=bool)
-    if n_gt:
-        for t, threshold in enumerate(IOU_THRESHOLDS.tolist()):
-            gt_taken = [False] * n_gt
-            for d in range(n_dt):
-                best_iou, best = min(threshold, 1 - 1e-10), -1
-                for g in range(n_gt):
-                    if gt_taken[g] and not gt_crowd[g]:
-                        continue
-                    if best > -1 and not gt_ignored[best] and gt_ignored[g]:
-                        break
-                    if ious[d][g] < best_iou:
-                        continue
-                    best_iou, best = ious[d][g], g
-                if best == -1:
-                    continue
-                gt_taken[best] = True
-                dt_matched[t, d] = True
-                dt_ignored[t, d] = gt_ignored[best]
-    dt_outside = (group.dt_areas < low) | (group.dt_areas > high)
-    dt_ignored |= ~dt_matched & dt_outside[None, :]
-    return _GroupMatch(
-        dt_scores=group.dt_scores, dt_matched=dt_matched, dt_ignored=dt_ignored, gt_valid=int(n_gt - sum(gt_ignored))
-    )
+    categories = {int(c) for im in images for c in (*im.dt_categories.tolist(), *im.gt_categories.tolist())} or {1}
+    gt: dict[str, list] = {"images": [], "annotations": [], "categories": [{"id": c} for c in sorted(categories)]}
+    dt: dict[str, list] = {"images": [], "annotations": [], "categories": gt["categories"]}
+    for image_id, im in enumerate(images, start=1):
+        gt["images"].append({"id": image_id})
+        dt["images"].append({"id": image_id})
+        for box, area, crowd, category in zip(im.gt_boxes, im.gt_areas, im.gt_crowd, im.gt_categories):
+            gt["annotations"].append(
+                {
+                    "id": len(gt["annotations"]) + 1,  # COCOeval reads an id of 0 as "unmatched"
+                    "image_id": image_id,
+                    "category_id": int(category),
+                    "bbox": xywh(box),
+                    "area": float(area),
+                    "iscrowd": int(crowd),
+                }
+            )
+        for box, score, category in zip(im.dt_boxes, im.dt_scores, im.dt_categories):
+            dt["annotations"].append(
+                {
+                    "id": len(dt["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": int(category),
+                    "bbox": xywh(box),
+                    "area": float((box[2] - box[0]) * (box[3] - box[1])),  # as COCO.loadRes sets it
+                    "score": float(score),
+                }
+            )
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt, coco_dt = COCO(), COCO()
+        coco_gt.dataset, coco_dt.dataset = gt, dt
+        coco_gt.createIndex()
+        coco_dt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator.params.useCats = int(use_categories)
+        evaluator.params.maxDets = [int(k) for k in max_dets]
+        evaluator.params.areaRng = [list(r) for r in AREA_RANGES.values()]
+        evaluator.params.areaRngLbl = list(AREA_RANGES)
+        evaluator.evaluate()
+        evaluator.accumulate()
+    return evaluator
 
 
-def _accumulate(matches: list[_GroupMatch], max_det: int | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """Precision (T, R) at the recall points and recall (T,) of one category over its images (in image order),
-    keeping each image's first ``max_det`` detections (all with None); None when the category has no ground truth
-    in range."""
-    gt_count = sum(m.gt_valid for m in matches)
-    if not matches or gt_count == 0:
-        return None
-    scores = np.concatenate([m.dt_scores[:max_det] for m in matches])
-    order = np.argsort(-scores, kind="mergesort")
-    matched = np.concatenate([m.dt_matched[:, :max_det] for m in matches], axis=1)[:, order]
-    ignored = np.concatenate([m.dt_ignored[:, :max_det] for m in matches], axis=1)[:, order]
-    tp_sum = np.cumsum(matched & ~ignored, axis=1).astype(np.float64)
-    fp_sum = np.cumsum(~matched & ~ignored, axis=1).astype(np.float64)
-    n_thr, n_dt = tp_sum.shape
-    precision = np.zeros((n_thr, len(RECALL_THRESHOLDS)))
-    recall = np.zeros(n_thr)
-    for t in range(n_thr):
-        rc = tp_sum[t] / gt_count
-        pr = tp_sum[t] / (tp_sum[t] + fp_sum[t] + np.spacing(1))
-        if n_dt:
-            recall[t] = rc[-1]
-        pr = np.maximum.accumulate(pr[::-1])[::-1]
-        at = np.searchsorted(rc, RECALL_THRESHOLDS, side="left")
-        inside = at < n_dt
-        precision[t, inside] = pr[at[inside]]
-    return precision, recall
-
-
-def _mean_defined(values: list[np.ndarray]) -> float:
-    """Mean over categories with ground truth (COCO/LVIS ``summarize``); -1.0 when there is none."""
-    if not values:
-        return -1.0
-    return float(np.mean(np.concatenate([v.reshape(-1) for v in values])))
+def _mean_defined(values: np.ndarray) -> float:
+    """Mean over the defined entries (COCOeval's ``summarize``: -1 marks a category without ground truth in the
+    range); -1.0 when none is defined."""
+    defined = values[values > -1]
+    return float(np.mean(defined)) if defined.size else -1.0
 
 
 def _threshold_index(value: float) -> int:
@@ -414,8 +360,9 @@ def lvis_ground_recall(
     decides. Then LVIS's evaluation: at most ``max_dets_per_image`` boxes per image (earlier queries first), COCO
     matching per (image, category), recall pooled over the images of a category and averaged over categories."""
     seen: set[tuple[Hashable, Hashable]] = set()
-    per_image: dict[Hashable, int] = defaultdict(int)
-    groups: list[_Group] = []
+    image_number: dict[Hashable, int] = {}
+    category_number: dict[Hashable, int] = {}
+    per_image: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for index, sample in enumerate(samples):
         key = (sample.image_id, sample.category_id)
         if key in seen:
@@ -435,36 +382,41 @@ def lvis_ground_recall(
         pred = _as_boxes(sample.pred_boxes, f"samples[{index}].pred_boxes")
         if as_many:
             pred = pred[: gt.shape[0]]
-        room = max(max_dets_per_image - per_image[sample.image_id], 0)
+        image = per_image[image_number.setdefault(sample.image_id, len(image_number) + 1)]
+        room = max(max_dets_per_image - sum(len(b) for b in image["dt"]), 0)
         pred = pred[:room]
-        per_image[sample.image_id] += pred.shape[0]
-        groups.append(_make_group(sample.category_id, pred, np.ones(pred.shape[0]), gt, areas, None))
-    if not groups:
+        category = category_number.setdefault(sample.category_id, len(category_number) + 1)
+        image["dt"].append(pred)
+        image["dt_cat"].append(np.full(pred.shape[0], category))
+        image["gt"].append(gt)
+        image["gt_area"].append(areas)
+        image["gt_cat"].append(np.full(gt.shape[0], category))
+    if not seen:
         raise ValueError("lvis_ground_recall: no samples to score")
-    recall = {name: _recall_by_category(groups, area) for name, area in AREA_RANGES.items()}
+    images = [
+        _CocoImage(
+            dt_boxes=np.concatenate(im["dt"]),
+            dt_scores=np.ones(sum(len(b) for b in im["dt"])),
+            dt_categories=np.concatenate(im["dt_cat"]),
+            gt_boxes=np.concatenate(im["gt"]),
+            gt_areas=np.concatenate(im["gt_area"]),
+            gt_crowd=np.zeros(sum(len(b) for b in im["gt"]), dtype=bool),
+            gt_categories=np.concatenate(im["gt_cat"]),
+        )
+        for _, im in sorted(per_image.items())
+    ]
+    # every answer box scores 1.0 (as in eval_lvis.py), so the order of the answer decides
+    recall = _cocoeval(images, [max_dets_per_image], use_categories=True).eval["recall"][..., 0]  # (T, K, A)
     at50, at75 = _threshold_index(0.5), _threshold_index(0.75)
     return GroundingRecall(
-        ar=_mean_defined(recall["all"]),
-        ar50=_mean_defined([r[at50] for r in recall["all"]]),
-        ar75=_mean_defined([r[at75] for r in recall["all"]]),
-        ar_small=_mean_defined(recall["small"]),
-        ar_medium=_mean_defined(recall["medium"]),
-        ar_large=_mean_defined(recall["large"]),
-        count=len(groups),
+        ar=_mean_defined(recall[:, :, 0]),
+        ar50=_mean_defined(recall[at50, :, 0]),
+        ar75=_mean_defined(recall[at75, :, 0]),
+        ar_small=_mean_defined(recall[:, :, 1]),
+        ar_medium=_mean_defined(recall[:, :, 2]),
+        ar_large=_mean_defined(recall[:, :, 3]),
+        count=len(seen),
     )
-
-
-def _recall_by_category(groups: list[_Group], area_range: tuple[float, float]) -> list[np.ndarray]:
-    """Recall (T,) of each category that has ground truth in the area range."""
-    by_category: dict[Hashable, list[_GroupMatch]] = defaultdict(list)
-    for group in groups:
-        by_category[group.category].append(_match_group(group, area_range))
-    out = []
-    for matches in by_category.values():
-        result = _accumulate(matches, max_det=None)
-        if result is not None:
-            out.append(result[1])
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -528,7 +480,7 @@ def detection_metrics(
         raise ValueError(f"detection_metrics: gt_crowd has {len(gt_crowd)} entries but gt_boxes has {len(gt_boxes)}")
     if not max_dets or any(k <= 0 for k in max_dets):
         raise ValueError(f"detection_metrics: max_dets must be positive counts, got {max_dets}")
-    groups = []
+    images = []
     for i in range(len(gt_boxes)):
         dt = _as_boxes(pred_boxes[i], f"pred_boxes[{i}]")
         scores = _as_values(pred_scores[i], dt.shape[0], f"pred_scores[{i}]")
@@ -536,30 +488,25 @@ def detection_metrics(
         given = None if gt_areas is None else gt_areas[i]
         areas = _box_areas(gt) if given is None else _as_values(given, gt.shape[0], f"gt_areas[{i}]")
         flags = None if gt_crowd is None else gt_crowd[i]
-        crowd = None if flags is None else _as_values(flags, gt.shape[0], f"gt_crowd[{i}]").astype(bool)
-        if dt.shape[0] or gt.shape[0]:
-            groups.append(_make_group(0, dt, scores, gt, areas, max(max_dets), crowd))
-    precision: dict[tuple[str, int], list[np.ndarray]] = {}
-    recall: dict[tuple[str, int], list[np.ndarray]] = {}
-    for name, area in AREA_RANGES.items():
-        matches = [_match_group(g, area) for g in groups]
-        for k in max_dets:
-            result = _accumulate(matches, k)
-            precision[name, k] = [] if result is None else [result[0]]
-            recall[name, k] = [] if result is None else [result[1]]
-    last = max_dets[-1]
+        crowd = np.zeros(gt.shape[0], dtype=bool) if flags is None else _as_values(flags, gt.shape[0], f"gt_crowd[{i}]")
+        images.append(_CocoImage(dt, scores, np.ones(dt.shape[0]), gt, areas, crowd.astype(bool), np.ones(gt.shape[0])))
+    levels = sorted(set(max_dets))  # COCOeval keeps maxDets[-1] detections per image: ascending
+    evaluator = _cocoeval(images, levels, use_categories=False)
+    precision = evaluator.eval["precision"][:, :, 0]  # (T, R, A, M)
+    recall = evaluator.eval["recall"][:, 0]  # (T, A, M)
+    last = levels.index(max_dets[-1])
     at50, at75 = _threshold_index(0.5), _threshold_index(0.75)
     return DetectionMetrics(
-        ap=_mean_defined(precision["all", last]),
-        ap50=_mean_defined([p[at50] for p in precision["all", last]]),
-        ap75=_mean_defined([p[at75] for p in precision["all", last]]),
-        ap_small=_mean_defined(precision["small", last]),
-        ap_medium=_mean_defined(precision["medium", last]),
-        ap_large=_mean_defined(precision["large", last]),
-        ar=tuple(_mean_defined(recall["all", k]) for k in max_dets),
-        ar_small=_mean_defined(recall["small", last]),
-        ar_medium=_mean_defined(recall["medium", last]),
-        ar_large=_mean_defined(recall["large", last]),
+        ap=_mean_defined(precision[:, :, 0, last]),
+        ap50=_mean_defined(precision[at50, :, 0, last]),
+        ap75=_mean_defined(precision[at75, :, 0, last]),
+        ap_small=_mean_defined(precision[:, :, 1, last]),
+        ap_medium=_mean_defined(precision[:, :, 2, last]),
+        ap_large=_mean_defined(precision[:, :, 3, last]),
+        ar=tuple(_mean_defined(recall[:, 0, levels.index(k)]) for k in max_dets),
+        ar_small=_mean_defined(recall[:, 1, last]),
+        ar_medium=_mean_defined(recall[:, 2, last]),
+        ar_large=_mean_defined(recall[:, 3, last]),
         max_dets=tuple(max_dets),
     )
 
@@ -674,12 +621,17 @@ class CaptionScores:
 
 
 def pycocoevalcap_available() -> bool:
-    """Whether the COCO caption scorers can run here (the package is installed and ``java`` is on PATH)."""
+    """Whether the COCO caption evaluation can run in full here (pycocoevalcap installed and ``java`` on PATH, which
+    its PTB tokenizer and METEOR need)."""
+    return _pycocoevalcap_installed() and shutil.which("java") is not None
+
+
+def _pycocoevalcap_installed() -> bool:
     try:
         import pycocoevalcap  # noqa: F401
     except ImportError:
         return False
-    return shutil.which("java") is not None
+    return True
 
 
 def caption_scores(
@@ -690,167 +642,60 @@ def caption_scores(
 ) -> CaptionScores:
     """Score one predicted caption per id against that id's reference captions, as the reference's ``eval_cap.py``
     (pycocoevalcap: PTB tokenizer, BLEU-1..4 with "closest" reference length, METEOR 1.5, ROUGE-L, CIDEr-D; SPICE is
-    not computed). Only the ids of ``predictions`` are scored, as there. ``backend="python"`` uses this module's
-    tokenizer and scorers (no METEOR); "auto" picks pycocoevalcap when :func:`pycocoevalcap_available`."""
+    not computed). Only the ids of ``predictions`` are scored, as there. ``backend="python"`` runs without Java:
+    :func:`tokenize_caption` instead of the PTB tokenizer and no METEOR (BLEU, ROUGE-L and CIDEr-D are still
+    pycocoevalcap's scorers); "auto" picks "pycocoevalcap" when :func:`pycocoevalcap_available`."""
     if not predictions:
         raise ValueError("caption_scores: no predictions to score")
     missing = [k for k in predictions if not references.get(k)]
     if missing:
         raise ValueError(f"caption_scores: no reference captions for prediction ids {missing[:5]}")
+    if backend not in ("auto", "pycocoevalcap", "python"):
+        raise ValueError(f"caption_scores: backend must be 'auto', 'pycocoevalcap' or 'python', got {backend!r}")
+    if not _pycocoevalcap_installed():
+        raise ImportError("caption_scores: the caption scorers come from pycocoevalcap: pip install 'groma-core[eval]'")
     if backend == "auto":
         backend = "pycocoevalcap" if pycocoevalcap_available() else "python"
-    if backend == "pycocoevalcap":
-        return _pycocoevalcap_scores(predictions, references)
-    if backend != "python":
-        raise ValueError(f"caption_scores: backend must be 'auto', 'pycocoevalcap' or 'python', got {backend!r}")
-    res = {k: [tokenize_caption(v)] for k, v in predictions.items()}
-    gts = {k: [tokenize_caption(c) for c in references[k]] for k in predictions}
-    return CaptionScores(
-        bleu=bleu_scores(res, gts),
-        meteor=None,
-        rouge_l=rouge_l_score(res, gts),
-        cider=cider_d_score(res, gts),
-        count=len(res),
-        backend="python",
-    )
-
-
-def _pycocoevalcap_scores(
-    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]
-) -> CaptionScores:
-    if not pycocoevalcap_available():
-        raise RuntimeError("caption_scores: backend 'pycocoevalcap' needs `pip install pycocoevalcap` and Java on PATH")
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
-    from pycocoevalcap.rouge.rouge import Rouge
+    if backend == "python":
+        res = {k: [tokenize_caption(v)] for k, v in predictions.items()}
+        gts = {k: [tokenize_caption(c) for c in references[k]] for k in predictions}
+        return _score_tokenized(gts, res, meteor=False)
+    if shutil.which("java") is None:
+        raise RuntimeError("caption_scores: backend 'pycocoevalcap' needs Java on PATH (or use backend 'python')")
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     tokenizer = PTBTokenizer()
     res = tokenizer.tokenize({k: [{"caption": v}] for k, v in predictions.items()})
     gts = tokenizer.tokenize({k: [{"caption": c} for c in references[k]] for k in predictions})
+    return _score_tokenized(gts, res, meteor=True)
+
+
+def _score_tokenized(gts: dict[Hashable, list[str]], res: dict[Hashable, list[str]], meteor: bool) -> CaptionScores:
+    """pycocoevalcap's scorers on tokenized captions (``res``: one per id); METEOR (Java) only when asked."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    meteor_scorer = Meteor()
-    java = meteor_scorer.meteor_p
-    try:
-        meteor, _ = meteor_scorer.compute_score(gts, res)
-    finally:
-        del meteor_scorer  # its __del__ closes Java's stdin, kills it and waits
-        for pipe in (java.stdout, java.stderr):  # which it leaves open (a ResourceWarning)
-            pipe.close()
+    meteor_score = None
+    if meteor:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        meteor_scorer = Meteor()
+        java = meteor_scorer.meteor_p
+        try:
+            meteor_score, _ = meteor_scorer.compute_score(gts, res)
+        finally:
+            del meteor_scorer  # its __del__ closes Java's stdin, kills it and waits
+            for pipe in (java.stdout, java.stderr):  # which it leaves open (a ResourceWarning)
+                pipe.close()
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
     return CaptionScores(
         bleu=tuple(float(b) for b in bleu),
-        meteor=float(meteor),
+        meteor=None if meteor_score is None else float(meteor_score),
         rouge_l=float(rouge),
         cider=float(cider),
         count=len(res),
-        backend="pycocoevalcap",
+        backend="pycocoevalcap" if meteor else "python",
     )
-
-
-def _ngrams(words: list[str], n: int) -> Counter:
-    return Counter(tuple(words[i : i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
-
-
-def bleu_scores(
-    predictions: Mapping[Hashable, Sequence[str]], references: Mapping[Hashable, Sequence[str]], n: int = 4
-) -> tuple[float, ...]:
-    """Corpus BLEU-1..n of tokenized captions as pycocoevalcap's ``Bleu`` computes it: clipped n-gram counts summed
-    over the corpus, brevity penalty from the reference length closest to each prediction (shorter on ties)."""
-    tiny, small = 1e-15, 1e-9
-    correct, guess = [0] * n, [0] * n
-    test_len = ref_len = 0
-    for key, (prediction,) in predictions.items():
-        words = prediction.split()
-        refs = [r.split() for r in references[key]]
-        max_counts: dict[tuple[str, ...], int] = {}
-        for ref in refs:
-            for gram, count in _ngrams(ref, n).items():
-                max_counts[gram] = max(max_counts.get(gram, 0), count)
-        for gram, count in _ngrams(words, n).items():
-            correct[len(gram) - 1] += min(max_counts.get(gram, 0), count)
-        for k in range(n):
-            guess[k] += max(0, len(words) - k)
-        test_len += len(words)
-        ref_len += min((abs(len(r) - len(words)), len(r)) for r in refs)[1]
-    scores = []
-    product = 1.0
-    for k in range(n):
-        product *= (correct[k] + tiny) / (guess[k] + small)
-        scores.append(product ** (1.0 / (k + 1)))
-    ratio = (test_len + tiny) / (ref_len + small)
-    if ratio < 1:
-        scores = [s * math.exp(1 - 1 / ratio) for s in scores]
-    return tuple(scores)
-
-
-def _lcs_length(a: list[str], b: list[str]) -> int:
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
-
-
-def rouge_l_score(
-    predictions: Mapping[Hashable, Sequence[str]], references: Mapping[Hashable, Sequence[str]], beta: float = 1.2
-) -> float:
-    """Mean ROUGE-L F-score (beta 1.2) of tokenized captions as pycocoevalcap's ``Rouge``: LCS precision and recall
-    each maximised over the references; tokens are split on single spaces."""
-    scores = []
-    for key, (prediction,) in predictions.items():
-        words = prediction.split(" ")
-        lcs = [_lcs_length(ref.split(" "), words) for ref in references[key]]
-        precision = max(c / len(words) for c in lcs)
-        recall = max(c / len(ref.split(" ")) for c, ref in zip(lcs, references[key]))
-        if precision and recall:
-            scores.append((1 + beta**2) * precision * recall / (recall + beta**2 * precision))
-        else:
-            scores.append(0.0)
-    return float(np.mean(scores))
-
-
-def cider_d_score(
-    predictions: Mapping[Hashable, Sequence[str]],
-    references: Mapping[Hashable, Sequence[str]],
-    n: int = 4,
-    sigma: float = 6.0,
-) -> float:
-    """Corpus CIDEr-D of tokenized captions as pycocoevalcap's ``Cider``: tf-idf n-gram vectors (idf from the
-    references of the scored ids), clipped cosine similarity, Gaussian length penalty (the length being the bigram
-    count, as there), averaged over n-gram orders and references, times 10."""
-    keys = list(predictions)
-    ref_counts = {k: [_ngrams(r.split(), n) for r in references[k]] for k in keys}
-    document_frequency: Counter = Counter()
-    for k in keys:
-        document_frequency.update(set().union(*ref_counts[k]))
-    log_images = math.log(float(len(keys)))
-
-    def vector(counts: Counter) -> tuple[list[dict], list[float], int]:
-        vec: list[dict] = [{} for _ in range(n)]
-        norm = [0.0] * n
-        for gram, tf in counts.items():
-            weight = tf * (log_images - math.log(max(1.0, document_frequency[gram])))
-            vec[len(gram) - 1][gram] = weight
-            norm[len(gram) - 1] += weight**2
-        bigrams = sum(tf for gram, tf in counts.items() if len(gram) == 2)
-        return vec, [math.sqrt(v) for v in norm], bigrams
-
-    scores = []
-    for k in keys:
-        hyp, hyp_norm, hyp_len = vector(_ngrams(predictions[k][0].split(), n))
-        total = 0.0
-        for counts in ref_counts[k]:
-            ref, ref_norm, ref_len = vector(counts)
-            penalty = math.exp(-((hyp_len - ref_len) ** 2) / (2 * sigma**2))
-            for order in range(n):
-                value = sum(min(w, ref[order].get(g, 0.0)) * ref[order].get(g, 0.0) for g, w in hyp[order].items())
-                if hyp_norm[order] != 0 and ref_norm[order] != 0:
-                    value /= hyp_norm[order] * ref_norm[order]
-                total += value * penalty
-        scores.append(total / n / len(ref_counts[k]) * 10.0)
-    return float(np.mean(scores))

@@ -21,6 +21,7 @@ from torch import Tensor
 from transformers import SamConfig, SamModel
 
 from groma_core.errors import CheckpointError
+from groma_core.stages import empty_parameters
 from groma_plugin_sam.options import SIZE_FIELDS, SamOptions
 
 #: buffers of segment-anything's ``Sam`` that some checkpoints carry; they are constants, not weights
@@ -321,7 +322,7 @@ def load_segment_anything_checkpoint(path: str | Path, options: SamOptions | Non
         state, options.decoder_num_attention_heads, decoder_eps(options), options.attn_implementation, str(path)
     )
     converted = from_segment_anything(state, config, str(path))
-    with torch.device("meta"):
+    with empty_parameters():
         model = SamModel(config)
     model.load_state_dict(converted, strict=True, assign=True)
     model.prompt_encoder.shared_embedding.positional_embedding = model.shared_image_embedding.positional_embedding
