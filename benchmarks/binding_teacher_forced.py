@@ -18,7 +18,8 @@ import platform
 import torch
 
 from groma_core.api import load
-from groma_core.training.datasets import DatasetSpec, open_dataset
+from groma_core.schema import DatasetSpec
+from groma_core.training.datasets import open_dataset
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """Load test of `groma demo`: N users at once (default 20) each open a session through the page's API (gradio_client,
-as a second process would), load the example image and ask for a grounded caption; prints latency percentiles,
-throughput, errors and the machine.
+as a second process would), load the example image and ask for a grounded caption (or what `--task` says, with
+boxes drawn on the picture by `--box`); prints latency percentiles, throughput, errors and the machine.
 
     python benchmarks/demo_load.py                       # starts `groma demo` (embedded model) on a free port
     python benchmarks/demo_load.py --url http://host:7860/ --users 20 --task "Locate" --question "the blue circle"
+    python benchmarks/demo_load.py --task "Ask about drawn boxes" --box 40,50,160,180 --box 390,95,480,175
 
 Every request must complete without error (the script exits 1 otherwise). Results: benchmarks/README.md.
 """
@@ -50,6 +51,18 @@ def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
 
 
+def drawn(boxes: list[str], image) -> dict:
+    """The value of the page's box tool (gradio-image-annotation) with ``boxes`` ("x1,y1,x2,y2" in pixels) drawn."""
+    out = []
+    for text in boxes:
+        try:
+            x1, y1, x2, y2 = (float(v) for v in text.split(","))
+        except ValueError:
+            sys.exit(f"--box {text!r}: expected four numbers X1,Y1,X2,Y2")
+        out.append({"xmin": x1, "ymin": y1, "xmax": x2, "ymax": y2, "label": "", "color": "#ff0000"})
+    return {"image": image, "boxes": out}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = (len(ordered) - 1) * q
@@ -78,10 +91,18 @@ def main() -> int:
     parser.add_argument("--question", default="")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--image", default=str(EXAMPLE))
+    parser.add_argument(
+        "--box",
+        action="append",
+        default=[],
+        metavar="X1,Y1,X2,Y2",
+        help="a box drawn on the picture, in pixels (repeat for several), as the page's box tool sends it",
+    )
     parser.add_argument("server_args", nargs="*", help="arguments for the started `groma demo` (after --)")
     args = parser.parse_args()
     from gradio_client import Client, handle_file
 
+    annotation = drawn(args.box, handle_file(args.image)) if args.box else None
     proc = None
     url = args.url
     if not url:
@@ -100,7 +121,7 @@ def main() -> int:
             t0 = time.perf_counter()
             try:
                 out = client.predict(
-                    None, args.task, args.question, args.max_new_tokens, False, 1.0, 1.0, api_name="/run"
+                    annotation, args.task, args.question, args.max_new_tokens, False, 1.0, 1.0, api_name="/run"
                 )
                 status = out[-1]
                 ok = status.startswith("done")
@@ -123,7 +144,8 @@ def main() -> int:
         if proc:
             proc.terminate()
             proc.wait(timeout=30)
-    print(f"groma demo load test: {args.users} concurrent users, task {args.task!r}, max_new_tokens "
+    boxes = f", {len(args.box)} drawn box(es)" if args.box else ""
+    print(f"groma demo load test: {args.users} concurrent users, task {args.task!r}{boxes}, max_new_tokens "
           f"{args.max_new_tokens}, {url}")
     print(f"machine: {machine()}")
     p50, p90, p99 = (percentile(latencies, q) for q in (0.5, 0.9, 0.99))

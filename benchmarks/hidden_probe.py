@@ -25,7 +25,8 @@ from torch import nn
 
 def collect(model, root: Path, count: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor, int, str]], float]:
     """(hidden state, region tokens, target index, "all") per sample, and the model's own teacher-forced accuracy."""
-    from groma_core.training.datasets import DatasetSpec, open_dataset
+    from groma_core.schema import DatasetSpec
+    from groma_core.training.datasets import open_dataset
 
     spec = DatasetSpec(format="rec", ann="annotations/rec_train.json", images="images", template="llava")
     dataset = open_dataset(spec, model, root, "rec")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -311,18 +313,99 @@ def load(
     bfloat16, the dtype of the returned model and of a Hub release's cached conversion (default: the recipe's; a
     release keeps the dtype it was saved in). ``convert_overrides``: ``key.sub=value`` changes made when a Hub
     release is converted (as ``groma convert --set``), for settings its config.json cannot express."""
-    from groma_core.hub import parse_hub_id, resolve_hub_model
-
     if dtype is not None and dtype not in DTYPES:
         raise GromaError(f"dtype {echo(dtype)}: expected one of {', '.join(DTYPES)}")
     overrides = [*overrides, f"dtype={dtype}"] if dtype else list(overrides)
-    hub_id = parse_hub_id(model)
-    if hub_id is not None:
-        model = resolve_hub_model(hub_id, dtype, tuple(convert_overrides))
-    path = default_model() if model is None else Path(model)
+    path = model_location(model, dtype, convert_overrides)
     if path.is_dir():
         recipe_file = path / "recipe.yaml"
         if not recipe_file.is_file():
             raise CheckpointError(f"{path}: not a groma-core checkpoint directory (no recipe.yaml)")
         return build(recipe_file, overrides, manager, quantize=quantize).eval()
     return build(path if path.suffix else str(path), overrides, manager, quantize=quantize).eval()
+
+
+def model_location(
+    model: str | Path | None, dtype: str | None = None, convert_overrides: Sequence[str] = ()
+) -> Path:
+    """Where :func:`load` reads ``model`` from: the embedded default for None, the local folder of a Hub id (a
+    reference release converted into the cache in ``dtype`` now, if it was not before), else the path as given (a
+    model folder, a recipe file or a shipped recipe name)."""
+    from groma_core.hub import parse_hub_id, resolve_hub_model
+
+    hub_id = parse_hub_id(model)
+    if hub_id is not None:
+        return resolve_hub_model(hub_id, dtype, tuple(convert_overrides))
+    return default_model() if model is None else Path(model)
+
+
+#: bytes per decoder weight once quantized (bitsandbytes: int8; nf4 two per byte plus a float32 scale per 64)
+QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 0.5 + 4 / 64}
+_STORED_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DECODER_WEIGHT = re.compile(r"^language_backbone\..*\.layers\.\d+\..*\.weight$")
+
+
+def folder_dtype(folder: Path) -> str:
+    """The dtype a model folder loads in: its recipe.yaml's ``dtype`` (float32 when it names none)."""
+    import yaml
+
+    recipe = folder / "recipe.yaml"
+    data = yaml.safe_load(recipe.read_text()) if recipe.is_file() else None
+    return data["dtype"] if isinstance(data, dict) and data.get("dtype") in DTYPES else "float32"
+
+
+def weights_bytes(folder: Path, dtype: str | None = None, quantize: str | None = None) -> int:
+    """About the memory the weights of a model folder take once loaded: each floating tensor in ``dtype`` (None: the
+    dtype its recipe.yaml names, as :func:`load` does), the language model's decoder matrices at
+    :data:`QUANTIZED_BYTES` with ``quantize``. Read from the safetensors headers alone."""
+    from safetensors import safe_open
+
+    dtype = dtype or folder_dtype(folder)
+    total = 0.0
+    for file in weight_files(folder):
+        with safe_open(file, "pt") as handle:
+            for name in handle.keys():
+                tensor = handle.get_slice(name)
+                shape, stored = tensor.get_shape(), tensor.get_dtype()
+                count = math.prod(shape)
+                floating = stored in ("F64", "F32", "F16", "BF16")
+                if quantize and floating and len(shape) == 2 and _DECODER_WEIGHT.match(name):
+                    total += count * QUANTIZED_BYTES[quantize]
+                elif floating:
+                    total += count * DTYPES[dtype].itemsize
+                else:
+                    total += count * _STORED_BYTES.get(stored, 4)
+    return int(total)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` now: CUDA's free memory, the host's available memory for the CPU; None where it cannot
+    be read (MPS, a host without /proc/meminfo)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def memory_check(needed: int, free: int | None, device: torch.device, what: str) -> str:
+    """The line saying what loading needs (``what``: e.g. "in bfloat16") against what ``device`` has; a
+    :class:`GromaError` when the weights alone do not fit."""
+    line = f"the weights need about {_gib(needed)} {what} on {device}"
+    if free is None:
+        return line
+    if needed > free:
+        raise GromaError(
+            f"{line}, but only {_gib(free)} is free there: use --quantize 8bit or 4bit, a 16-bit --dtype, or a "
+            "larger device"
+        )
+    return f"{line} ({_gib(free)} free)"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.1f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"

@@ -258,15 +258,40 @@ def _size(n: int) -> str:
     return ""
 
 
+#: weights from this size on make the command say what they need before loading (smaller ones load silently)
+MEMORY_NOTE_BYTES = 256 * 1024**2
+
+
 def _load_model(args: argparse.Namespace):
     """The model named by --model (a checkpoint directory or a recipe), on --device in --dtype."""
-    from groma_core.api import DTYPES, load, resolve_device
+    from groma_core.api import (
+        DTYPES,
+        folder_dtype,
+        free_memory,
+        load,
+        memory_check,
+        model_location,
+        resolve_device,
+        weights_bytes,
+    )
 
     device = resolve_device(args.device)  # a device this machine lacks is refused before the model is read
+    dtype_name = args.dtype
+    if dtype_name is None and args.device == "auto" and device.type == "cuda":
+        dtype_name = "bfloat16"
+        print("note: --device auto found CUDA: computing in bfloat16 (--dtype float32 keeps full precision)",
+              file=sys.stderr)
     # no --model: the embedded default; a Hub id is downloaded (and a reference release converted once, in --dtype)
-    model = load(args.model or None, args.set, _manager(), dtype=args.dtype, convert_overrides=args.convert_set)
+    location = model_location(args.model or None, dtype_name, args.convert_set)
+    if location.is_dir():  # a model folder: what its weights take on the device, refused before reading them
+        needed = weights_bytes(location, dtype_name, args.quantize)
+        what = f"quantized {args.quantize}" if args.quantize else f"in {dtype_name or folder_dtype(location)}"
+        line = memory_check(needed, free_memory(device), device, what)  # raises when the weights cannot fit
+        if needed >= MEMORY_NOTE_BYTES:
+            print(f"memory: {line}", file=sys.stderr)
+    model = load(location, args.set, _manager(), dtype=dtype_name)
     _print_notes(model.recipe.notes)
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = DTYPES[dtype_name] if dtype_name else None
     if args.quantize:  # cast first: the 4-bit layers compute in the model's dtype
         from groma_core.quantization import quantize_model
 
@@ -436,7 +461,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from groma_core.api import build
     from groma_core.recipe import load_recipe
-    from groma_core.training import build_datasets, dataset_path_problems, run_training
+    from groma_core.schema import dataset_path_problems
+    from groma_core.training import build_datasets, run_training
 
     manager = _manager()
     recipe = load_recipe(args.recipe, args.overrides, manager)

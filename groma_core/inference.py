@@ -11,12 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from groma_core.boxes import from_input_frame, to_input_frame
 from groma_core.errors import InputError, echo
-from groma_core.grounding import parse_grounded
-from groma_core.prompt import get_template
+from groma_core.processor import Request, attach_masks  # noqa: F401 (attach_masks: public here too)
 from groma_core.types import GroundedAnswer
 
 if TYPE_CHECKING:
@@ -30,16 +26,6 @@ REGION_PROMPT = "What is " + REFER + "?"
 DETAILED_REGION_PROMPT = "Please describe " + REFER + " in details."
 #: ``<x1,y1,x2,y2>``; written without overlapping repeats, so a long unclosed ``<,,,,`` is rejected in linear time
 BOX_IN_TEXT = re.compile(r"<([^<>,]*(?:,[^<>,]*)+)>")
-
-
-@dataclass
-class Request:
-    """One sample: an image, the conversation turns so far and the user's boxes in pixels (one per ``<refer_feat>``,
-    in order)."""
-
-    image: Any
-    turns: list[tuple[str, str | None]]
-    boxes_px: list[Sequence[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -69,45 +55,20 @@ def boxes_from_text(text: str) -> tuple[str, list[tuple[float, float, float, flo
     return BOX_IN_TEXT.sub(replace, text), boxes
 
 
-def attach_masks(answer: GroundedAnswer, source_index: torch.Tensor, masks: Sequence[Any]) -> None:
-    """Give each grounded box of ``answer`` the mask of the proposal its region came from (None for user boxes);
-    ``source_index``: the regions' indices among the proposals (-1 for user boxes), ``masks``: one per proposal."""
-    sources = source_index.tolist()
-    for phrase in answer.phrases:
-        phrase.masks = [masks[sources[k]] if sources[k] >= 0 else None for k in phrase.region_ids]
-
-
 class TasksMixin:
     """The user-facing calls of a :class:`~groma_core.model.GromaModel`."""
 
     def answer(self: GromaModel, requests: Sequence[Request], **generation: Any) -> list[GroundedAnswer]:
-        """Run a batch of requests in one batched generation and parse each answer."""
-        from groma_core.images import load_image, to_normalized_xyxy
-
+        """Run a batch of requests in one batched generation and parse each answer (the processor formats and
+        parses, the model generates)."""
         if not requests:
             return []
-        template = get_template(self.template)
-        images = [load_image(r.image) for r in requests]
-        frames = self.input_frames(images)
-        boxes = []
-        for r, img, frame in zip(requests, images, frames):
-            given = to_normalized_xyxy(r.boxes_px, img.size) if r.boxes_px else torch.zeros(0, 4)
-            boxes.append(to_input_frame(given, frame))
-        prompts = [self.tokenizer.encode(template.render(r.turns)) for r in requests]
+        batch = self.processor(requests).to(self.device, self.input_dtype)
         settings = self.generation_settings(**generation)
-        pixels = self.image_tokenizer.preprocess(images).to(self.device, self.image_projector.layers[0].weight.dtype)
-        out = self.generate(pixels, prompts, refer_boxes=[b.to(self.device) for b in boxes], images=images, **settings)
-        answers = [
-            parse_grounded(
-                seq, self.tokenizer, from_input_frame(out.regions.boxes[i], frame), img.size, out.regions.scores[i]
-            )
-            for i, (seq, img, frame) in enumerate(zip(out.sequences, images, frames))
-        ]
-        masks = out.proposal_extras.get("masks")
-        if masks is not None:  # a proposer that gives masks: each grounded box carries its proposal's mask
-            for i, answer in enumerate(answers):
-                attach_masks(answer, out.regions.source_index[i], masks[i])
-        return answers
+        out = self.generate(
+            batch.pixel_values, batch.input_ids, refer_boxes=batch.refer_boxes, images=batch.images, **settings
+        )
+        return self.processor.post_process(out, batch)
 
     def generation_settings(self: GromaModel, **overrides: Any) -> dict[str, Any]:
         """The recipe's generation settings with per-call overrides."""

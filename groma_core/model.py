@@ -14,12 +14,13 @@ from groma_core import tokens as T
 from groma_core.boxes import IDENTITY_FRAME, Frame, check_boxes, to_input_frame
 from groma_core.errors import InputError, ProposalError
 from groma_core.inference import TasksMixin
+from groma_core.processor import GromaProcessor
 from groma_core.prompt import max_positions
 from groma_core.selection import SelectionConfig, select_regions
 from groma_core.stages import ImageTokenizer, LanguageBackbone, RegionEncoder, RegionProposer, module_device
 from groma_core.types import ImageFeatures, Proposals, Regions
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = T.IGNORE_INDEX
 
 
 class ImageProjector(nn.Module):
@@ -178,6 +179,17 @@ class GromaModel(TasksMixin, nn.Module):
     def input_frames(self, images: Sequence[Any]) -> list[Frame]:
         """Where each original (PIL) image lies in the image tokenizer's input (:data:`groma_core.boxes.Frame`)."""
         return [self.image_tokenizer.input_frame(*image.size) for image in images]
+
+    @property
+    def processor(self) -> GromaProcessor:
+        """The :class:`~groma_core.processor.GromaProcessor` of this pipeline: its tokenizer, image preprocessing and
+        conversation template."""
+        return GromaProcessor(self.tokenizer, self.image_tokenizer, self.template)
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the pipeline takes its pixel values in (that of its image projector's weights)."""
+        return self.image_projector.layers[0].weight.dtype
 
     # -- stages ----------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: Tensor, images: Sequence[Any] | None = None) -> ImageFeatures:
@@ -363,7 +375,7 @@ class GromaModel(TasksMixin, nn.Module):
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
 
         embeds = self.language_backbone.embed(ids_t)
-        image_embeds = self.image_projector(features.tokens.to(self.image_projector.layers[0].weight.dtype))
+        image_embeds = self.image_projector(features.tokens.to(self.input_dtype))
         region_feats = self.region_encoder(features, regions.boxes)
         embeds = embeds.clone()
         region_index_embeds = (

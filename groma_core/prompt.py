@@ -27,7 +27,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from groma_core import tokens as T
 from groma_core.errors import CheckpointError, one_line
@@ -414,3 +414,44 @@ def get_template(name: str) -> Template:
         return TEMPLATES[name]
     except KeyError:
         raise KeyError(f"unknown conversation template {name!r}; available: {sorted(TEMPLATES)}") from None
+
+
+def make_sentencepiece(
+    directory: str | Path,
+    vocab_size: int = 400,
+    text: str = "",
+    *,
+    lines: list[str] | None = None,
+    repeat: int = 4,
+    model_type: str = "bpe",
+    **options: Any,
+) -> Path:
+    """Train a small LLaMA-style SentencePiece model (unk 0, bos 1, eos 2, byte fallback, no normalisation) into
+    ``directory/tokenizer.model``. ``lines`` (default: the lines of ``text``) are fed ``repeat`` times; ``options``
+    are passed to the trainer as they are (e.g. ``split_digits=True, num_threads=1``)."""
+    import io
+
+    import sentencepiece as spm
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter((lines if lines is not None else text.splitlines()) * repeat),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=True,
+        remove_extra_whitespaces=False,  # as LLaMA's tokenizer.model
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        minloglevel=2,
+        **options,
+    )
+    path = directory / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path

@@ -24,9 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from groma_core import tokens as T
 from groma_core.errors import GromaError, PluginConflictError, RecipeError, UnknownPluginError, echo, one_line
 from groma_core.plugins import PluginManager
+from groma_core.schema import RecipeTraining
 from groma_core.selection import SelectionConfig
 from groma_core.stages import STAGE_KINDS
-from groma_core.training.datasets import RecipeTraining
 
 STAGE_SECTIONS = tuple(STAGE_KINDS)  # image_tokenizer, region_proposer, region_encoder, language_backbone
 

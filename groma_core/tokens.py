@@ -42,3 +42,6 @@ def region_token(k: int) -> str:
     if not 0 <= k < MAX_REGIONS:
         raise ValueError(f"region index {k} out of range 0..{MAX_REGIONS - 1}")
     return f"<r{k}>"
+
+IGNORE_INDEX = -100
+"""The label of a position the training loss skips (as torch's cross-entropy default)."""

@@ -13,7 +13,8 @@ import torch
 
 from groma_core.data import FORMAT_FILES, ShapesConfig, write_shapes_dataset
 from groma_core.errors import GromaError
-from groma_core.training import DatasetSpec, TrainingConfig, open_dataset, run_training
+from groma_core.schema import DatasetSpec
+from groma_core.training import TrainingConfig, open_dataset, run_training
 from groma_core.training.data import seeded
 from groma_core.training.datasets import GritDataset
 

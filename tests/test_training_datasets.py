@@ -14,7 +14,8 @@ import torch
 from groma_core import tokens as T
 from groma_core.data import FORMAT_FILES, ShapesConfig, write_shapes_dataset
 from groma_core.model import IGNORE_INDEX
-from groma_core.training import DatasetSpec, DetectionAugment, augment_detection, open_dataset, run_training
+from groma_core.schema import DatasetSpec, DetectionAugment
+from groma_core.training import augment_detection, open_dataset, run_training
 from groma_core.training.data import seeded
 
 LM_FORMATS = [f for f in FORMAT_FILES if f != "detection"]

@@ -16,12 +16,13 @@ from groma_core.data import ShapesConfig, write_shapes_dataset
 from groma_core.errors import InputError
 from groma_core.model import GromaModel
 from groma_core.prompt import GromaTokenizer, SentencePieceCodec
+from groma_core.schema import DatasetSpec
 from groma_core.selection import SelectionConfig
 from groma_core.stages import RegionProposer
 from groma_core.testing.tiny import GridProposer, RoIPoolEncoder, TinyConvTokenizer, TinyLlamaBackbone
 from groma_core.training import TrainingConfig, run_training
 from groma_core.training.data import collate
-from groma_core.training.datasets import DatasetSpec, open_dataset
+from groma_core.training.datasets import open_dataset
 from groma_core.types import Proposals
 
 CELLS = 3

@@ -13,8 +13,9 @@ from PIL import Image
 
 from groma_core.boxes import IDENTITY_FRAME, from_input_frame, to_input_frame
 from groma_core.data.shapes import ShapesConfig, write_shapes_dataset
+from groma_core.schema import DatasetSpec
 from groma_core.training import TrainingConfig, run_training
-from groma_core.training.datasets import DatasetSpec, open_dataset
+from groma_core.training.datasets import open_dataset
 from groma_core.training.objectives import Objective
 
 SIDE = 112

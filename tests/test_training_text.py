@@ -8,9 +8,10 @@ import torch
 from pydantic import ValidationError
 
 from groma_core import tokens as T
+from groma_core.schema import DatasetSpec, RecipeTraining, dataset_path_problems
 from groma_core.training import StageConfig, TrainingConfig, apply_trainable, run_training
 from groma_core.training.data import MixtureDataset, collate, seeded
-from groma_core.training.datasets import DatasetSpec, RecipeTraining, dataset_path_problems, open_dataset
+from groma_core.training.datasets import open_dataset
 from groma_core.training.objectives import Objective
 from groma_core.training.synthetic import COPY_WORDS, RecallDataset, ordinary_ids
 

@@ -30,6 +30,13 @@ import numpy as np
 import torch
 
 from groma_core.boxes import from_input_frame
+from groma_core.data.instructions import (
+    CAPTION_INSTRUCTIONS,
+    DETAILED_REGION_INSTRUCTIONS,
+    GROUNDING_INSTRUCTIONS,
+    REC_INSTRUCTIONS,
+    REGION_INSTRUCTIONS,
+)
 from groma_core.errors import GromaError, InputError, echo
 from groma_core.evaluation.metrics import (
     GroundingSample,
@@ -43,13 +50,6 @@ from groma_core.evaluation.metrics import (
 from groma_core.images import load_image
 from groma_core.inference import REFER, Request
 from groma_core.tokens import GROUNDING, P_CLOSE, P_OPEN
-from groma_core.training.datasets import (
-    CAPTION_INSTRUCTIONS,
-    DETAILED_REGION_INSTRUCTIONS,
-    GROUNDING_INSTRUCTIONS,
-    REC_INSTRUCTIONS,
-    REGION_INSTRUCTIONS,
-)
 
 
 @dataclass
@@ -348,7 +348,7 @@ class DetectionTask(Task):
     @torch.no_grad()
     def predict(self, model, samples, seed, batch_size):
         images = [load_image(s.image) for s in samples]
-        pixels = model.image_tokenizer.preprocess(images).to(model.device, model.image_projector.layers[0].weight.dtype)
+        pixels = model.image_tokenizer.preprocess(images).to(model.device, model.input_dtype)
         proposals = model.propose(model.encode_images(pixels, images))
         out = []
         for s, img, boxes, scores in zip(samples, images, proposals.boxes, proposals.scores):

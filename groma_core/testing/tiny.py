@@ -21,6 +21,7 @@ from groma_core.config import StageOptions
 from groma_core.hookspecs import hookimpl
 from groma_core.kv_cache import run_with_cache
 from groma_core.prompt import GromaTokenizer, SentencePieceCodec
+from groma_core.prompt import make_sentencepiece as _make_sentencepiece
 from groma_core.stages import (
     BackboneOutput,
     ImageTokenizer,
@@ -208,45 +209,9 @@ give me a concise description of the image where is it
 """
 
 
-def make_sentencepiece(
-    directory: str | Path,
-    vocab_size: int = 400,
-    text: str = TRAINING_TEXT,
-    *,
-    lines: list[str] | None = None,
-    repeat: int = 4,
-    model_type: str = "bpe",
-    **options: Any,
-) -> Path:
-    """Train a small LLaMA-style SentencePiece model (unk 0, bos 1, eos 2, byte fallback, no normalisation) into
-    ``directory/tokenizer.model``. ``lines`` (default: the lines of ``text``) are fed ``repeat`` times; ``options``
-    are passed to the trainer as they are (e.g. ``split_digits=True, num_threads=1``)."""
-    import io
-
-    import sentencepiece as spm
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter((lines if lines is not None else text.splitlines()) * repeat),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        byte_fallback=True,
-        remove_extra_whitespaces=False,  # as LLaMA's tokenizer.model
-        normalization_rule_name="identity",
-        character_coverage=1.0,
-        minloglevel=2,
-        **options,
-    )
-    path = directory / "tokenizer.model"
-    path.write_bytes(model.getvalue())
-    return path
+def make_sentencepiece(directory: str | Path, vocab_size: int = 400, text: str = TRAINING_TEXT, **kwargs: Any) -> Path:
+    """:func:`groma_core.prompt.make_sentencepiece` on :data:`TRAINING_TEXT` by default."""
+    return _make_sentencepiece(directory, vocab_size, text, **kwargs)
 
 
 # -- registration --------------------------------------------------------------------------------------------

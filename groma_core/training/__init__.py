@@ -7,16 +7,20 @@
 ``train.datasets``).
 """
 
-from groma_core.stages import DetectionLoss
-from groma_core.training.config import DataSource, StageConfig, TrainingConfig
-from groma_core.training.data import MixtureSampler, collate
-from groma_core.training.datasets import (
+from groma_core.schema import (
     DatasetSpec,
+    DataSource,
     DetectionAugment,
     RecipeTraining,
+    StageConfig,
+    TrainingConfig,
+    dataset_path_problems,
+)
+from groma_core.stages import DetectionLoss
+from groma_core.training.data import MixtureSampler, collate
+from groma_core.training.datasets import (
     augment_detection,
     build_datasets,
-    dataset_path_problems,
     dataset_text,
     make_tokenizer,
     open_dataset,

@@ -21,126 +21,54 @@ The recipe's ``train.datasets`` section (:class:`DatasetSpec`) names each datase
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
-import os
 import random
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from groma_core import tokens as T
 from groma_core.boxes import IDENTITY_FRAME, Frame, to_input_frame
+from groma_core.data.instructions import (
+    CAPTION_INSTRUCTIONS,
+    DETAILED_REGION_INSTRUCTIONS,
+    GROUNDING_INSTRUCTIONS,
+    REC_INSTRUCTIONS,
+    REGION_INSTRUCTIONS,
+)
 from groma_core.errors import GromaError, InputError
 from groma_core.images import BOX_TOLERANCE_PX
-from groma_core.training.config import TrainingConfig
+from groma_core.processor import render_conversation
+from groma_core.schema import (
+    DatasetSpec,
+    DetectionAugment,
+    RecipeTraining,
+    objective_of,
+    resolve_path,
+)
 
 logger = logging.getLogger("groma_core.training")
 ONCE = {"once": True}  #: marks a message every process would repeat (what opening a dataset found)
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = T.IGNORE_INDEX
 Box = tuple[float, float, float, float]
 Preprocess = Callable[[Sequence[Image.Image]], Tensor]
 
-# -- the reference's instruction templates (FoundationVision/Groma@cf01ed8, groma/data/datasets/*.py) -------
-# Verbatim: the released weights were trained on these strings, so they are kept character for character.
-# refcoco_rec.py:12-19 (the same list in grit.py:15-22); the REC eval, groma/eval/eval_rec.py:14,36, draws from it.
-REC_INSTRUCTIONS = (
-    "Locate {} in the image.",
-    "Can you spot {} in the photograph?",
-    "Identify where {} is located in the picture.",
-    "Please detect {} in the picture.",
-    "Which region matches the description {}?",
-    "Please identify the object that corresponds to {}.",
-)
-# coco.py:12-19 (the same list in lvis.py:12-19); the LVIS-Ground eval, groma/eval/eval_lvis.py:16,69, draws from it.
-GROUNDING_INSTRUCTIONS = (
-    "Locate all {} in this image.",
-    "Identify all instances of {} in the photo.",
-    "Find all instances of {} in the image.",
-    "Point out all the {} visible in this picture.",
-    "Detect and list each {} that appears in this photo.",
-    "What is the position of each {} in the image?",
-)
-# flickr.py:14-22 (asked after the [grounding] prefix).
-CAPTION_INSTRUCTIONS = (
-    "Give me a concise description of the image.",
-    "Please briefly summarize the content of this image.",
-    "What does this picture show? Please summarize briefly.",
-    "Can you give me a quick overview of what's depicted in this image?",
-    "Could you describe the key elements in this photograph?",
-    "Offer a brief explanation of what this image represents.",
-    "Sum up the contents of this picture in one or two sentences.",
-)
-# visual_genome.py:15-20; the VG region-caption eval, groma/eval/model_vg.py:14,43, draws from it.
-REGION_INSTRUCTIONS = (
-    "What is {}?",
-    "Please briefly describe {}.",
-    "Provide a short description for {}.",
-    "Please give a concise description of region {}.",
-)
-# refcoco_cap.py:12-18; the RefCOCOg region-caption eval, groma/eval/model_refcocog.py:15,81, draws from it.
-DETAILED_REGION_INSTRUCTIONS = (
-    "Can you provide me with a detailed description of {}?",
-    "Please describe {} in details.",
-    "I'm curious about {} in the photo. Can you describe it in detail?",
-    "Please give a comprehensive description of the object {}.",
-    "What does the object {} in the picture look like? Could you give me a detailed description?",
-)
 REFER = T.ROI_OPEN + T.REFER_BOX + T.ROI_CLOSE + T.REFER_FEAT
 MULTI_ROUND_MAX_REGIONS = 10  #: regions per image of the multi-round region captions (MultiRoundsVG)
 MULTI_ROUND_NMS = 0.6  #: IoU of the random-score NMS over those regions
 
-FORMATS = (
-    "detection",
-    "rec",
-    "grounding",
-    "grounded-caption",
-    "region-caption",
-    "region-caption-multi",
-    "refcocog-caption",
-    "grit",
-    "conversation",
-    "instruct",
-    "recall",
-)
-#: formats generated on the fly (no files), read by ``text`` stages
-SYNTHETIC_FORMATS = ("recall",)
-
 
 # -- rendering and masking -----------------------------------------------------------------------------------
-def render_conversation(tokenizer, template: str, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
-    """Ids and labels of a conversation of (user, assistant) turns after the fixed first turn, masked as the
-    reference does: only the answers and the ``</s>`` of every assistant turn but the fixed first one are
-    supervised (a ``default`` template has no ``</s>``: nothing ends a turn)."""
-    from groma_core.prompt import get_template
-
-    text = get_template(template).render([(user, T.SEP + answer + T.SEP) for user, answer in turns])
-    ids = tokenizer.encode(text)
-    sep, eos = tokenizer.token_id(T.SEP), tokenizer.eos_id
-    labels = list(ids)
-    marks = [j for j, t in enumerate(ids) if t == sep]
-    if len(marks) != 2 * len(turns):
-        raise ValueError(f"an answer holds {T.SEP}: {len(marks)} separators for {len(turns)} answers")
-    for i in range(0, len(marks), 2):
-        start = 0 if i == 0 else marks[i - 1]
-        labels[start : marks[i]] = [IGNORE_INDEX] * (marks[i] - start)
-    for j in [j for j, t in enumerate(ids) if t == eos][1:]:
-        labels[j] = eos
-    keep = [j for j, t in enumerate(ids) if t != sep]
-    return [ids[j] for j in keep], [labels[j] for j in keep]
-
-
 def grounded(phrase: str, count: int) -> str:
     """``<p>phrase</p><roi><ground_box>...</roi>`` with ``count`` placeholders."""
     return T.P_OPEN + phrase + T.P_CLOSE + T.ROI_OPEN + T.GROUND_BOX * count + T.ROI_CLOSE
@@ -155,33 +83,6 @@ def normalized(boxes: Sequence[Box], width: int, height: int) -> Tensor:
 
 
 # -- detection augmentation (stage 1, det_data.py) -----------------------------------------------------------
-@dataclass(frozen=True)
-class DetectionAugment:
-    """The stage-1 train pipeline at the reference's 448-pixel input: shorter side resized to one of ``scales``
-    (longer side at most ``max_side``), a random crop of ``crop`` pixels per side (each side drawn in the range,
-    at most the image's), an anisotropic resize to the square input, boxes under ``min_box`` pixels dropped, a
-    horizontal flip with probability ``flip``."""
-
-    scales: tuple[int, ...] = (400, 500, 600)
-    crop: tuple[int, int] = (448, 896)
-    max_side: int = 4200
-    min_box: float = 2.0
-    flip: float = 0.5
-    reference_size: int = 448
-
-    def scaled(self, input_size: int) -> DetectionAugment:
-        """The same pipeline with pixel sizes scaled from ``reference_size`` to ``input_size``."""
-        f = input_size / self.reference_size
-        return DetectionAugment(
-            tuple(max(1, round(s * f)) for s in self.scales),
-            (max(1, round(self.crop[0] * f)), max(1, round(self.crop[1] * f))),
-            max(1, round(self.max_side * f)),
-            self.min_box,
-            self.flip,
-            input_size,
-        )
-
-
 CROP_ATTEMPTS = 10
 
 
@@ -804,144 +705,6 @@ LANGUAGE_FORMATS: dict[str, type[_ConversationDataset]] = {
 }
 
 
-# -- the recipe's train.datasets -----------------------------------------------------------------------------
-class DatasetSpec(BaseModel):
-    """One dataset of a recipe's ``train.datasets``: its format and files (paths relative to the recipe file)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    format: Literal[FORMATS] = Field(  # type: ignore[valid-type]
-        ...,
-        description="detection (COCO, class-agnostic; stage 1), rec (RefCOCO), grounding (COCO/LVIS categories, "
-        "LVIS-Ground file), grounded-caption (Flickr30k Entities), region-caption (Visual Genome, one region), "
-        "region-caption-multi (Visual Genome, up to 10 regions per image), refcocog-caption (RefCOCOg REC file as "
-        "detailed region captions), grit (GRIT REC), conversation (LLaVA / ShareGPT4V), instruct (Groma Instruct), "
-        "recall (synthetic text for a `text` stage: in-context copying and region binding, no files; see "
-        "groma_core.training.synthetic)",
-    )
-    ann: str | None = Field(None, min_length=1, description="annotation file")
-    images: str | None = Field(
-        None, min_length=1, description="folder the annotation's image file names are relative to"
-    )
-    size: int = Field(20000, ge=1, description="recall: samples per epoch")
-    regions: int = Field(16, ge=1, le=100, description="recall: a binding sample lists 1 to this many regions")
-    queries: int = Field(8, ge=1, description="recall: REC turns per binding sample")
-    copy_fraction: float = Field(0.5, ge=0.0, le=1.0, description="recall: fraction of copying samples")
-    turns: int = Field(
-        1, ge=1, le=64, description="rec: expressions of one image asked in one sample, as its turns (1: the reference)"
-    )
-    bare_phrases: bool = Field(
-        False,
-        description="grounded-caption: each phrase directly followed by its regions (`a red circle<r3>`), without "
-        "<p></p><roi></roi> (not the reference: a curriculum step in which the answer follows its phrase at once)",
-    )
-    template: Literal["default", "llava"] = Field(
-        "default", description="conversation template (the reference: default in stage 2, llava in stage 3)"
-    )
-    source: str | None = Field(
-        None,
-        description="tag handed to the proposer's detection loss (coco or sa1b for deformable-detr); the default "
-        "of `source` in the stages' data entries",
-    )
-    scales: list[int] = Field(
-        [400, 500, 600], min_length=1, description="detection: shorter sides drawn from, at a 448-pixel input"
-    )
-    crop: tuple[int, int] = Field((448, 896), description="detection: random crop side range, at a 448-pixel input")
-    max_side: int = Field(4200, gt=0, description="detection: longest side after the multi-scale resize, at 448")
-    min_box: float = Field(2.0, ge=0.0, description="detection: drop boxes narrower or lower than this, in pixels")
-    flip: float = Field(0.5, ge=0.0, le=1.0, description="detection: probability of a horizontal flip")
-    scale_to_input: bool = Field(
-        True, description="detection: scale scales/crop/max_side from 448 pixels to the image tokenizer's input size"
-    )
-
-    @model_validator(mode="after")
-    def _files(self) -> DatasetSpec:
-        if self.turns > 1 and self.format != "rec":
-            raise ValueError(f"turns is an option of the rec format, not of {self.format}")
-        if self.bare_phrases and self.format != "grounded-caption":
-            raise ValueError(f"bare_phrases is an option of the grounded-caption format, not of {self.format}")
-        if self.format in SYNTHETIC_FORMATS:
-            given = [k for k in ("ann", "images") if getattr(self, k) is not None]
-            if given:
-                raise ValueError(f"format {self.format} is generated, it reads no files: remove {', '.join(given)}")
-        else:
-            missing = [k for k in ("ann", "images") if getattr(self, k) is None]
-            if missing:
-                raise ValueError(f"format {self.format} needs {' and '.join(missing)}")
-        return self
-
-    def augment(self, input_size: int) -> DetectionAugment:
-        """The detection augmentation of this dataset for a square input of ``input_size`` pixels."""
-        base = DetectionAugment(tuple(self.scales), tuple(self.crop), self.max_side, self.min_box, self.flip)
-        return base.scaled(input_size) if self.scale_to_input else base
-
-
-class RecipeTraining(TrainingConfig):
-    """A recipe's ``train`` section: the engine's :class:`TrainingConfig` plus the datasets its stages name."""
-
-    data_root: str = Field(
-        ".",
-        description="folder that relative dataset paths start from; itself relative to the recipe file's folder",
-    )
-    datasets: dict[str, DatasetSpec] = Field(
-        default_factory=dict, description="dataset name -> format and files (the names the stages' `data` use)"
-    )
-
-    def root(self, base_dir: Path | None) -> Path:
-        """The folder relative dataset paths start from."""
-        return resolve_path(self.data_root, base_dir)
-
-    @model_validator(mode="after")
-    def _datasets_match_the_stages(self) -> RecipeTraining:
-        problems = []
-        for i, stage in enumerate(self.stages):
-            for j, source in enumerate(stage.data):
-                spec = self.datasets.get(source.name)
-                if spec is None:
-                    close = difflib.get_close_matches(source.name, list(self.datasets), n=1, cutoff=0.6)
-                    hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    problems.append(f"stages.{i}.data.{j}.name: {source.name!r} is not in datasets{hint}")
-                    continue
-                if objective_of(spec.format) != stage.objective:
-                    problems.append(
-                        f"stages.{i}.data.{j}.name: a {stage.objective} stage cannot read {source.name!r} "
-                        f"(format {spec.format})"
-                    )
-                if source.source is None and spec.source is not None:
-                    source.source = spec.source
-        if problems:
-            raise ValueError("\n".join(problems))
-        return self
-
-
-def objective_of(format: str) -> str:
-    """The stage objective that reads a dataset format: detection, text (synthetic text) or lm."""
-    if format == "detection":
-        return "detection"
-    return "text" if format in SYNTHETIC_FORMATS else "lm"
-
-
-def dataset_path_problems(config: RecipeTraining, base_dir: Path | None) -> list[str]:
-    """Every dataset file or folder of the stages that does not exist, with its path in the recipe."""
-    used = {d.name for s in config.stages for d in s.data}
-    problems = []
-    for name, spec in config.datasets.items():
-        if name not in used or spec.format in SYNTHETIC_FORMATS:
-            continue
-        for key, kind in (("ann", "file"), ("images", "folder")):
-            path = resolve_path(getattr(spec, key), config.root(base_dir))
-            ok = path.is_file() if kind == "file" else path.is_dir()
-            if not ok:
-                problems.append(f"train.datasets.{name}.{key}: no such {kind}: {path}")
-    return problems
-
-
-def resolve_path(value: str, base_dir: Path | None) -> Path:
-    """A recipe path: ``~`` expanded, relative paths taken from the recipe file's folder."""
-    p = Path(os.path.expanduser(value))
-    return p if p.is_absolute() or base_dir is None else base_dir / p
-
-
 def open_dataset(
     spec: DatasetSpec, model, base_dir: Path | None = None, name: str | None = None
 ) -> torch.utils.data.Dataset:
@@ -1018,6 +781,6 @@ def dataset_text(config: RecipeTraining, base_dir: Path | None = None) -> list[s
 def make_tokenizer(config: RecipeTraining, out: str | Path, base_dir: Path | None = None, vocab_size: int = 1000):
     """Train a LLaMA-style SentencePiece tokenizer (BPE with byte fallback; unk 0, bos 1, eos 2) of ``vocab_size``
     pieces on :func:`dataset_text` into ``out/tokenizer.model`` (for models trained from scratch)."""
-    from groma_core.testing.tiny import make_sentencepiece
+    from groma_core.prompt import make_sentencepiece
 
     return make_sentencepiece(out, vocab_size, "\n".join(dataset_text(config, base_dir)))

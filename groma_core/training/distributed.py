@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from groma_core.training.config import StageConfig
+from groma_core.schema import StageConfig
 
 
 @dataclass

@@ -22,9 +22,9 @@ from torch import nn
 
 from groma_core.errors import CheckpointError, GromaError, RecipeError
 from groma_core.model import GromaModel
+from groma_core.schema import StageConfig, TrainingConfig
 from groma_core.stages import DetectionLoss
 from groma_core.training import checkpoint as ckpt
-from groma_core.training.config import StageConfig, TrainingConfig
 from groma_core.training.data import MixtureDataset, MixtureSampler, StepBatches, collate, to_device
 from groma_core.training.distributed import (
     DistContext,

@@ -8,7 +8,7 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from groma_core.training.config import StageConfig
+from groma_core.schema import StageConfig
 
 
 def matches(name: str, pattern: str) -> bool:

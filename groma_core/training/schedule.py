@@ -7,7 +7,7 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from groma_core.training.config import StageConfig
+from groma_core.schema import StageConfig
 
 
 def warmup_steps(stage: StageConfig, total_steps: int) -> int:

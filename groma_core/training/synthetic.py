@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from groma_core import tokens as T
-from groma_core.training.datasets import REC_INSTRUCTIONS, render_conversation
+from groma_core.data.instructions import REC_INSTRUCTIONS
+from groma_core.training.datasets import render_conversation
 
 COPY_WORDS = 20  #: words of a copying sample
 

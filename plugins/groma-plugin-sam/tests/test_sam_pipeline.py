@@ -86,8 +86,9 @@ def test_trains_with_sam_as_the_frozen_proposer(sam_model, tmp_path):
     """The ablation's training: language stages with SAM proposing on each sample's original image (issue: `groma
     train` used to stop at 'features.images is None')."""
     from groma_core.data import ShapesConfig, write_shapes_dataset
+    from groma_core.schema import DatasetSpec
     from groma_core.training import TrainingConfig, run_training
-    from groma_core.training.datasets import DatasetSpec, open_dataset
+    from groma_core.training.datasets import open_dataset
 
     write_shapes_dataset(tmp_path / "shapes", ShapesConfig(images=6, seed=2, width=(64, 96), height=(64, 80)))
     spec = DatasetSpec(format="rec", ann="annotations/rec_train.json", images="images")
