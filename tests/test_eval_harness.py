@@ -219,11 +219,15 @@ def test_lvis_ground_region_caption_and_detection_run(dataset, model, tmp_path):
 
 
 def test_bad_annotations_are_clear_errors(dataset, tmp_path):
-    with pytest.raises(InputError, match="annotation file not found"):
+    with pytest.raises(InputError, match=r"nope\.json: cannot read the annotation file \(No such file"):
         RecTask(tmp_path / "nope.json", dataset / "images")
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(InputError, match="not a JSON annotation file"):
+    with pytest.raises(InputError, match=r"bad\.json: not valid JSON"):
         RecTask(tmp_path / "bad.json", dataset / "images")
+    with pytest.raises(InputError, match="annotation file not found"):
+        DetectionTask(tmp_path / "nope.json", dataset / "images")
+    with pytest.raises(InputError, match="not a JSON annotation file"):
+        DetectionTask(tmp_path / "bad.json", dataset / "images")
     with pytest.raises(InputError, match="need the list"):
         LvisGroundTask(dataset / "vg.json", dataset / "images")
     with pytest.raises(InputError, match="image folder not found"):
@@ -328,7 +332,19 @@ def test_missing_field_names_file_and_field(dataset, tmp_path):
     ann = json.loads((dataset / "rec.json").read_text())
     del ann["images"][2]["caption"]
     (tmp_path / "rec.json").write_text(json.dumps(ann))
-    with pytest.raises(InputError, match=r"rec\.json: an entry lacks the field 'caption'"):
+    with pytest.raises(InputError, match=r"rec\.json: images\[2\]: missing key 'caption'"):
+        RecTask(tmp_path / "rec.json", dataset / "images")
+
+
+def test_rec_is_read_as_training_reads_it_one_box_per_expression(dataset, tmp_path):
+    """One reader per format (groma_core.data.read_rec): an expression with two boxes is refused by evaluation as
+    by training, naming the entry."""
+    ann = json.loads((dataset / "rec.json").read_text())
+    extra = dict(ann["annotations"][0], id=10_000)
+    ann["annotations"].append(extra)
+    (tmp_path / "rec.json").write_text(json.dumps(ann))
+    expected = r"rec\.json: images\[0\] \(id \d+\): a REC entry needs exactly one annotation, got 2"
+    with pytest.raises(InputError, match=expected):
         RecTask(tmp_path / "rec.json", dataset / "images")
 
 

@@ -152,8 +152,12 @@ def test_an_unknown_user_in_the_image_path_is_one_line():
 
 def test_an_annotation_entry_that_is_not_an_object_is_named(tmp_path):
     ann = tmp_path / "ann.json"
-    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "caption": "x"}], "annotations": ["oops"]}))
+    image = {"id": 1, "file_name": "a.png", "width": 8, "height": 8, "caption": "x"}
+    ann.write_text(json.dumps({"images": [image], "annotations": ["oops"]}))
     code, _, err = run("eval", "rec", "--ann", str(ann), "--images", str(tmp_path), *NO_DEVICE)
+    line = assert_one_error_line(code, err)
+    assert "ann.json: annotations[0]: expected an object, got str" in line
+    code, _, err = run("eval", "detection", "--ann", str(ann), "--images", str(tmp_path), *NO_DEVICE)
     line = assert_one_error_line(code, err)
     assert "annotations[0] is str 'oops', not a JSON object" in line
 

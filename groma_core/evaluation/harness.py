@@ -110,7 +110,9 @@ class Task(ABC):
         if not self.images_dir.is_dir():
             raise InputError(f"{self.images_dir}: image folder not found")
         try:
-            self.samples = self.load_samples(_read_json(self.ann_file))
+            self.samples = self.read()
+        except InputError:  # a reader's own message already names the file and the entry
+            raise
         except KeyError as exc:
             raise InputError(f"{self.ann_file}: an entry lacks the field {exc.args[0]!r}") from None
         except (TypeError, ValueError, IndexError) as exc:
@@ -123,9 +125,14 @@ class Task(ABC):
         id) (the reference draws with an unseeded ``random.choice`` over the same set)."""
         return random.Random(f"{seed}:{self.name}:{sample.id}").choice(self.templates)
 
-    @abstractmethod
+    def read(self) -> list[Sample]:
+        """The samples of :attr:`ann_file` (its JSON, through :meth:`load_samples`)."""
+        return self.load_samples(_read_json(self.ann_file))
+
     def load_samples(self, ann: Any) -> list[Sample]:
-        """The samples of the annotation file, in a fixed order."""
+        """The samples of the annotation file's parsed JSON, in a fixed order (a task that reads its file with one of
+        :mod:`groma_core.data`'s readers overrides :meth:`read` instead)."""
+        raise NotImplementedError(f"{type(self).__name__} reads its samples with read()")
 
     @abstractmethod
     def predict(self, model, samples: list[Sample], seed: int, batch_size: int) -> list[dict[str, Any]]:
@@ -152,24 +159,19 @@ class RecTask(Task):
     templates = tuple(t.format(P_OPEN + "{}" + P_CLOSE) for t in REC_INSTRUCTIONS)
     max_new_tokens = 3
 
-    def load_samples(self, ann: Any) -> list[Sample]:
-        ann = _coco_tables(ann, self.ann_file, ("images", "annotations"))
-        boxes: dict[Any, list[float]] = {}
-        for a in ann["annotations"]:
-            boxes.setdefault(a["image_id"], _xywh_to_xyxy(a["bbox"]))
-        samples = []
-        for i, img in enumerate(ann["images"]):
-            if img["id"] not in boxes:
-                raise InputError(f"{self.ann_file}: expression {img['id']} has no annotation box")
-            samples.append(
-                Sample(
-                    str(img["id"]),
-                    i,
-                    _image_path(self.images_dir, img["file_name"]),
-                    {"expression": img["caption"], "gt_box": boxes[img["id"]]},
-                )
+    def read(self) -> list[Sample]:
+        """The expressions as training reads them (:func:`groma_core.data.read_rec`: exactly one box each)."""
+        from groma_core.data import read_rec
+
+        return [
+            Sample(
+                str(r.image.id),
+                i,
+                _image_path(self.images_dir, r.image.file_name),
+                {"expression": r.expression, "gt_box": list(r.box)},
             )
-        return samples
+            for i, r in enumerate(read_rec(self.ann_file))
+        ]
 
     def predict(self, model, samples, seed, batch_size):
         requests = [
