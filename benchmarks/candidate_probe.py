@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pointer_probe import ExpressionPointer  # noqa: E402
+from pointer_probe import ExpressionPointer, fit  # noqa: E402
 
 from groma_core.boxes import box_iou  # noqa: E402
 from groma_core.schema import DatasetSpec  # noqa: E402
@@ -75,24 +74,20 @@ def rec_style(probe, samples: list[Sample]) -> float:
 
 
 def train(samples: list[Sample], val: list[Sample], vocabulary, width, steps, accept_iou, seed, label) -> None:
+    """A fresh probe fitted on ``samples`` by ``pointer_probe.fit``; with ``accept_iou``, the loss of a sample is
+    minus the log of the probability summed over every candidate at that IoU with the target (the target included)."""
     torch.manual_seed(seed)
-    rng = random.Random(seed)
     probe = ExpressionPointer(vocabulary, width)
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-3)
-    for step in range(1, steps + 1):
-        words, tokens, target, iou, _ = rng.choice(samples)
-        scores = probe(words, tokens)
-        if accept_iou is None:
-            loss = F.cross_entropy(scores[None], torch.tensor([target]))
-        else:
-            accepted = iou >= accept_iou
-            accepted[target] = True
-            loss = torch.logsumexp(scores, 0) - torch.logsumexp(scores[accepted], 0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % max(steps // 2, 1) == 0:
-            print(f"  {label}, step {step}: validation REC-style {rec_style(probe, val):.3f}", flush=True)
+
+    def accepting(scores: torch.Tensor, sample: Sample) -> torch.Tensor:
+        accepted = sample[3] >= accept_iou
+        accepted[sample[2]] = True
+        return torch.logsumexp(scores, 0) - torch.logsumexp(scores[accepted], 0)
+
+    def report(step: int) -> None:
+        print(f"  {label}, step {step}: validation REC-style {rec_style(probe, val):.3f}", flush=True)
+
+    fit(probe, samples, steps, random.Random(seed), report, reports=2, loss=None if accept_iou is None else accepting)
 
 
 def main() -> None:

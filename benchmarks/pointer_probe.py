@@ -84,15 +84,19 @@ def accuracy(score: nn.Module, samples: list[tuple]) -> tuple[float, dict[str, f
     return sum(sum(v) for v in right.values()) / len(samples), {k: sum(v) / len(v) for k, v in sorted(right.items())}
 
 
-def fit(score: nn.Module, train: list[tuple], steps: int, rng: random.Random, report, reports: int = 5) -> None:
-    """Train ``score`` (query, regions) -> (K,) by cross-entropy on single samples drawn from ``train``, AdamW at
-    1e-3; ``report(step)`` is called ``reports`` times along the way."""
+def fit(
+    score: nn.Module, train: list[tuple], steps: int, rng: random.Random, report, reports: int = 5, loss=None
+) -> None:
+    """Train ``score`` (query, regions) -> (K,) on single samples (query, regions, target, ...) drawn from ``train``,
+    AdamW at 1e-3, by ``loss(scores, sample)`` (default: cross-entropy on the sample's target); ``report(step)`` is
+    called ``reports`` times along the way."""
     optimizer = torch.optim.AdamW(score.parameters(), lr=1e-3)
     for step in range(1, steps + 1):
-        query, regions, target, _ = rng.choice(train)
-        loss = F.cross_entropy(score(query, regions)[None], torch.tensor([target]))
+        sample = rng.choice(train)
+        scores = score(sample[0], sample[1])
+        value = F.cross_entropy(scores[None], torch.tensor([sample[2]])) if loss is None else loss(scores, sample)
         optimizer.zero_grad()
-        loss.backward()
+        value.backward()
         optimizer.step()
         if step % max(steps // reports, 1) == 0:
             report(step)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from groma_core.errors import InputError, echo
-from groma_core.processor import Request, attach_masks  # noqa: F401 (attach_masks: public here too)
+from groma_core.processor import Request
 from groma_core.types import GroundedAnswer
 
 if TYPE_CHECKING:
@@ -63,12 +63,13 @@ class TasksMixin:
         parses, the model generates)."""
         if not requests:
             return []
-        batch = self.processor(requests).to(self.device, self.input_dtype)
+        processor = self.processor
+        batch = processor(requests).to(self.device, self.input_dtype)
         settings = self.generation_settings(**generation)
         out = self.generate(
             batch.pixel_values, batch.input_ids, refer_boxes=batch.refer_boxes, images=batch.images, **settings
         )
-        return self.processor.post_process(out, batch)
+        return processor.post_process(out, batch)
 
     def generation_settings(self: GromaModel, **overrides: Any) -> dict[str, Any]:
         """The recipe's generation settings with per-call overrides."""

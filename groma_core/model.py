@@ -178,7 +178,7 @@ class GromaModel(TasksMixin, nn.Module):
 
     def input_frames(self, images: Sequence[Any]) -> list[Frame]:
         """Where each original (PIL) image lies in the image tokenizer's input (:data:`groma_core.boxes.Frame`)."""
-        return [self.image_tokenizer.input_frame(*image.size) for image in images]
+        return self.processor.frames(images)
 
     @property
     def processor(self) -> GromaProcessor:

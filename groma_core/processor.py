@@ -111,8 +111,6 @@ class GromaProcessor:
         return render_conversation(self.tokenizer, template or self.template, turns)
 
 
-IGNORE_INDEX = T.IGNORE_INDEX
-
 
 def render_conversation(tokenizer, template: str, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
     """Ids and labels of a conversation of (user, assistant) turns after the fixed first turn, masked as the
@@ -127,7 +125,7 @@ def render_conversation(tokenizer, template: str, turns: Sequence[tuple[str, str
         raise ValueError(f"an answer holds {T.SEP}: {len(marks)} separators for {len(turns)} answers")
     for i in range(0, len(marks), 2):
         start = 0 if i == 0 else marks[i - 1]
-        labels[start : marks[i]] = [IGNORE_INDEX] * (marks[i] - start)
+        labels[start : marks[i]] = [T.IGNORE_INDEX] * (marks[i] - start)
     for j in [j for j, t in enumerate(ids) if t == eos][1:]:
         labels[j] = eos
     keep = [j for j, t in enumerate(ids) if t != sep]

@@ -322,7 +322,7 @@ def test_batch_of_eight_mixed_prompts_equals_one_at_a_time(tiny_model):
 
 def test_proposal_masks_follow_the_selected_regions_into_the_answer(tiny_model, images):
     from groma_core.grounding import parse_grounded
-    from groma_core.inference import attach_masks
+    from groma_core.processor import attach_masks
 
     model = tiny_model
     ids = prompt_ids(model, "What is <roi><refer_box></roi><refer_feat>?")

@@ -389,7 +389,8 @@ class GroundedCaptionTask(Task):
         self.ignore_words = frozenset(w.strip().lower() for w in ignore_words if w.strip())
         super().__init__(ann_file, images_dir, max_new_tokens)
 
-    def load_samples(self, ann: Any) -> list[Sample]:
+    def read(self) -> list[Sample]:
+        """The captions and their phrases (:func:`groma_core.data.read_grounded_captions`, which reads the file)."""
         from groma_core.data import read_grounded_captions
 
         records = read_grounded_captions(self.ann_file)
