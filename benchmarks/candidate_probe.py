@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from pointer_probe import ExpressionPointer, fit  # noqa: E402
 
-from groma_core.boxes import box_iou  # noqa: E402
+from groma_core.boxes import BOX_GEOMETRY, box_geometry, box_iou  # noqa: E402
 from groma_core.schema import DatasetSpec  # noqa: E402
 from groma_core.training.datasets import open_dataset  # noqa: E402
 
@@ -34,8 +34,9 @@ Sample = tuple[list[str], torch.Tensor, int, torch.Tensor, torch.Tensor]  # word
 
 @torch.no_grad()
 def collect(model, root: Path, count: int, training: bool) -> list[Sample]:
-    """Per REC expression: its words, the selected regions' tokens, the index of the target's region (training: the
-    one the ground-truth box matched; else -1), each region's IoU with the target box, each region's score."""
+    """Per REC expression: its words, the selected regions' tokens (box features appended), the index of the
+    target's region (training: the one the ground-truth box matched; else -1), each region's IoU with the target box,
+    each region's score."""
     spec = DatasetSpec(format="rec", ann="annotations/rec_train.json", images="images", template="llava")
     dataset = open_dataset(spec, model, root, "rec")
     out = []
@@ -53,7 +54,7 @@ def collect(model, root: Path, count: int, training: bool) -> list[Sample]:
             boxes, scores, target = regions.boxes[0], regions.scores[0], -1
             tokens = model.region_encoder(features, [boxes])[0]
         iou = box_iou(target_box.to(boxes), boxes)[0] if boxes.shape[0] else torch.zeros(0)
-        out.append((words, tokens.float(), target, iou, scores.float()))
+        out.append((words, torch.cat([tokens.float(), box_geometry(boxes.float())], 1), target, iou, scores.float()))
     return out
 
 
@@ -73,11 +74,11 @@ def rec_style(probe, samples: list[Sample]) -> float:
     return right / len(samples)
 
 
-def train(samples: list[Sample], val: list[Sample], vocabulary, width, steps, accept_iou, seed, label) -> None:
+def train(samples: list[Sample], val: list[Sample], vocabulary, width, steps, accept_iou, seed, label, box_key) -> None:
     """A fresh probe fitted on ``samples`` by ``pointer_probe.fit``; with ``accept_iou``, the loss of a sample is
     minus the log of the probability summed over every candidate at that IoU with the target (the target included)."""
     torch.manual_seed(seed)
-    probe = ExpressionPointer(vocabulary, width)
+    probe = ExpressionPointer(vocabulary, width, box_key=box_key)
 
     def accepting(scores: torch.Tensor, sample: Sample) -> torch.Tensor:
         accepted = sample[3] >= accept_iou
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--scores", default="0.1", help="proposal score cuts, comma-separated")
     parser.add_argument("--accept-iou", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--box-key", action="store_true", help="the key also maps the region's box (pointer_probe.py)")
     args = parser.parse_args()
 
     import groma_core
@@ -112,7 +114,7 @@ def main() -> None:
     train_all = collect(model, args.train_data, args.train_expressions, training=True)
     val_all = collect(model, args.val_data, args.val_expressions, training=False)
     vocabulary = {w: i + 1 for i, w in enumerate(sorted({w for s in train_all for w in s[0]}))}
-    width = train_all[0][1].shape[1]
+    width = train_all[0][1].shape[1] - BOX_GEOMETRY
     print(f"model {args.model}; {len(train_all)} training / {len(val_all)} validation expressions; "
           f"machine {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for min_score in (float(s) for s in args.scores.split(",")):
@@ -122,10 +124,10 @@ def main() -> None:
         accepted = sum(int((s[3] >= 0.5).sum()) for s in val_set) / len(val_set)
         print(f"candidates at score >= {min_score}: {sum(len(s[1]) for s in val_set) / len(val_set):.1f} per "
               f"validation expression, target offered {offered:.3f}, regions at IoU >= 0.5 with it {accepted:.2f}")
-        train(train_set, val_set, vocabulary, width, args.steps, None, args.seed, "exact-index label")
+        train(train_set, val_set, vocabulary, width, args.steps, None, args.seed, "exact-index label", args.box_key)
         if args.accept_iou is not None:
             label = f"label accepting IoU >= {args.accept_iou}"
-            train(train_set, val_set, vocabulary, width, args.steps, args.accept_iou, args.seed, label)
+            train(train_set, val_set, vocabulary, width, args.steps, args.accept_iou, args.seed, label, args.box_key)
     print(f"took {time.perf_counter() - began:.0f} s")
 
 

@@ -8,7 +8,10 @@ region tokens) picks the object. Trained on one dataset's REC expressions, repor
 The candidates are the ground-truth objects only (no proposals, no duplicates), so this is a loose upper bound of
 what the model's REC could be with these tokens.
 
-    python benchmarks/pointer_probe.py MODEL TRAIN_DATA VAL_DATA [--train-images 1500] [--steps 20000]
+    python benchmarks/pointer_probe.py MODEL TRAIN_DATA VAL_DATA [--train-images 1500] [--steps 20000] [--box-key]
+
+`--box-key`: the key of a region also gets a linear map of its box (centre, size and log size in the input frame),
+what the model's `region_pointer_box` option does: how much of REC the box itself gives the pointer.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from groma_core.boxes import BOX_GEOMETRY, box_geometry
+
 
 def region_tokens(model, root: Path, limit: int) -> dict[str, tuple[torch.Tensor, list[list[float]]]]:
-    """file name -> (region tokens of its objects, their xyxy pixel boxes)."""
+    """file name -> (region tokens of its objects followed by their box features, their xyxy pixel boxes)."""
     from groma_core.boxes import to_input_frame
     from groma_core.images import load_image, to_normalized_xyxy
 
@@ -40,7 +45,8 @@ def region_tokens(model, root: Path, limit: int) -> dict[str, tuple[torch.Tensor
             frame = model.image_tokenizer.input_frame(*image.size)
             normalized = to_input_frame(to_normalized_xyxy(boxes, image.size).float(), frame)
             features = model.encode_images(model.image_tokenizer.preprocess([image]), [image])
-            out[scene["file_name"]] = (model.region_encoder(features, [normalized])[0].float(), boxes)
+            tokens = model.region_encoder(features, [normalized])[0].float()
+            out[scene["file_name"]] = (torch.cat([tokens, box_geometry(normalized)], 1), boxes)
     return out
 
 
@@ -60,19 +66,26 @@ def expressions(root: Path, tokens: dict) -> list[tuple[list[str], torch.Tensor,
 
 
 class ExpressionPointer(nn.Module):
-    def __init__(self, vocabulary: dict[str, int], width: int):
+    """A GRU over the words and a bilinear match with each region; the regions (K, width + BOX_GEOMETRY) are tokens
+    followed by box features, which only a ``box_key`` pointer uses."""
+
+    def __init__(self, vocabulary: dict[str, int], width: int, box_key: bool = False):
         super().__init__()
-        self.vocabulary = vocabulary
+        self.vocabulary, self.width = vocabulary, width
         self.embed = nn.Embedding(len(vocabulary) + 1, 128)
         self.gru = nn.GRU(128, 128, batch_first=True, bidirectional=True)
         self.q = nn.Linear(256, width)
         self.k = nn.Linear(width, width)
+        self.box = nn.Linear(BOX_GEOMETRY, width) if box_key else None
 
     def forward(self, words: list[str], regions: torch.Tensor) -> torch.Tensor:
         ids = torch.tensor([[self.vocabulary.get(w, 0) for w in words]])
         query = self.q(self.gru(self.embed(ids))[0].mean(1))[0]
-        keys = self.k(regions / regions.pow(2).mean(-1, keepdim=True).sqrt())
-        return keys @ query / regions.shape[-1] ** 0.5
+        tokens, boxes = regions[:, : self.width], regions[:, self.width :]
+        keys = self.k(tokens / tokens.pow(2).mean(-1, keepdim=True).sqrt())
+        if self.box is not None:
+            keys = keys + self.box(boxes)
+        return keys @ query / self.width**0.5
 
 
 def accuracy(score: nn.Module, samples: list[tuple]) -> tuple[float, dict[str, float]]:
@@ -111,6 +124,7 @@ def main() -> None:
     parser.add_argument("--val-images", type=int, default=300)
     parser.add_argument("--steps", type=int, default=20000, help="single-expression steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--box-key", action="store_true", help="the key also maps the region's box")
     args = parser.parse_args()
 
     import groma_core
@@ -122,7 +136,8 @@ def main() -> None:
     train = expressions(args.train_data, region_tokens(model, args.train_data, args.train_images))
     val = expressions(args.val_data, region_tokens(model, args.val_data, args.val_images))
     words = sorted({w for sample in train for w in sample[0]})
-    probe = ExpressionPointer({w: i + 1 for i, w in enumerate(words)}, train[0][1].shape[1])
+    width = train[0][1].shape[1] - BOX_GEOMETRY
+    probe = ExpressionPointer({w: i + 1 for i, w in enumerate(words)}, width, box_key=args.box_key)
     print(f"model {args.model}; {len(train)} training / {len(val)} validation expressions; "
           f"machine {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
 

@@ -142,6 +142,7 @@ def _construct_stages(recipe: Recipe, manager: PluginManager) -> GromaModel:
         recipe.core.template,
         index_region_tokens=recipe.core.index_region_tokens,
         region_pointer=recipe.core.region_pointer,
+        region_pointer_box=recipe.core.region_pointer_box,
     )
     model.recipe = recipe
     return model

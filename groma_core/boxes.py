@@ -18,6 +18,18 @@ def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
 
 
+#: width of :func:`box_geometry`'s rows
+BOX_GEOMETRY = 6
+
+
+def box_geometry(boxes: Tensor) -> Tensor:
+    """(..., 4) normalised xyxy -> (..., 6): centre x, y, width, height, log width, log height (sizes floored at
+    1e-3, so a degenerate box has a finite log): where a box is and how big, in a form a linear map reads both
+    position ("leftmost") and size and aspect ("biggest", a square against a rectangle)."""
+    size = (boxes[..., 2:] - boxes[..., :2]).clamp(min=1e-3)
+    return torch.cat([(boxes[..., :2] + boxes[..., 2:]) / 2, size, size.log()], -1)
+
+
 def box_area(boxes: Tensor) -> Tensor:
     """Area of xyxy boxes (may be negative for inverted boxes, as in torchvision)."""
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])

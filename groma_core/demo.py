@@ -497,7 +497,10 @@ def build_demo(
                     new_chat = gr.Button("New chat", elem_id="groma-new-chat")
                 status = gr.Markdown("", elem_id="groma-status")
             with gr.Column(scale=1):
-                picture = gr.Image(label="Grounded answer", type="pil", interactive=False, elem_id="groma-picture")
+                # PNG: lossless, so thin box lines and mask tints arrive as drawn (gradio's default is WebP)
+                picture = gr.Image(
+                    label="Grounded answer", type="pil", format="png", interactive=False, elem_id="groma-picture"
+                )
                 answer = gr.HTML(label="Answer", elem_id="groma-answer")
                 with gr.Accordion("Answer JSON", open=False):
                     record = gr.JSON(label="answer.json")

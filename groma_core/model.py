@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from groma_core import tokens as T
-from groma_core.boxes import IDENTITY_FRAME, Frame, check_boxes, to_input_frame
+from groma_core.boxes import BOX_GEOMETRY, IDENTITY_FRAME, Frame, box_geometry, check_boxes, to_input_frame
 from groma_core.errors import InputError, ProposalError
 from groma_core.inference import TasksMixin
 from groma_core.processor import GromaProcessor
@@ -39,15 +39,22 @@ class RegionPointer(nn.Module):
     that region's index token: ``score_K = q(h) . k(region_K / rms(region_K)) / sqrt(H)`` (not in the reference,
     whose ``<rK>`` logits come from the language model head alone; see the recipe option ``region_pointer``)."""
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, box: bool = False):
         super().__init__()
         self.q = nn.Linear(hidden_size, hidden_size)
         self.k = nn.Linear(hidden_size, hidden_size)
+        # with ``box`` (recipe option ``region_pointer_box``) the key also maps the region's box geometry
+        self.box = nn.Linear(BOX_GEOMETRY, hidden_size) if box else None
 
-    def forward(self, hidden: Tensor, regions: Tensor, valid: Tensor) -> Tensor:
-        """``hidden`` (B, L, H), ``regions`` (B, K, H), ``valid`` (B, K) -> scores (B, L, K), 0 where not valid."""
+    def forward(self, hidden: Tensor, regions: Tensor, valid: Tensor, boxes: Tensor | None = None) -> Tensor:
+        """``hidden`` (B, L, H), ``regions`` (B, K, H), ``valid`` (B, K), ``boxes`` (B, K, 4) normalised xyxy (used
+        only with ``box``) -> scores (B, L, K), 0 where not valid."""
         dtype = self.q.weight.dtype
         keys = self.k((regions / _rms(regions).clamp(min=1e-6)).to(dtype))
+        if self.box is not None:
+            if boxes is None:
+                raise ValueError("a region pointer with box=True needs the regions' boxes")
+            keys = keys + self.box(box_geometry(boxes.float()).to(dtype))
         scores = self.q(hidden.to(dtype)) @ keys.transpose(1, 2) / hidden.shape[-1] ** 0.5
         return scores.masked_fill(~valid[:, None, :], 0.0)
 
@@ -138,6 +145,7 @@ class GromaModel(TasksMixin, nn.Module):
         template: str = "llava",
         index_region_tokens: bool = False,
         region_pointer: bool = False,
+        region_pointer_box: bool = False,
     ):
         super().__init__()
         self.image_tokenizer = image_tokenizer
@@ -149,7 +157,11 @@ class GromaModel(TasksMixin, nn.Module):
         self.template = template
         self.index_region_tokens = index_region_tokens
         # only built when asked, so that the reference's state dict is unchanged
-        self.region_pointer = RegionPointer(language_backbone.hidden_size) if region_pointer else None
+        if region_pointer_box and not region_pointer:
+            raise ValueError("region_pointer_box needs region_pointer")
+        self.region_pointer = (
+            RegionPointer(language_backbone.hidden_size, box=region_pointer_box) if region_pointer else None
+        )
         self.recipe: Any = None
         if region_encoder.hidden_size != language_backbone.hidden_size:
             raise ValueError(
@@ -418,13 +430,15 @@ class GromaModel(TasksMixin, nn.Module):
         device = inputs.inputs_embeds.device
         regions = torch.zeros(batch, k_max, width, device=device, dtype=tokens[0].dtype)
         valid = torch.zeros(batch, k_max, dtype=torch.bool, device=device)
+        boxes = torch.zeros(batch, k_max, 4, device=device)
         for i, t in enumerate(tokens):
             regions[i, : t.shape[0]] = t
             valid[i, : t.shape[0]] = True
+            boxes[i, : t.shape[0]] = inputs.regions.boxes[i].to(device=device, dtype=boxes.dtype)
         columns = torch.tensor(self.tokenizer.region_ids[:k_max], device=device)
 
         def add(logits: Tensor, hidden: Tensor) -> Tensor:
-            scores = pointer(hidden, regions, valid).to(logits.dtype)
+            scores = pointer(hidden, regions, valid, boxes).to(logits.dtype)
             return logits.index_add(2, columns, scores)
 
         return add

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from groma_core import tokens as T
 from groma_core.errors import GromaError, PluginConflictError, RecipeError, UnknownPluginError, echo, one_line
@@ -99,6 +99,12 @@ class CoreRecipe(BaseModel):
         "scores <rK>; lets a language model trained from scratch learn which region a phrase names; its parameters "
         "are the `region_pointer` part)",
     )
+    region_pointer_box: bool = Field(
+        False,
+        description="with region_pointer: the pointer's key of region K also maps K's box (centre, size and log "
+        "size in the input frame), so that a phrase can prefer a region by where it is and how big it is "
+        "(\"the leftmost circle\", \"the biggest star\") as well as by what its token says; not in the reference",
+    )
     region_selection: SelectionConfig = Field(default_factory=SelectionConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     train: RecipeTraining | None = Field(
@@ -106,6 +112,12 @@ class CoreRecipe(BaseModel):
         description="training stages and the datasets they read (`groma train`); dataset paths are checked only "
         "when training starts",
     )
+
+    @model_validator(mode="after")
+    def _pointer_box_needs_pointer(self) -> CoreRecipe:
+        if self.region_pointer_box and not self.region_pointer:
+            raise ValueError("region_pointer_box: true needs region_pointer: true (the box is part of the pointer)")
+        return self
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """`groma demo` in a real browser: the command serves the embedded model and Playwright drives Debian's headless
 Chromium (``/usr/bin/chromium``, or ``$GROMA_CHROMIUM``) through the page as a user would: upload, caption, draw a
-box with the mouse and ask about it, chat, bad files. ``GROMA_DEMO_SCREENSHOT=path`` also writes the screenshot of
-the grounded caption there (the README's picture comes from it).
+box with the mouse and ask about it, chat, bad files; and, served with a recipe whose proposer gives masks (the
+embedded model with the example plugin's windows), the masks tinted on the picture. ``GROMA_DEMO_SCREENSHOT=path``
+also writes the screenshot of the grounded caption there (the README's picture comes from it).
 
 Skipped, with the reason, only when Chromium, Playwright or the demo extra is missing; under CI (``CI=true``, which
 .ci/run sets and where both are installed) a missing piece fails instead."""
@@ -26,7 +27,9 @@ import pytest
 from PIL import Image
 
 CHROMIUM = os.environ.get("GROMA_CHROMIUM", "/usr/bin/chromium")
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "images" / "shapes.png"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "images" / "shapes.png"
+DEFAULT_MODEL = ROOT / "groma_core" / "default_model"
 BLUE_CIRCLE = (40, 55, 165, 175)  # pixels of the example around its blue circle
 WAIT_MS = int(os.environ.get('GROMA_DEMO_WAIT_MS', 120_000))
 
@@ -46,17 +49,17 @@ if MISSING and os.environ.get("CI") == "true":
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`groma demo` on a free port, as a user starts it; stopped after the module."""
+def serve_demo(log: Path, *args: str, env: dict[str, str] | None = None):
+    """`groma demo ARGS` on a free port, as a user starts it (``env`` added to the environment); yields its URL and
+    stops it afterwards."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("demo") / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           **(env or {})}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "groma_core.cli", "demo", "--port", str(port), "--max-new-tokens", "64"],
+            [sys.executable, "-m", "groma_core.cli", "demo", "--port", str(port), "--max-new-tokens", "64", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -81,6 +84,34 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`groma demo` on the embedded model."""
+    yield from serve_demo(tmp_path_factory.mktemp("demo") / "server.log")
+
+
+@pytest.fixture(scope="module")
+def mask_server(tmp_path_factory):
+    """`groma demo --model` on a recipe that extends the embedded model with a proposer that gives masks: the
+    example third-party plugin (examples/groma-plugin-grid-proposer, installed with pip) with ``masks: true``, an
+    ellipse in each window. (A tiny SAM with random weights would do, but its masks are noise over the whole picture:
+    every box the full image, one region left after NMS.)"""
+    folder = tmp_path_factory.mktemp("masks")
+    site = folder / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+         "--target", str(site), str(ROOT / "examples" / "groma-plugin-grid-proposer")],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    (folder / "masks.yaml").write_text(
+        f"extends: {DEFAULT_MODEL}\n"
+        "region_proposer: {plugin: sliding-window, scales: [0.25, 0.5], masks: true}\n"
+        "region_selection: {score_threshold: 0.0}\n"
+    )
+    python_path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    yield from serve_demo(folder / "server.log", "--model", str(folder / "masks.yaml"), env={"PYTHONPATH": python_path})
+
+
+@pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
 
@@ -90,15 +121,24 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(browser, server):
+def open_page(browser, url: str):
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(WAIT_MS)
-    page.goto(server)
+    page.goto(url)
     page.wait_for_selector("#groma-run")
     yield page
     context.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    yield from open_page(browser, server)
+
+
+@pytest.fixture
+def mask_page(browser, mask_server):
+    yield from open_page(browser, mask_server)
 
 
 def status(page) -> str:
@@ -139,6 +179,31 @@ def answer_json(page) -> dict:
     return json.loads(page.request.get(href).text())
 
 
+def shown_picture(page) -> Image.Image:
+    """The annotated picture as the page shows it (the image file its <img> loads)."""
+    src = page.locator("#groma-picture img").first.get_attribute("src")
+    return Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB")
+
+
+def tinted_pixels(picture: Image.Image, phrases: int) -> int:
+    """How many pixels of ``picture`` are the example's own pixel blended with one of the first ``phrases`` phrase
+    colours at the mask opacity, as a mask tint paints them (a box line or label is the colour itself). Off by at
+    most 2 per channel: the blend is rounded once by PIL (the picture is a lossless PNG)."""
+    import numpy as np
+
+    from groma_core.visualize import MASK_OPACITY, PALETTE
+
+    shown = np.asarray(picture, dtype=np.float32)
+    original = np.asarray(Image.open(EXAMPLE).convert("RGB"), dtype=np.float32)
+    assert shown.shape == original.shape, "the picture is shown at the image's own size"
+    hit = np.zeros(shown.shape[:2], dtype=bool)
+    for colour in PALETTE[:phrases]:
+        blend = original * (1 - MASK_OPACITY) + np.asarray(colour, dtype=np.float32) * MASK_OPACITY
+        moved = np.abs(blend - original).max(-1) > 8  # a pixel the tint changes visibly
+        hit |= moved & (np.abs(shown - blend).max(-1) <= 2)
+    return int(hit.sum())
+
+
 def draw_box(page, box: tuple[float, float, float, float], image_size=(512, 384)) -> None:
     """Drag with the mouse from one corner of ``box`` (pixels of the image) to the other on the picture."""
     canvas = page.locator("#groma-canvas canvas")
@@ -170,11 +235,24 @@ def test_example_grounded_caption_shows_coloured_phrases_and_boxes(page, tmp_pat
     record = answer_json(page)
     assert [p["phrase"] for p in record["answers"][0]["phrases"]] == phrases.all_inner_texts()
     assert "rgb(230, 25, 75)" in phrases.first.evaluate("e => getComputedStyle(e).borderBottomColor")
+    assert not any(p["has_masks"] for p in record["answers"][0]["phrases"])  # the detector gives no masks
+    assert tinted_pixels(shown_picture(page), phrases.count()) < 50  # so nothing is tinted (stray label pixels)
     shot = tmp_path / "demo.png"
     page.screenshot(path=str(shot), full_page=True)
     assert Image.open(shot).width >= 1000
     if os.environ.get("GROMA_DEMO_SCREENSHOT"):
         shutil.copy(shot, os.environ["GROMA_DEMO_SCREENSHOT"])
+
+
+def test_masks_of_a_proposer_that_gives_them_are_tinted_on_the_picture(mask_page):
+    page = mask_page
+    page.get_by_text("shapes.png", exact=True).first.click()
+    wait_status(page, "pixels")
+    assert run(page, "Grounded caption").startswith("done: ")
+    page.wait_for_selector("#groma-picture img")
+    phrases = answer_json(page)["answers"][0]["phrases"]
+    assert phrases and all(p["has_masks"] for p in phrases), "the proposer's regions come with their masks"
+    assert tinted_pixels(shown_picture(page), len(phrases)) > 200, "the masks are painted under the boxes"
 
 
 def test_draw_a_box_with_the_mouse_and_ask_about_it(page):

@@ -440,6 +440,56 @@ def test_region_pointer_adds_each_regions_match_to_its_index_logit(tiny_recipe, 
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.region_pointer.parameters())
 
 
+def test_region_pointer_box_adds_each_regions_geometry_to_its_key(tiny_recipe, manager, images):
+    """With ``region_pointer_box`` the pointer's key of region K is the map of its token plus a map of its box
+    (centre, size, log size), so two regions of the same token would still be told apart by where they are; the box
+    map is trained with the pointer. Asked without the pointer, the recipe says what is missing in one line."""
+    from groma_core.api import build
+    from groma_core.boxes import box_geometry
+    from groma_core.errors import RecipeError
+    from groma_core.recipe import validate_recipe
+
+    tiny_recipe["region_proposer"] = {"plugin": "user-boxes"}
+    with pytest.raises(RecipeError, match="region_pointer_box: true needs region_pointer: true"):
+        validate_recipe({**tiny_recipe, "region_pointer_box": True}, manager)
+
+    torch.manual_seed(0)
+    recipe = validate_recipe({**tiny_recipe, "region_pointer": True, "region_pointer_box": True}, manager)
+    model = build(recipe, manager=manager).eval()
+    assert {"region_pointer.box.weight", "region_pointer.box.bias"} <= set(model.state_dict())
+    boxes = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.95]])
+    ids = prompt_ids(model, "Compare <roi><refer_box></roi><refer_feat> and <roi><refer_box></roi><refer_feat>.")
+    pixels = model.image_tokenizer.preprocess(images[:1])
+    with torch.no_grad():
+        out = model(pixels, [ids], refer_boxes=[boxes])
+        inputs = out.inputs
+        head = model.language_backbone(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids)
+        regions, selected = inputs.region_tokens[0], inputs.regions.boxes[0]
+        pointer = model.region_pointer
+        keys = pointer.k(regions / regions.pow(2).mean(-1, keepdim=True).sqrt()) + pointer.box(box_geometry(selected))
+        expected = pointer.q(head.hidden_states[0]) @ keys.T / head.hidden_states.shape[-1] ** 0.5
+        # without the box term the scores differ: the geometry is part of what is added
+        without = pointer.q(head.hidden_states[0]) @ (keys - pointer.box(box_geometry(selected))).T
+    added = out.logits[0] - head.logits[0]
+    columns = model.tokenizer.region_ids[:2]
+    # float32 sums of a few hundred products: 1e-5
+    assert torch.allclose(added[:, columns], expected, atol=1e-5)
+    assert not torch.allclose(added[:, columns], without / head.hidden_states.shape[-1] ** 0.5, atol=1e-3)
+    model.train()
+    model(pixels, [ids], refer_boxes=[boxes], labels=[ids]).loss.backward()
+    assert pointer.box.weight.grad is not None and pointer.box.weight.grad.abs().sum() > 0
+
+
+def test_box_geometry_reads_position_size_and_aspect():
+    from groma_core.boxes import box_geometry
+
+    geometry = box_geometry(torch.tensor([[0.1, 0.2, 0.3, 0.6], [0.5, 0.5, 0.5, 0.7]]))
+    expected = torch.tensor([[0.2, 0.4, 0.2, 0.4, math.log(0.2), math.log(0.4)],
+                             [0.5, 0.6, 1e-3, 0.2, math.log(1e-3), math.log(0.2)]])
+    # float32 of decimal fractions: 1e-6
+    assert torch.allclose(geometry, expected, atol=1e-6)  # a zero-width box gets the floor, not -inf
+
+
 @pytest.mark.parametrize(
     ("corrupt", "message"),
     [

@@ -15,14 +15,19 @@ class SlidingWindowOptions(StageOptions):
     scales: list[float] = Field([0.25, 0.5, 1.0], description="window sides as fractions of the image side")
     overlap: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of a window shared with its neighbour")
     level: str = Field("last", description="image-feature level used to score the windows")
+    masks: bool = Field(
+        False,
+        description="also give a mask per window (the ellipse inscribed in it, at the original image's size; needs "
+        "the original images), to show how a proposer that segments hands its masks on",
+    )
 
 
 class SlidingWindowProposer(RegionProposer):
     """Windows at several scales, scored by the feature contrast inside them (sigmoid of a z-score)."""
 
-    def __init__(self, scales: list[float], overlap: float, level: str):
+    def __init__(self, scales: list[float], overlap: float, level: str, masks: bool = False):
         super().__init__()
-        self.level = level
+        self.level, self.masks = level, masks
         windows = []
         for side in scales:
             step = side * (1.0 - overlap)
@@ -50,7 +55,23 @@ class SlidingWindowProposer(RegionProposer):
         flat = energy.flatten(1)
         z = (means - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True) + 1e-6)
         scores = torch.sigmoid(z)
-        return Proposals([win.clone() for _ in range(fmap.shape[0])], list(scores))
+        extras = {}
+        if self.masks:
+            if features.images is None:
+                raise ValueError("sliding-window: masks need the original images, and the caller gave none")
+            # one (N, H, W) bool tensor per image, at its own size: the core passes them through with the regions
+            extras["masks"] = [self._ellipses(win, *image.size) for image in features.images]
+        return Proposals([win.clone() for _ in range(fmap.shape[0])], list(scores), extras)
+
+    @staticmethod
+    def _ellipses(windows: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        ys = (torch.arange(height, dtype=torch.float32)[:, None] + 0.5) / height
+        xs = (torch.arange(width, dtype=torch.float32)[None, :] + 0.5) / width
+        cx, cy = (windows[:, 0] + windows[:, 2]) / 2, (windows[:, 1] + windows[:, 3]) / 2
+        rx, ry = (windows[:, 2] - windows[:, 0]) / 2, (windows[:, 3] - windows[:, 1]) / 2
+        dx = (xs[None] - cx[:, None, None].cpu()) / rx[:, None, None].cpu()
+        dy = (ys[None] - cy[:, None, None].cpu()) / ry[:, None, None].cpu()
+        return dx**2 + dy**2 <= 1.0
 
 
 def _build(options: SlidingWindowOptions, context: BuildContext) -> SlidingWindowProposer:
@@ -59,7 +80,7 @@ def _build(options: SlidingWindowOptions, context: BuildContext) -> SlidingWindo
             f"sliding-window: level {options.level!r} is not produced by the image tokenizer "
             f"(it has {sorted(context.level_channels)})"
         )
-    return SlidingWindowProposer(options.scales, options.overlap, options.level)
+    return SlidingWindowProposer(options.scales, options.overlap, options.level, options.masks)
 
 
 @hookimpl
