@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from default_model import machine  # benchmarks/ is on the path when this script runs
 
-from groma_core.evaluation.harness import _xywh_to_xyxy
+
+def _xywh_to_xyxy(box: list[float]) -> list[float]:
+    x, y, w, h = box
+    return [x, y, x + w, y + h]
 
 
 def dataset(root: Path, images: int, seed: int) -> Path:

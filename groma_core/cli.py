@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import json
 import logging
 import os
@@ -14,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from groma_core import __version__
-from groma_core.errors import GromaError, RecipeError, one_line
+from groma_core.errors import GromaError, RecipeError, did_you_mean, one_line
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -74,8 +73,7 @@ def _print_options(manager, name: str, as_json: bool) -> int:
             causes = "; ".join(f"{r.distribution} failed to load ({r.cause})" for r in failed)
             raise UnknownPluginError(f"--options {name}: the plugin is not available: {causes}")
         names = sorted({e.name for e in manager.entries()})
-        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(name, names)
         raise UnknownPluginError(f"--options {name}: no stage of that name{hint}; installed: {', '.join(names)}")
     described = [(entry, [_option_row(n, f) for n, f in entry.config.model_fields.items()]) for entry in found]
     if as_json:

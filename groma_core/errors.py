@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import reprlib
+from collections.abc import Iterable
 
 #: longest echo of a user value (a repr) inside an error message, in characters
 MAX_ECHO_CHARS = 80
@@ -16,6 +18,13 @@ _ECHO.maxlevel = 3
 _ECHO.maxstring = _ECHO.maxother = MAX_ECHO_CHARS
 _ECHO.maxlong = 40
 _ECHO.maxdict = _ECHO.maxlist = _ECHO.maxtuple = _ECHO.maxset = _ECHO.maxfrozenset = _ECHO.maxdeque = 6
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` naming the choice closest to ``name`` (difflib, cutoff 0.6), or "" if none is close:
+    the hint every "unknown name" message of the package ends with."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def echo(value: object, limit: int = MAX_ECHO_CHARS) -> str:

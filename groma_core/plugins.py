@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.metadata as metadata
 import os
@@ -17,7 +16,7 @@ import pluggy
 from pydantic import BaseModel
 
 from groma_core import hookspecs
-from groma_core.errors import PluginConflictError, UnknownPluginError
+from groma_core.errors import PluginConflictError, UnknownPluginError, did_you_mean
 from groma_core.stages import STAGE_KINDS, BuildContext, Stage, check_stage
 
 ENTRY_POINT_GROUP = "groma"
@@ -66,11 +65,6 @@ class PluginRecord:
     stages: list[tuple[str, str]] = field(default_factory=list)
     cause: str | None = None
     """the exception that made it fail, without where it was raised (what an unknown-plugin error repeats)"""
-
-
-def _similar(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class PluginManager:
@@ -235,7 +229,7 @@ class PluginManager:
         if others:
             broken = f"; {len(others)} plugin(s) failed to load: {', '.join(others)} (see `groma plugins`)"
         raise UnknownPluginError(
-            f"unknown {kind} plugin {name!r}{_similar(name, installed)}; installed: "
+            f"unknown {kind} plugin {name!r}{did_you_mean(name, installed)}; installed: "
             f"{', '.join(installed) or '(none)'}{broken}"
         )
 

@@ -7,7 +7,6 @@ name exists, and the installed plugin names for an unknown plugin.
 from __future__ import annotations
 
 import copy
-import difflib
 import inspect
 import json
 import os
@@ -22,7 +21,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from groma_core import tokens as T
-from groma_core.errors import GromaError, PluginConflictError, RecipeError, UnknownPluginError, echo, one_line
+from groma_core.errors import (
+    GromaError,
+    PluginConflictError,
+    RecipeError,
+    UnknownPluginError,
+    did_you_mean,
+    echo,
+    one_line,
+)
 from groma_core.plugins import PluginManager
 from groma_core.schema import RecipeTraining
 from groma_core.selection import SelectionConfig
@@ -401,11 +408,6 @@ def _switch_plugin(result: Overridden, kind: str, plugin: Any, text: str) -> Non
 
 
 # -- validation ----------------------------------------------------------------------------------------------
-def _did_you_mean(name: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _model_in(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model an annotation holds (directly, optional, or as list items / mapping values)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -439,7 +441,7 @@ def _pydantic_problems(errors: Sequence[Any], model: type[BaseModel], prefix: st
         loc = [_path_part(p) for p in err["loc"]]
         path = ".".join([prefix, *loc]) if prefix else ".".join(loc)
         if err["type"] == "extra_forbidden":
-            hint = _did_you_mean(loc[-1], _fields_at(model, loc))
+            hint = did_you_mean(loc[-1], _fields_at(model, loc))
             allowed = _fields_at(model, loc)
             problems.append(f"{path}: unknown option{hint}; valid options: {', '.join(allowed)}")
         elif err["type"] == "missing":
@@ -541,7 +543,7 @@ def validate_recipe(
         found = _pydantic_problems(exc.errors(), CoreRecipe, "")
         # a misspelled stage section reads as an unknown core key: suggest the section names too
         problems += [
-            p + _did_you_mean(p.split(":")[0], STAGE_SECTIONS) if "unknown option" in p and "did you" not in p else p
+            p + did_you_mean(p.split(":")[0], STAGE_SECTIONS) if "unknown option" in p and "did you" not in p else p
             for p in found
         ]
     if core is not None and core.region_selection.max_regions > T.MAX_REGIONS:
@@ -603,7 +605,7 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
         raise RecipeError(
             str(name_or_path),
             [
-                f"no such recipe file or shipped recipe{_did_you_mean(str(p), names)}; "
+                f"no such recipe file or shipped recipe{did_you_mean(str(p), names)}; "
                 f"shipped: {', '.join(names) or '(none)'}"
             ],
         )
@@ -732,7 +734,7 @@ def _extended_path(target: str, path: Path, chain: list[Path]) -> Path:
         str(path),
         [
             f"extends: {echo(target)}: no such recipe file, model folder (relative to {path.parent}) or shipped "
-            f"recipe{_did_you_mean(target, names)} ({_chain_text(chain)} -> {echo(target)}); shipped: "
+            f"recipe{did_you_mean(target, names)} ({_chain_text(chain)} -> {echo(target)}); shipped: "
             f"{', '.join(names) or '(none)'}"
         ],
     )

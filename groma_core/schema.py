@@ -4,13 +4,14 @@ the training code (:mod:`groma_core.training` builds datasets from these and run
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from groma_core.errors import did_you_mean
 
 
 class DataSource(BaseModel):
@@ -289,8 +290,7 @@ class RecipeTraining(TrainingConfig):
             for j, source in enumerate(stage.data):
                 spec = self.datasets.get(source.name)
                 if spec is None:
-                    close = difflib.get_close_matches(source.name, list(self.datasets), n=1, cutoff=0.6)
-                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    hint = did_you_mean(source.name, self.datasets)
                     problems.append(f"stages.{i}.data.{j}.name: {source.name!r} is not in datasets{hint}")
                     continue
                 if objective_of(spec.format) != stage.objective:

@@ -5,8 +5,10 @@ Each reader checks the structure it relies on and raises :class:`InputError` nam
 key that is wrong. Boxes come back as ``(x1, y1, x2, y2)`` pixels of the original image (the files hold COCO
 ``[x, y, w, h]``), the unit :mod:`groma_core.evaluation` scores in, as the file gives them: boxes without area
 (w or h <= 0), with coordinates that are not finite, or outside their image are returned too, for the caller to
-judge (the training datasets clip or drop them with a count). Category names of LVIS files come back as the
-reference's prompts use them: ``_`` replaced by a space, stripped and lower-cased.
+judge (the training datasets clip or drop them with a count). An ``area`` left out is the box's (COCO's own
+files give the segment's); ``iscrowd`` left out is 0. Category names of LVIS files come back as the reference's
+prompts use them: ``_`` replaced by a space, stripped and lower-cased. Training and evaluation read every format
+through these functions, so a file means the same to both.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class DetectionImage:
     boxes: tuple[Box, ...]
     areas: tuple[float, ...]
     labels: tuple[int, ...] = ()  #: each box's ``category_id`` (0 where the file gives none)
+    crowd: tuple[bool, ...] = ()  #: each box's ``iscrowd`` (a crowd region: COCOeval counts no detection on it)
 
 
 @dataclass(frozen=True)
@@ -56,11 +59,14 @@ class RecSample:
 
 @dataclass(frozen=True)
 class RegionCaption:
-    """One captioned region of a Visual Genome-style file."""
+    """One captioned region of a Visual Genome-style file (or a RefCOCOg-style one, whose captions are the image
+    entry's): its first caption, every reference caption, and the annotation's id (None where the file gives none)."""
 
     image: ImageInfo
     box: Box
     caption: str
+    references: tuple[str, ...] = ()
+    id: int | str | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,13 @@ def _xywh_to_xyxy(value: object, where: str) -> Box:
     return x, y, x + w, y + h
 
 
+def _area(record: dict, box: Box, where: str) -> float:
+    """The annotation's ``area``, or its box's where the file gives none."""
+    if "area" not in record:
+        return (box[2] - box[0]) * (box[3] - box[1])
+    return float(_get(record, "area", (int, float), where))
+
+
 def _coco(path: str | Path) -> tuple[dict, dict[int, ImageInfo], dict[int, list[tuple[int, dict]]]]:
     """The file, its images by id and its annotations (with their positions) by image id."""
     data = _load(path)
@@ -171,16 +184,20 @@ def read_detection(path: str | Path) -> list[DetectionImage]:
     _, images, by_image = _coco(path)
     result = []
     for image_id, info in images.items():
-        boxes, areas, labels = [], [], []
+        boxes, areas, labels, crowd = [], [], [], []
         for j, record in by_image.get(image_id, []):
             at = f"{path}: annotations[{j}]"
             boxes.append(_xywh_to_xyxy(_get(record, "bbox", list, at), f"{at}.bbox"))
-            areas.append(float(_get(record, "area", (int, float), at)))
+            areas.append(_area(record, boxes[-1], at))
             label = record.get("category_id", 0)
             if isinstance(label, bool) or not isinstance(label, int) or label < 0:
                 raise InputError(f"{at}.category_id: expected a non-negative integer, got {str(label)[:40]!r}")
             labels.append(label)
-        result.append(DetectionImage(info, tuple(boxes), tuple(areas), tuple(labels)))
+            flag = record.get("iscrowd", 0)
+            if flag not in (0, 1):
+                raise InputError(f"{at}.iscrowd: expected 0 or 1, got {str(flag)[:40]!r}")
+            crowd.append(bool(flag))
+        result.append(DetectionImage(info, tuple(boxes), tuple(areas), tuple(labels), tuple(crowd)))
     return result
 
 
@@ -203,13 +220,26 @@ def read_rec(path: str | Path) -> list[RecSample]:
 
 
 def read_region_captions(path: str | Path) -> list[RegionCaption]:
-    """Every captioned region of a Visual Genome-style file (``annotations[j].caption``), in file order."""
+    """Every captioned region of a Visual Genome-style file (``annotations[j].caption``), in file order. A region
+    without a caption of its own takes its image entry's (RefCOCOg style); a caption may be a list of references."""
     data, images, _ = _coco(path)
+    image_records = {record["id"]: (i, record) for i, record in enumerate(data["images"])}
     result = []
     for j, record in enumerate(data["annotations"]):
         at = f"{path}: annotations[{j}]"
         box = _xywh_to_xyxy(_get(record, "bbox", list, at), f"{at}.bbox")
-        result.append(RegionCaption(images[record["image_id"]], box, _get(record, "caption", str, at)))
+        i, image_record = image_records[record["image_id"]]
+        if "caption" in record:
+            caption, where = record["caption"], f"{at}.caption"
+        elif "caption" in image_record:
+            caption, where = image_record["caption"], f"{path}: images[{i}].caption"
+        else:
+            raise InputError(f"{at}: no caption, neither its own nor its image's (images[{i}])")
+        references = caption if isinstance(caption, list) else [caption]
+        if not references or not all(isinstance(c, str) and c.strip() for c in references):
+            raise InputError(f"{where}: expected a caption or a list of captions, got {str(caption)[:60]!r}")
+        annotation_id = record.get("id")
+        result.append(RegionCaption(images[record["image_id"]], box, references[0], tuple(references), annotation_id))
     return result
 
 
@@ -255,7 +285,7 @@ def read_lvis_ground(path: str | Path) -> list[GroundingQuery]:
                 raise InputError(f"{at}.category_id: no category has id {category_id}")
             boxes, areas = per_category.setdefault(category_id, ([], []))
             boxes.append(_xywh_to_xyxy(_get(annotation, "bbox", list, at), f"{at}.bbox"))
-            areas.append(float(_get(annotation, "area", (int, float), at)))
+            areas.append(_area(annotation, boxes[-1], at))
         for category_id, (boxes, areas) in per_category.items():
             result.append(GroundingQuery(info, category_id, categories[category_id], tuple(boxes), tuple(areas)))
     return result

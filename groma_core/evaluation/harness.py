@@ -30,6 +30,13 @@ import numpy as np
 import torch
 
 from groma_core.boxes import from_input_frame
+from groma_core.data.formats import (
+    read_detection,
+    read_grounded_captions,
+    read_lvis_ground,
+    read_rec,
+    read_region_captions,
+)
 from groma_core.data.instructions import (
     CAPTION_INSTRUCTIONS,
     DETAILED_REGION_INSTRUCTIONS,
@@ -37,7 +44,7 @@ from groma_core.data.instructions import (
     REC_INSTRUCTIONS,
     REGION_INSTRUCTIONS,
 )
-from groma_core.errors import GromaError, InputError, echo
+from groma_core.errors import GromaError, InputError
 from groma_core.evaluation.metrics import (
     GroundingSample,
     caption_scores,
@@ -60,33 +67,6 @@ class Sample:
     index: int
     image: Path | Any  # a path, or the decoded PIL image once the harness has read it
     data: dict[str, Any] = field(default_factory=dict)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: annotation file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a JSON annotation file ({exc})") from None
-
-
-def _xywh_to_xyxy(b: Sequence[float]) -> list[float]:
-    x, y, w, h = (float(v) for v in b)
-    return [x, y, x + w, y + h]
-
-
-def _coco_tables(ann: Any, path: Path, need: Sequence[str]) -> dict[str, list]:
-    if not isinstance(ann, dict):
-        raise InputError(f"{path}: expected a COCO-style JSON object, got {type(ann).__name__}")
-    missing = [k for k in need if not isinstance(ann.get(k), list)]
-    if missing:
-        raise InputError(f"{path}: COCO-style annotations need the list(s) {', '.join(missing)}")
-    for key in need:
-        for i, entry in enumerate(ann[key]):
-            if not isinstance(entry, dict):
-                raise InputError(f"{path}: {key}[{i}] is {type(entry).__name__} {echo(entry, 40)}, not a JSON object")
-    return ann
 
 
 class Task(ABC):
@@ -125,14 +105,10 @@ class Task(ABC):
         id) (the reference draws with an unseeded ``random.choice`` over the same set)."""
         return random.Random(f"{seed}:{self.name}:{sample.id}").choice(self.templates)
 
+    @abstractmethod
     def read(self) -> list[Sample]:
-        """The samples of :attr:`ann_file` (its JSON, through :meth:`load_samples`)."""
-        return self.load_samples(_read_json(self.ann_file))
-
-    def load_samples(self, ann: Any) -> list[Sample]:
-        """The samples of the annotation file's parsed JSON, in a fixed order (a task that reads its file with one of
-        :mod:`groma_core.data`'s readers overrides :meth:`read` instead)."""
-        raise NotImplementedError(f"{type(self).__name__} reads its samples with read()")
+        """The samples of :attr:`ann_file` in a fixed order, read with the format's reader in :mod:`groma_core.data`
+        (the one training uses), whose errors name the file, the entry and the key."""
 
     @abstractmethod
     def predict(self, model, samples: list[Sample], seed: int, batch_size: int) -> list[dict[str, Any]]:
@@ -161,7 +137,6 @@ class RecTask(Task):
 
     def read(self) -> list[Sample]:
         """The expressions as training reads them (:func:`groma_core.data.read_rec`: exactly one box each)."""
-        from groma_core.data import read_rec
 
         return [
             Sample(
@@ -203,34 +178,23 @@ class LvisGroundTask(Task):
     templates = tuple(t.format(P_OPEN + "{}" + P_CLOSE) for t in GROUNDING_INSTRUCTIONS)
     max_new_tokens = 10
 
-    def load_samples(self, ann: Any) -> list[Sample]:
-        ann = _coco_tables(ann, self.ann_file, ("images", "annotations", "categories"))
-        names = {c["id"]: c["name"] for c in ann["categories"]}
-        images = {img["id"]: img for img in ann["images"]}
-        groups: dict[tuple[Any, Any], list[dict]] = {}
-        for a in ann["annotations"]:
-            groups.setdefault((a["image_id"], a["category_id"]), []).append(a)
-        samples = []
-        for i, ((image_id, cat), anns) in enumerate(
-            sorted(groups.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1])))
-        ):
-            if image_id not in images or cat not in names:
-                raise InputError(f"{self.ann_file}: annotation refers to unknown image {image_id} or category {cat}")
-            samples.append(
-                Sample(
-                    f"{image_id}:{cat}",
-                    i,
-                    _image_path(self.images_dir, images[image_id]["file_name"]),
-                    {
-                        "image_id": image_id,
-                        "category_id": cat,
-                        "category": names[cat].replace("_", " ").strip().lower(),  # groma/eval/eval_lvis.py:58
-                        "gt_boxes": [_xywh_to_xyxy(a["bbox"]) for a in anns],
-                        "gt_areas": [float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns],
-                    },
-                )
+    def read(self) -> list[Sample]:
+        queries = sorted(read_lvis_ground(self.ann_file), key=lambda q: (str(q.image.id), str(q.category_id)))
+        return [
+            Sample(
+                f"{q.image.id}:{q.category_id}",
+                i,
+                _image_path(self.images_dir, q.image.file_name),
+                {
+                    "image_id": q.image.id,
+                    "category_id": q.category_id,
+                    "category": q.category,  # groma/eval/eval_lvis.py:58
+                    "gt_boxes": [list(b) for b in q.boxes],
+                    "gt_areas": list(q.areas),
+                },
             )
-        return samples
+            for i, q in enumerate(queries)
+        ]
 
     def predict(self, model, samples, seed, batch_size):
         requests = [Request(s.image, [(self.template_for(s, seed).format(s.data["category"]), None)]) for s in samples]
@@ -282,29 +246,16 @@ class RegionCaptionTask(Task):
         self.templates = self.styles[style]
         super().__init__(ann_file, images_dir, max_new_tokens)
 
-    def load_samples(self, ann: Any) -> list[Sample]:
-        ann = _coco_tables(ann, self.ann_file, ("images", "annotations"))
-        images = {img["id"]: img for img in ann["images"]}
-        samples = []
-        for i, a in enumerate(ann["annotations"]):
-            img = images.get(a["image_id"])
-            if img is None:
-                raise InputError(
-                    f"{self.ann_file}: annotation {a.get('id', i)} refers to unknown image {a['image_id']}"
-                )
-            caption = a.get("caption", img.get("caption"))
-            if not caption:
-                raise InputError(f"{self.ann_file}: annotation {a.get('id', i)} has no caption")
-            refs = caption if isinstance(caption, list) else [caption]
-            samples.append(
-                Sample(
-                    str(a.get("id", i)),
-                    i,
-                    _image_path(self.images_dir, img["file_name"]),
-                    {"box": _xywh_to_xyxy(a["bbox"]), "references": refs},
-                )
+    def read(self) -> list[Sample]:
+        return [
+            Sample(
+                str(r.id if r.id is not None else i),
+                i,
+                _image_path(self.images_dir, r.image.file_name),
+                {"box": list(r.box), "references": list(r.references)},
             )
-        return samples
+            for i, r in enumerate(read_region_captions(self.ann_file))
+        ]
 
     def predict(self, model, samples, seed, batch_size):
         requests = [Request(s.image, [(self.template_for(s, seed), None)], [s.data["box"]]) for s in samples]
@@ -330,21 +281,15 @@ class DetectionTask(Task):
     name = "detection"
     templates = ("",)
 
-    def load_samples(self, ann: Any) -> list[Sample]:
-        ann = _coco_tables(ann, self.ann_file, ("images", "annotations"))
-        gt: dict[Any, dict[str, list]] = {
-            img["id"]: {"gt_boxes": [], "gt_areas": [], "gt_crowd": []} for img in ann["images"]
-        }
-        for a in ann["annotations"]:
-            if a["image_id"] not in gt:
-                raise InputError(f"{self.ann_file}: annotation {a.get('id')} refers to unknown image {a['image_id']}")
-            entry = gt[a["image_id"]]
-            entry["gt_boxes"].append(_xywh_to_xyxy(a["bbox"]))
-            entry["gt_areas"].append(float(a.get("area", a["bbox"][2] * a["bbox"][3])))
-            entry["gt_crowd"].append(bool(a.get("iscrowd", 0)))
+    def read(self) -> list[Sample]:
         return [
-            Sample(str(img["id"]), i, _image_path(self.images_dir, img["file_name"]), gt[img["id"]])
-            for i, img in enumerate(ann["images"])
+            Sample(
+                str(d.image.id),
+                i,
+                _image_path(self.images_dir, d.image.file_name),
+                {"gt_boxes": [list(b) for b in d.boxes], "gt_areas": list(d.areas), "gt_crowd": list(d.crowd)},
+            )
+            for i, d in enumerate(read_detection(self.ann_file))
         ]
 
     @torch.no_grad()
@@ -391,7 +336,6 @@ class GroundedCaptionTask(Task):
 
     def read(self) -> list[Sample]:
         """The captions and their phrases (:func:`groma_core.data.read_grounded_captions`, which reads the file)."""
-        from groma_core.data import read_grounded_captions
 
         records = read_grounded_captions(self.ann_file)
         return [

@@ -537,7 +537,7 @@ class DetailedRegionCaptionDataset(RegionCaptionDataset):
     def read(self, ann):
         from groma_core.data import RegionCaption, read_rec
 
-        return [RegionCaption(r.image, r.box, r.expression) for r in read_rec(ann)]
+        return [RegionCaption(r.image, r.box, r.expression, (r.expression,)) for r in read_rec(ann)]
 
 
 class MultiRoundRegionCaptionDataset(_ConversationDataset):

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from groma_core.api import resolve_device
 from groma_core.schema import StageConfig
 
 
@@ -34,18 +35,20 @@ class DistContext:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    """``auto``: this process's GPU (``cuda:LOCAL_RANK``) when CUDA exists, else the CPU."""
+def process_device(name: str, local_rank: int) -> torch.device:
+    """The device of this training process: ``auto`` is its GPU (``cuda:LOCAL_RANK``) when CUDA exists, else the
+    CPU; any other name is checked as :func:`groma_core.api.resolve_device` checks it (a device this machine lacks
+    is refused in one line)."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
+    return resolve_device(name)
 
 
 def init_distributed(device_name: str) -> tuple[DistContext, bool]:
     """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1), or use the one already
     initialised; NCCL for CUDA devices, gloo otherwise. Also says whether this call created the group."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
+    device = process_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     created = False

@@ -3,7 +3,6 @@ progress bar, JSON Lines (and TensorBoard) metrics, atomic checkpoints and exact
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import math
@@ -20,7 +19,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from groma_core.errors import CheckpointError, GromaError, RecipeError
+from groma_core.errors import CheckpointError, GromaError, RecipeError, did_you_mean
 from groma_core.model import GromaModel
 from groma_core.schema import StageConfig, TrainingConfig
 from groma_core.stages import DetectionLoss
@@ -90,8 +89,7 @@ def check_training(model: GromaModel, config: TrainingConfig, datasets: Mapping[
             problems.append(f"{where}: trains no parameter (every `train` match is also frozen)")
         for j, source in enumerate(stage.data):
             if source.name not in datasets:
-                close = difflib.get_close_matches(source.name, list(datasets), n=1, cutoff=0.6)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                hint = did_you_mean(source.name, datasets)
                 given = ", ".join(sorted(datasets)) or "(none)"
                 problems.append(f"{where}.data.{j}.name: no dataset {source.name!r}{hint}; given: {given}")
             elif len(datasets[source.name]) == 0:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 
 from torch import nn
 
+from groma_core.errors import did_you_mean
 from groma_core.schema import StageConfig
 
 
@@ -27,8 +27,7 @@ def pattern_problems(
     for i, pattern in enumerate(patterns):
         if any(matches(n, pattern) for n in candidates):
             continue
-        close = difflib.get_close_matches(pattern.rstrip(".*"), paths, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(pattern.rstrip(".*"), paths)
         tops = ", ".join(sorted({n.split(".", 1)[0] for n in names}))
         problems.append(f"{where}.{i}: {pattern!r} matches no parameter{hint}; top-level modules: {tops}")
     return problems
