@@ -229,6 +229,7 @@ def convert_checkpoint(
     (float32, float16 or bfloat16); the recipe records it. ``recipe_overrides``: ``key.sub=value`` changes to the
     recipe derived from the configuration (for settings the reference hard-codes).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from groma_core.api import DTYPES, _construct
@@ -294,8 +295,11 @@ def convert_checkpoint(
         if not shard:
             return
         name = dst / f"model-{len(tmp_names) + 1:05d}.safetensors.partial"
-        save_file(shard, str(name), metadata={"format": "pt"})
-        tmp_names.append(name)
+        tmp_names.append(name)  # removed with the others if the write fails
+        try:
+            save_file(shard, str(name), metadata={"format": "pt"})
+        except SafetensorError as exc:  # a full disk, a file-size limit: the OS's reason, as an OSError
+            raise OSError(f"cannot write {name} ({one_line(exc, 200)})") from None
         shard, shard_size = {}, 0
         gc.collect()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -226,6 +227,69 @@ def test_two_processes_converting_at_once_convert_once(release_files, homes):
     assert not list(conversions(repo)[0].parent.glob(".*.tmp-*"))  # no temporary folder left
 
 
+def test_quantize_with_a_hub_id_quantizes_the_cached_conversion(release_files, by_hand, homes):
+    """`--quantize 8bit` with a Hub id: the release is converted once as usual and its language model's projections
+    are loaded as bitsandbytes 8-bit layers; the answer is the one of the hand conversion quantized the same way."""
+    import bitsandbytes as bnb
+
+    repo = "FoundationVision/groma-7b-finetune"
+    put_in_hub_cache(Path(homes["HF_HOME"]), repo, release_files)
+    model = load(repo, quantize="8bit", convert_overrides=[REGION_DIM])
+    layer = model.get_submodule("language_backbone.llm.model.layers.0.self_attn.q_proj")
+    assert type(layer) is bnb.nn.Linear8bitLt and layer.weight.dtype == torch.int8
+    assert caption(model) == caption(load(by_hand, quantize="8bit"))
+    assert len(conversions(repo)) == 1  # the conversion is the float one; quantization happens at load
+
+
+def test_detector_only_release_from_the_hub_is_a_detector_pipeline(release_files, homes, tmp_path):
+    """groma-det-pretrain (config.json of model_type ddetr, the perceiver's tensors only) by repo id: converted once,
+    its proposer gives the boxes of the same release converted by hand, and `groma eval detection` runs on it."""
+    from groma_core.convert import convert_checkpoint
+
+    (tmp_path / "full.bin").write_bytes(release_files["pytorch_model.bin"])
+    full = torch.load(tmp_path / "full.bin", weights_only=True)
+    state = {k[len("perceiver.") :]: v for k, v in full.items() if k.startswith("perceiver.")}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    perceiver = json.loads(release_files["config.json"])["perceiver_cfg"]
+    assert perceiver["model_type"] == "ddetr"
+    files = {
+        "config.json": json.dumps(perceiver).encode(),
+        "pytorch_model.bin": (tmp_path / "pytorch_model.bin").read_bytes(),
+        "preprocessor_config.json": release_files["preprocessor_config.json"],
+    }
+    repo = "FoundationVision/groma-det-pretrain"
+    put_in_hub_cache(Path(homes["HF_HOME"]), repo, files)
+    rest = [REGION_DIM, "language_backbone.hidden_size=64", "language_backbone.num_hidden_layers=1",
+            "language_backbone.intermediate_size=128"]
+    model = load(repo, convert_overrides=rest)
+    src = tmp_path / "det"
+    src.mkdir()
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    convert_checkpoint(src, tmp_path / "by-hand", recipe_overrides=rest)
+    expected = load(tmp_path / "by-hand")
+    image = Image.open(EXAMPLE).convert("RGB")
+    with torch.no_grad():
+        got = model.propose(model.encode_images(model.image_tokenizer.preprocess([image]), [image]))
+        want = expected.propose(expected.encode_images(expected.image_tokenizer.preprocess([image]), [image]))
+    assert torch.equal(got.boxes[0], want.boxes[0]) and torch.equal(got.scores[0], want.scores[0])
+
+    detection = {
+        "images": [{"id": 1, "file_name": EXAMPLE.name, "width": image.width, "height": image.height}],
+        "annotations": [{"id": 1, "image_id": 1, "bbox": [40, 55, 125, 120], "area": 15000, "category_id": 1}],
+        "categories": [{"id": 1, "name": "object"}],
+    }
+    (tmp_path / "det.json").write_text(json.dumps(detection))
+    args = ["eval", "detection", "--model", repo, "--ann", str(tmp_path / "det.json"), "--images", str(EXAMPLE.parent),
+            "--out", str(tmp_path / "eval")]
+    args += [a for setting in rest for a in ("--convert-set", setting)]
+    out = groma(*args, env=homes)
+    assert out.returncode == 0, out.stderr
+    assert len(conversions(repo)) == 1  # the CLI took the conversion load() made
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["num_samples"] == 1 and 0.0 <= summary["metrics"]["AR@100"] <= 1.0
+
+
 def test_model_folder_repo_loads_without_conversion(by_hand, homes):
     files = {p.relative_to(by_hand).as_posix(): p.read_bytes() for p in by_hand.rglob("*") if p.is_file()}
     put_in_hub_cache(Path(homes["HF_HOME"]), "someone/groma-tuned", files)
@@ -399,6 +463,32 @@ def test_too_little_disk_space_is_one_line_before_converting(release_files, home
     with pytest.raises(GromaError, match=r"converting needs about 8192\.0 GiB free in .*groma-7b-finetune, which"):
         load(repo)
     assert conversions(repo) == [] and not list((models_dir() / "FoundationVision--groma-7b-finetune").glob(".*tmp*"))
+
+
+def test_a_write_that_fails_midway_leaves_nothing_and_says_so(release_files, homes):
+    """The disk fills while the shards are written: the command ends in one line naming the folder and the OS's
+    reason, removes what it wrote, and the next call (with room again) converts from the start. The process's file-size
+    limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes the write fail as a full disk does, with an OSError from write(),
+    without needing a small file system to be mounted."""
+    repo = "FoundationVision/groma-7b-finetune"
+    put_in_hub_cache(Path(homes["HF_HOME"]), repo, release_files)
+    limit = len(release_files["pytorch_model.bin"]) // 4  # the converted shard is about as big as the release
+    code = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        "from groma_core.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    args = ["ground", str(EXAMPLE), "Describe the image.", "--model", repo, "--convert-set", REGION_DIM,
+            "--max-new-tokens", "2"]
+    env = {**os.environ, **homes, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert re.search(r"converting into .*\.tmp-\d+ failed \(.*File too large.*\); nothing was kept", line), line
+    folder = models_dir() / "FoundationVision--groma-7b-finetune"
+    assert conversions(repo) == [] and not list(folder.glob(".*tmp*")), "no partial files left"
+    assert caption(load(repo, convert_overrides=[REGION_DIM]))  # room again: converted and answering
+    assert len(conversions(repo)) == 1
 
 
 def test_release_with_a_shard_missing_from_the_cache_is_one_line(release_files, homes, tmp_path):
