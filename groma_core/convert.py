@@ -299,7 +299,8 @@ def convert_checkpoint(
         try:
             save_file(shard, str(name), metadata={"format": "pt"})
         except SafetensorError as exc:  # a full disk, a file-size limit: the OS's reason, as an OSError
-            raise OSError(f"cannot write {name} ({one_line(exc, 200)})") from None
+            reason = str(exc).removeprefix("Error while serializing: ").removeprefix("I/O error: ")
+            raise OSError(f"cannot write {name.name}: {one_line(reason, 120)}") from None
         shard, shard_size = {}, 0
         gc.collect()
 
