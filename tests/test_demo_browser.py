@@ -185,23 +185,22 @@ def shown_picture(page) -> Image.Image:
     return Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB")
 
 
-def tinted_pixels(picture: Image.Image, phrases: int) -> int:
-    """How many pixels of ``picture`` are the example's own pixel blended with one of the first ``phrases`` phrase
-    colours at the mask opacity, as a mask tint paints them (a box line or label is the colour itself). Off by at
-    most 2 per channel: the blend is rounded once by PIL (the picture is a lossless PNG)."""
+def mask_pixels(picture: Image.Image, answer: dict) -> int:
+    """How many pixels of the page's ``picture`` differ from the same answer drawn without masks (the boxes and
+    labels of its phrases, from its JSON): the pixels that the masks tinted. The picture is a lossless PNG."""
     import numpy as np
 
-    from groma_core.visualize import MASK_OPACITY, PALETTE
+    from groma_core.types import GroundedAnswer, GroundedPhrase
+    from groma_core.visualize import draw_answer
 
-    shown = np.asarray(picture, dtype=np.float32)
-    original = np.asarray(Image.open(EXAMPLE).convert("RGB"), dtype=np.float32)
-    assert shown.shape == original.shape, "the picture is shown at the image's own size"
-    hit = np.zeros(shown.shape[:2], dtype=bool)
-    for colour in PALETTE[:phrases]:
-        blend = original * (1 - MASK_OPACITY) + np.asarray(colour, dtype=np.float32) * MASK_OPACITY
-        moved = np.abs(blend - original).max(-1) > 8  # a pixel the tint changes visibly
-        hit |= moved & (np.abs(shown - blend).max(-1) <= 2)
-    return int(hit.sum())
+    phrases = [
+        GroundedPhrase(p["phrase"], tuple(p["span"]), p["region_ids"], [tuple(b) for b in p["boxes"]],
+                       [tuple(b) for b in p["boxes_px"]])
+        for p in answer["phrases"]
+    ]
+    plain = draw_answer(Image.open(EXAMPLE).convert("RGB"), GroundedAnswer(raw_text="", text="", phrases=phrases))
+    assert plain.size == picture.size, "the picture is shown at the image's own size"
+    return int((np.asarray(picture, dtype=np.int16) != np.asarray(plain, dtype=np.int16)).any(-1).sum())
 
 
 def draw_box(page, box: tuple[float, float, float, float], image_size=(512, 384)) -> None:
@@ -236,7 +235,7 @@ def test_example_grounded_caption_shows_coloured_phrases_and_boxes(page, tmp_pat
     assert [p["phrase"] for p in record["answers"][0]["phrases"]] == phrases.all_inner_texts()
     assert "rgb(230, 25, 75)" in phrases.first.evaluate("e => getComputedStyle(e).borderBottomColor")
     assert not any(p["has_masks"] for p in record["answers"][0]["phrases"])  # the detector gives no masks
-    assert tinted_pixels(shown_picture(page), phrases.count()) < 50  # so nothing is tinted (stray label pixels)
+    assert mask_pixels(shown_picture(page), record["answers"][0]) == 0  # so the picture is boxes and labels only
     shot = tmp_path / "demo.png"
     page.screenshot(path=str(shot), full_page=True)
     assert Image.open(shot).width >= 1000
@@ -250,9 +249,9 @@ def test_masks_of_a_proposer_that_gives_them_are_tinted_on_the_picture(mask_page
     wait_status(page, "pixels")
     assert run(page, "Grounded caption").startswith("done: ")
     page.wait_for_selector("#groma-picture img")
-    phrases = answer_json(page)["answers"][0]["phrases"]
-    assert phrases and all(p["has_masks"] for p in phrases), "the proposer's regions come with their masks"
-    assert tinted_pixels(shown_picture(page), len(phrases)) > 200, "the masks are painted under the boxes"
+    answer = answer_json(page)["answers"][0]
+    assert answer["phrases"] and all(p["has_masks"] for p in answer["phrases"]), "the regions come with their masks"
+    assert mask_pixels(shown_picture(page), answer) > 1000, "the masks are painted under the boxes"
 
 
 def test_draw_a_box_with_the_mouse_and_ask_about_it(page):
