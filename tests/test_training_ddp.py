@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -112,9 +113,18 @@ def worker(sp_dir: Path, out_dir: Path) -> None:
 def test_two_processes_train_like_one(sp_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-    proc = subprocess.run(
-        [*command, __file__, str(sp_dir), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
-    )
+    for attempt in range(2):
+        shutil.rmtree(tmp_path / "ddp", ignore_errors=True)
+        shutil.rmtree(tmp_path / "ddp-resumed", ignore_errors=True)
+        proc = subprocess.run(
+            [*command, __file__, str(sp_dir), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+        )
+        # Seen once in six runs (session 11, issue 17 note): a worker aborted by std::terminate ("terminate called
+        # without an active exception", exit -6) inside torch's gloo threads, not in Python; retried once, that only.
+        output = proc.stdout + proc.stderr
+        aborted = "terminate called without an active exception" in output and "(exitcode: -6)" in output
+        if proc.returncode == 0 or not aborted or attempt == 1:
+            break
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     # one process, the same global batch of 2 as 1 sample x 2 accumulated micro-batches
