@@ -430,11 +430,12 @@ class GromaModel(TasksMixin, nn.Module):
         device = inputs.inputs_embeds.device
         regions = torch.zeros(batch, k_max, width, device=device, dtype=tokens[0].dtype)
         valid = torch.zeros(batch, k_max, dtype=torch.bool, device=device)
-        boxes = torch.zeros(batch, k_max, 4, device=device)
+        boxes = torch.zeros(batch, k_max, 4, device=device) if pointer.box is not None else None
         for i, t in enumerate(tokens):
             regions[i, : t.shape[0]] = t
             valid[i, : t.shape[0]] = True
-            boxes[i, : t.shape[0]] = inputs.regions.boxes[i].to(device=device, dtype=boxes.dtype)
+            if boxes is not None:  # only a pointer that reads the geometry needs the boxes
+                boxes[i, : t.shape[0]] = inputs.regions.boxes[i].to(device=device, dtype=boxes.dtype)
         columns = torch.tensor(self.tokenizer.region_ids[:k_max], device=device)
 
         def add(logits: Tensor, hidden: Tensor) -> Tensor:

@@ -397,6 +397,19 @@ def test_index_region_tokens_adds_each_regions_index_at_its_scale(tiny_recipe, m
         assert torch.allclose(cos, torch.ones_like(cos), atol=1e-4)
 
 
+def _two_box_forward(model, images):
+    """A question about two user boxes through ``model``: (boxes, ids, pixels, output, the language model's own
+    output on the same inputs)."""
+    boxes = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.95]])
+    ids = prompt_ids(model, "Compare <roi><refer_box></roi><refer_feat> and <roi><refer_box></roi><refer_feat>.")
+    pixels = model.image_tokenizer.preprocess(images[:1])
+    with torch.no_grad():
+        out = model(pixels, [ids], refer_boxes=[boxes])
+        inputs = out.inputs
+        head = model.language_backbone(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids)
+    return boxes, ids, pixels, out, head
+
+
 def test_region_pointer_adds_each_regions_match_to_its_index_logit(tiny_recipe, manager, images):
     """With ``region_pointer`` the logit of <rK> is the language model head's plus the pointer's match of the hidden
     state with region K's token, for the regions the sample has; every other logit is the head's alone; generation
@@ -412,14 +425,9 @@ def test_region_pointer_adds_each_regions_match_to_its_index_logit(tiny_recipe, 
     torch.manual_seed(0)
     model = build(validate_recipe({**tiny_recipe, "region_pointer": True}, manager), manager=manager).eval()
     tok = model.tokenizer
-    boxes = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.95]])
-    ids = prompt_ids(model, "Compare <roi><refer_box></roi><refer_feat> and <roi><refer_box></roi><refer_feat>.")
-    pixels = model.image_tokenizer.preprocess(images[:1])
+    boxes, ids, pixels, out, head = _two_box_forward(model, images)
     with torch.no_grad():
-        out = model(pixels, [ids], refer_boxes=[boxes])
-        inputs = out.inputs
-        head = model.language_backbone(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids)
-        regions = inputs.region_tokens[0]
+        regions = out.inputs.region_tokens[0]
         assert regions.shape[0] == 2
         pointer = model.region_pointer
         keys = pointer.k(regions / regions.pow(2).mean(-1, keepdim=True).sqrt())
@@ -457,14 +465,9 @@ def test_region_pointer_box_adds_each_regions_geometry_to_its_key(tiny_recipe, m
     recipe = validate_recipe({**tiny_recipe, "region_pointer": True, "region_pointer_box": True}, manager)
     model = build(recipe, manager=manager).eval()
     assert {"region_pointer.box.weight", "region_pointer.box.bias"} <= set(model.state_dict())
-    boxes = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.95]])
-    ids = prompt_ids(model, "Compare <roi><refer_box></roi><refer_feat> and <roi><refer_box></roi><refer_feat>.")
-    pixels = model.image_tokenizer.preprocess(images[:1])
+    boxes, ids, pixels, out, head = _two_box_forward(model, images)
     with torch.no_grad():
-        out = model(pixels, [ids], refer_boxes=[boxes])
-        inputs = out.inputs
-        head = model.language_backbone(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids)
-        regions, selected = inputs.region_tokens[0], inputs.regions.boxes[0]
+        regions, selected = out.inputs.region_tokens[0], out.inputs.regions.boxes[0]
         pointer = model.region_pointer
         keys = pointer.k(regions / regions.pow(2).mean(-1, keepdim=True).sqrt()) + pointer.box(box_geometry(selected))
         expected = pointer.q(head.hidden_states[0]) @ keys.T / head.hidden_states.shape[-1] ** 0.5
