@@ -122,7 +122,7 @@ def main() -> None:
     import groma_core
     from groma_core.api import DEFAULT_MODEL
 
-    loaded = groma_core.load(args.model) if args.model else groma_core.load()
+    loaded = groma_core.Groma.load(args.model)
     load_s = time.perf_counter() - warm_began
     began = time.perf_counter()
     loaded.caption(str(EXAMPLE))  # the CAPTION prompt

@@ -23,7 +23,8 @@ def build(recipe, overrides=(), manager=None):
 
 
 def load(model=None, overrides=(), manager=None, *, quantize=None, dtype=None, convert_overrides=()):
-    """Load a model from a checkpoint directory, a recipe or a Hugging Face Hub repo id (``org/name[@revision]``);
+    """Load a model (a :class:`~groma_core.model.GromaModel`: it computes; ``groma_core.Groma.load`` gives the task
+    API over it) from a checkpoint directory, a recipe or a Hugging Face Hub repo id (``org/name[@revision]``);
     with no ``model``, the embedded default model (a tiny Groma trained on synthetic shapes). See
     :func:`groma_core.api.load`."""
     from groma_core.api import load as _load
@@ -31,8 +32,17 @@ def load(model=None, overrides=(), manager=None, *, quantize=None, dtype=None, c
     return _load(model, overrides, manager, quantize=quantize, dtype=dtype, convert_overrides=convert_overrides)
 
 
+def __getattr__(name):
+    if name == "Groma":  # the task API, imported on first use
+        from groma_core.inference import Groma
+
+        return Groma
+    raise AttributeError(f"module 'groma_core' has no attribute {name!r}")
+
+
 __all__ = [
     "BackboneOutput",
+    "Groma",
     "BuildContext",
     "GroundedAnswer",
     "GroundedPhrase",

@@ -205,11 +205,21 @@ def weight_files(path: Path) -> list[Path]:
     )
 
 
-def load_weights(model: nn.Module, path: str | Path, partial: bool = False, exclude: Sequence[str] = ()) -> None:
-    """Load safetensors weights (memory-mapped) into ``model``; missing, unknown or misshapen tensors are errors
-    that name them. ``partial``: stages (top-level modules) absent from the weights keep their values; a stage
-    that is present must be complete. ``exclude``: top-level modules whose tensors are skipped and which keep their
-    values."""
+def load_weights(
+    model: nn.Module,
+    path: str | Path,
+    partial: bool = False,
+    exclude: Sequence[str] = (),
+    subset: bool = False,
+    assign: bool = True,
+) -> list[str]:
+    """Load safetensors weights (memory-mapped) into ``model`` and return the names loaded; missing, unknown or
+    misshapen tensors are errors that name them. ``partial``: stages (top-level modules) absent from the weights
+    keep their values; a stage that is present must be complete. ``exclude``: top-level modules whose tensors are
+    skipped and which keep their values. ``subset``: any subset of the model's tensors (a training checkpoint that
+    holds only the trained ones); the others keep their values. ``assign``: the model takes the file's tensors
+    (memory-mapped, no copy: loading a model); false copies them into the model's own (resuming training, where
+    the optimizer holds the parameters)."""
     from safetensors import SafetensorError, safe_open
 
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
@@ -237,7 +247,9 @@ def load_weights(model: nn.Module, path: str | Path, partial: bool = False, excl
         state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in excluded}
         expected = {k: v for k, v in expected.items() if k.split(".", 1)[0] not in excluded}
     unknown = sorted(set(state) - set(expected))
-    if partial:
+    if subset:
+        expected = {k: v for k, v in expected.items() if k in state}
+    elif partial:
         covered = {k.split(".", 1)[0] for k in state}
         expected = {k: v for k, v in expected.items() if k.split(".", 1)[0] in covered}
     missing = sorted(set(expected) - set(state))
@@ -267,9 +279,10 @@ def load_weights(model: nn.Module, path: str | Path, partial: bool = False, excl
     if problems:
         raise CheckpointError(f"{path}: " + " | ".join(problems))
     try:
-        model.load_state_dict(state, strict=not (partial or exclude), assign=True)
+        model.load_state_dict(state, strict=not (partial or exclude or subset), assign=assign)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: cannot load the tensors ({one_line(exc, 300)})") from None
+    return sorted(state)
 
 
 def _dtype_kind(dtype: torch.dtype) -> str:

@@ -335,7 +335,9 @@ def cmd_ground(args: argparse.Namespace) -> int:
     for source, image in zip(sources, images):  # and every box against every image
         if boxes:
             to_normalized_xyxy(boxes, image.size, what=f"boxes for {source}")
-    model = _load_model(args)
+    from groma_core.inference import Groma
+
+    groma = Groma(_load_model(args))
     results = []
     batches = [list(range(i, min(i + args.batch_size, len(images)))) for i in range(0, len(images), args.batch_size)]
     progress = None
@@ -344,7 +346,7 @@ def cmd_ground(args: argparse.Namespace) -> int:
 
         progress = tqdm(total=len(images), unit="image", file=sys.stderr)
     for batch in batches:
-        answers = model.answer(
+        answers = groma.answer(
             [Request(images[i], [(text, None)], boxes) for i in batch], max_new_tokens=args.max_new_tokens
         )
         for i, answer in zip(batch, answers):
@@ -373,10 +375,10 @@ def cmd_ground(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive grounded chat about an image; write boxes in pixels as <x1,y1,x2,y2>; an empty line or EOF ends."""
     from groma_core.images import load_image
-    from groma_core.inference import ChatSession
+    from groma_core.inference import ChatSession, Groma
 
     session = ChatSession(load_image(args.image))
-    model = _load_model(args)
+    groma = Groma(_load_model(args))
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -385,7 +387,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line or not line.strip() or line.strip() in {"exit", "quit"}:
             return 0
         try:
-            answer = model.chat(session, line.strip(), max_new_tokens=args.max_new_tokens)
+            answer = groma.chat(session, line.strip(), max_new_tokens=args.max_new_tokens)
         except GromaError as exc:
             print(f"groma: error: {one_line(exc)}", file=sys.stderr)
             continue

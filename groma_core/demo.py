@@ -27,7 +27,7 @@ from typing import Any
 from PIL import Image
 
 from groma_core.errors import GromaError, InputError, one_line
-from groma_core.inference import REFER, ChatSession, Request, boxes_from_text
+from groma_core.inference import REFER, ChatSession, Groma, Request, boxes_from_text
 from groma_core.types import GroundedAnswer, GroundedPhrase
 from groma_core.visualize import PALETTE, draw_answer
 
@@ -191,8 +191,8 @@ class Batcher:
     """Runs the requests of all users on one model thread, several users' requests with the same generation
     settings in one batched generation (up to ``max_batch`` requests), so that waiting users share the work."""
 
-    def __init__(self, model, max_batch: int = 8):
-        self.model = model
+    def __init__(self, groma: Groma, max_batch: int = 8):
+        self.groma = groma
         self.max_batch = max_batch
         self._jobs: queue.Queue[_Job] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="groma-demo-model", daemon=True)
@@ -229,7 +229,7 @@ class Batcher:
     def _run(self, jobs: list[_Job]) -> None:
         requests = [r for job in jobs for r in job.requests]
         try:
-            answers = self.model.answer(requests, **jobs[0].settings)
+            answers = self.groma.answer(requests, **jobs[0].settings)
             self.batches.append(len(requests))
         except Exception as exc:  # noqa: BLE001 - one user's bad request must not fail the others': retry alone
             if len(jobs) == 1:
@@ -267,12 +267,13 @@ class DemoApp:
         out_dir: Path | None = None,
         max_new_tokens: int | None = None,
     ):
-        self.model = model
+        self.groma = model if isinstance(model, Groma) else Groma(model)
+        self.model = self.groma.model
         self.max_pixels = max_pixels
-        self.batcher = Batcher(model, max_batch)
+        self.batcher = Batcher(self.groma, max_batch)
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="groma-demo-"))
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.default_max_new_tokens = max_new_tokens or model.generation_settings().get("max_new_tokens", 256)
+        self.default_max_new_tokens = max_new_tokens or self.groma.generation_settings().get("max_new_tokens", 256)
 
     def load(self, path: str | None, state: PageState | None) -> tuple[PageState, str]:
         """Read an uploaded (or example) file into the visitor's state; the message says what went wrong."""

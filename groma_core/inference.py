@@ -1,7 +1,9 @@
-"""Task-level inference: grounded captions, referring expressions, region captions and grounded chat.
+"""The task API: grounded captions, referring expressions, region captions and grounded chat.
 
-Every call takes one image or a batch (a list); boxes from users are in pixels of the original image (x1, y1, x2,
-y2). Answers are :class:`~groma_core.types.GroundedAnswer` objects.
+:class:`Groma` holds a :class:`~groma_core.model.GromaModel` (it computes: proposals, region tokens, generation) and
+its :class:`~groma_core.processor.GromaProcessor` (it formats prompts and parses answers); the task calls join the
+two. Every call takes one image or a batch (a list); boxes from users are in pixels of the original image (x1, y1,
+x2, y2). Answers are :class:`~groma_core.types.GroundedAnswer` objects.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from groma_core.errors import InputError, echo
-from groma_core.processor import Request
+from groma_core.processor import GromaProcessor, Request
 from groma_core.types import GroundedAnswer
 
 if TYPE_CHECKING:
@@ -55,28 +57,58 @@ def boxes_from_text(text: str) -> tuple[str, list[tuple[float, float, float, flo
     return BOX_IN_TEXT.sub(replace, text), boxes
 
 
-class TasksMixin:
-    """The user-facing calls of a :class:`~groma_core.model.GromaModel`."""
+class Groma:
+    """The task API over a model: ``Groma.load()`` (the embedded model), ``Groma.load("org/name")``, or
+    ``Groma(model)`` around a :class:`~groma_core.model.GromaModel` built or trained elsewhere. ``model`` computes,
+    ``processor`` formats and parses."""
 
-    def answer(self: GromaModel, requests: Sequence[Request], **generation: Any) -> list[GroundedAnswer]:
+    def __init__(self, model: GromaModel, processor: GromaProcessor | None = None):
+        self.model = model
+        self._processor = processor
+
+    @property
+    def processor(self) -> GromaProcessor:
+        """The model's processor unless one was given (built on first use: a detector-only model has no
+        tokenizer, and its detection evaluation needs none)."""
+        if self._processor is None:
+            self._processor = self.model.processor
+        return self._processor
+
+    @classmethod
+    def load(cls, model: Any = None, overrides: Sequence[str] = (), **options: Any) -> Groma:
+        """:func:`groma_core.api.load` (same arguments), wrapped in the task API."""
+        from groma_core.api import load
+
+        return cls(load(model, overrides, **options))
+
+    def __repr__(self) -> str:
+        recipe = self.recipe
+        name = (recipe.core.name if recipe is not None else None) or type(self.model).__name__
+        return f"Groma({name!r}, device={self.model.device})"
+
+    @property
+    def recipe(self) -> Any:
+        """The recipe the model was built from (None for a model built by hand)."""
+        return getattr(self.model, "recipe", None)
+
+    def answer(self, requests: Sequence[Request], **generation: Any) -> list[GroundedAnswer]:
         """Run a batch of requests in one batched generation and parse each answer (the processor formats and
         parses, the model generates)."""
         if not requests:
             return []
-        processor = self.processor
-        batch = processor(requests).to(self.device, self.input_dtype)
+        model, processor = self.model, self.processor
+        batch = processor(requests).to(model.device, model.input_dtype)
         settings = self.generation_settings(**generation)
-        out = self.generate(
+        out = model.generate(
             batch.pixel_values, batch.input_ids, refer_boxes=batch.refer_boxes, images=batch.images, **settings
         )
         return processor.post_process(out, batch)
 
-    def generation_settings(self: GromaModel, **overrides: Any) -> dict[str, Any]:
+    def generation_settings(self, **overrides: Any) -> dict[str, Any]:
         """The recipe's generation settings with per-call overrides."""
         settings = {}
-        recipe = getattr(self, "recipe", None)
-        if recipe is not None:
-            settings.update(recipe.core.generation.model_dump())
+        if self.recipe is not None:
+            settings.update(self.recipe.core.generation.model_dump())
         settings.update({k: v for k, v in overrides.items() if v is not None})
         return settings
 

@@ -13,7 +13,6 @@ from torch import Tensor, nn
 from groma_core import tokens as T
 from groma_core.boxes import BOX_GEOMETRY, IDENTITY_FRAME, Frame, box_geometry, check_boxes, to_input_frame
 from groma_core.errors import InputError, ProposalError
-from groma_core.inference import TasksMixin
 from groma_core.processor import GromaProcessor
 from groma_core.prompt import max_positions
 from groma_core.selection import SelectionConfig, select_regions
@@ -132,8 +131,9 @@ def _rms(x: Tensor) -> Tensor:
     return x.detach().pow(2).mean(-1, keepdim=True).sqrt()
 
 
-class GromaModel(TasksMixin, nn.Module):
-    """A Groma pipeline built from four stages (see DESIGN.md's data flow)."""
+class GromaModel(nn.Module):
+    """A Groma pipeline built from four stages (see DESIGN.md's data flow): it computes; the task API over it is
+    :class:`groma_core.inference.Groma`."""
 
     def __init__(
         self,

@@ -2,7 +2,7 @@
 template, tokenizer, image preprocessing, user boxes into the model's input frame) and parses (generated ids into
 text and grounded phrases with boxes in the original image's pixels, masks attached); the model only computes.
 
-The task API (:class:`~groma_core.inference.TasksMixin`), training (the conversations of
+The task API (:class:`~groma_core.inference.Groma`), training (the conversations of
 :mod:`groma_core.training.datasets`) and evaluation (through the task API) all go through one
 :class:`GromaProcessor`, as transformers' processors do for its multimodal models (Kosmos-2's
 ``post_process_generation``).

@@ -19,6 +19,7 @@ from groma_core.boxes import box_iou, from_input_frame
 from groma_core.data.shapes import ShapesConfig, write_shapes_dataset
 from groma_core.evaluation.harness import DetectionTask, RecTask, evaluate
 from groma_core.images import load_image
+from groma_core.inference import Groma
 from groma_core.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def test_load_with_no_argument_is_the_default_model(model):
     assert model.recipe.core.name == "shapes-tiny"
     assert not model.training
     assert all(p.dtype == torch.float32 for p in model.parameters())  # stored in float16, run in the recipe's dtype
-    answer = model.caption(str(EXAMPLE))
+    answer = Groma(model).caption(str(EXAMPLE))
     assert answer.text.strip()
     assert answer.regions.shape[0] > 0 and answer.phrases  # grounded: phrases with boxes among the regions
     assert all(0.0 <= v <= 1.0 for p in answer.phrases for b in p.boxes for v in b)

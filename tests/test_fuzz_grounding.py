@@ -14,7 +14,7 @@ from PIL import Image
 from groma_core import tokens as T
 from groma_core.errors import CheckpointError, InputError
 from groma_core.grounding import parse_grounded
-from groma_core.inference import REFER, Request, boxes_from_text
+from groma_core.inference import REFER, Groma, Request, boxes_from_text
 from groma_core.prompt import GromaTokenizer, SentencePieceCodec, max_positions
 from groma_core.selection import SelectionConfig
 from groma_core.testing.tiny import make_sentencepiece
@@ -142,13 +142,13 @@ def test_a_prompt_longer_than_the_model_positions_is_refused_before_the_model_ru
     image = Image.new("RGB", (40, 30), (200, 30, 30))
     long_prompt = "a red circle and a blue square " * 1000
     with pytest.raises(InputError, match=f"but the language model takes {limit}") as info:
-        tiny_model.answer([Request(image, [(long_prompt, None)])], max_new_tokens=2)
+        Groma(tiny_model).answer([Request(image, [(long_prompt, None)])], max_new_tokens=2)
     assert "\n" not in str(info.value) and calls == []
     # near the limit, the expansion (image tokens and regions) decides: still refused before generation
     n_image = tiny_model.image_tokenizer.num_tokens
     words = "a " * (limit - n_image - 60)
     with pytest.raises(InputError, match="positions"):
-        tiny_model.answer([Request(image, [(words, None)])], max_new_tokens=2)
+        Groma(tiny_model).answer([Request(image, [(words, None)])], max_new_tokens=2)
 
 
 def test_more_regions_than_region_tokens_is_refused_at_build_and_at_expansion(tiny_recipe, manager):
@@ -167,7 +167,7 @@ def test_more_regions_than_region_tokens_is_refused_at_build_and_at_expansion(ti
     assert len(boxes) == 144
     prompt = "What are " + " and ".join([REFER] * len(boxes)) + "?"
     with pytest.raises(InputError, match=r"regions, but the tokenizer has 100 region tokens"):
-        model.answer([Request(image, [(prompt, None)], boxes)], max_new_tokens=1)
+        Groma(model).answer([Request(image, [(prompt, None)], boxes)], max_new_tokens=1)
 
 
 @settings(FUZZ, max_examples=60)

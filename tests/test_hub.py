@@ -23,6 +23,7 @@ from PIL import Image
 from groma_core import load
 from groma_core.errors import GromaError
 from groma_core.hub import MARKER, models_dir
+from groma_core.inference import Groma
 from groma_core.testing import tiny
 from groma_core.testing.fixtures import GoldenSet, require_golden_sets
 from groma_core.tokens import NEW_TOKENS
@@ -126,7 +127,7 @@ def by_hand(release_files, tmp_path_factory) -> Path:
 
 
 def caption(model) -> tuple[str, list]:
-    answer = model.caption(Image.open(EXAMPLE).convert("RGB"), max_new_tokens=12)
+    answer = Groma(model).caption(Image.open(EXAMPLE).convert("RGB"), max_new_tokens=12)
     return answer.raw_text, [(p.phrase, [list(map(float, b)) for b in p.boxes_px]) for p in answer.phrases]
 
 

@@ -36,7 +36,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "groma_core.selection",
             "groma_core.model",
-            "groma_core.inference",
             "groma_core.processor",
             "groma_core.plugins",
             "groma_core.builtin",
@@ -48,6 +47,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "groma_core",
             "groma_core.api",
+            "groma_core.inference",
             "groma_core.recipe",
             "groma_core.quantization",
             "groma_core.hub",

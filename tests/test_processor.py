@@ -12,7 +12,7 @@ from PIL import Image
 
 import groma_core
 from groma_core.boxes import from_input_frame
-from groma_core.inference import CAPTION_PROMPT, REGION_PROMPT
+from groma_core.inference import CAPTION_PROMPT, REGION_PROMPT, Groma
 from groma_core.processor import GromaProcessor, Request
 from groma_core.prompt import get_template
 
@@ -44,7 +44,7 @@ def test_the_task_api_is_the_processor_around_generate(model):
     batch = processor(requests).to(model.device, model.input_dtype)
     out = model.generate(batch.pixel_values, batch.input_ids, refer_boxes=batch.refer_boxes, max_new_tokens=24)
     by_hand = processor.post_process(out, batch)
-    via_api = model.answer(requests, max_new_tokens=24)
+    via_api = Groma(model).answer(requests, max_new_tokens=24)
     assert [a.raw_text for a in by_hand] == [a.raw_text for a in via_api]
     assert [[p.boxes_px for p in a.phrases] for a in by_hand] == [[p.boxes_px for p in a.phrases] for a in via_api]
     # the parsed boxes are in the original image's pixels
@@ -52,6 +52,18 @@ def test_the_task_api_is_the_processor_around_generate(model):
         for phrase in answer.phrases:
             for x1, y1, x2, y2 in phrase.boxes_px:
                 assert 0 <= x1 <= x2 <= image.width and 0 <= y1 <= y2 <= image.height
+
+
+def test_groma_is_the_task_api_apart_from_the_model_that_computes(model):
+    groma = groma_core.Groma.load()  # the embedded model, as the README's Python section starts
+    assert isinstance(groma.model, torch.nn.Module) and isinstance(groma.processor, GromaProcessor)
+    assert groma.recipe is groma.model.recipe and groma.recipe.core.name == "shapes-tiny"
+    for task in ("answer", "caption", "locate", "describe_region", "chat"):
+        assert callable(getattr(groma, task)) and not hasattr(groma.model, task), task
+    # a model loaded or trained elsewhere gets the same answers through Groma(model)
+    mine = Groma(model).locate(str(EXAMPLE), "the blue circle", max_new_tokens=16)
+    assert mine.raw_text == groma.locate(str(EXAMPLE), "the blue circle", max_new_tokens=16).raw_text
+    assert "Groma('shapes-tiny'" in repr(groma)
 
 
 def test_training_conversations_supervise_only_the_answers(model):

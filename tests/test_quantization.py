@@ -20,7 +20,7 @@ from groma_core import quantization
 from groma_core.api import load
 from groma_core.cli import build_parser
 from groma_core.errors import GromaError, InputError
-from groma_core.inference import Request
+from groma_core.inference import Groma, Request
 from groma_core.quantization import check_quantization, quantizable_linears, quantize_model
 
 pytestmark = pytest.mark.filterwarnings(  # torch's own, when importing bitsandbytes imports torch.utils.mkldnn
@@ -205,7 +205,7 @@ def test_the_quantized_models_logits_stay_close_to_the_float_models(quantized, p
 
 def test_the_quantized_model_answers(quantized, picture):
     _, model = quantized
-    answers = model.answer([Request(str(picture), [(PROMPT, None)])], max_new_tokens=4)
+    answers = Groma(model).answer([Request(str(picture), [(PROMPT, None)])], max_new_tokens=4)
     assert len(answers) == 1 and answers[0].raw_text.strip()
     assert answers[0].image_size == (64, 48)
 

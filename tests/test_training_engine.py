@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from groma_core.api import load_weights
 from groma_core.boxes import box_iou
 from groma_core.errors import CheckpointError, GromaError, RecipeError
 from groma_core.model import IGNORE_INDEX, GromaModel
@@ -27,7 +28,7 @@ from groma_core.training import (
     param_groups,
     run_training,
 )
-from groma_core.training.checkpoint import latest_checkpoint, load_weights
+from groma_core.training.checkpoint import latest_checkpoint
 from groma_core.training.objectives import Objective
 from groma_core.training.schedule import lr_factor, warmup_steps
 from groma_core.types import Proposals
@@ -519,4 +520,4 @@ def test_a_diverging_lr_stops_the_run_and_no_checkpoint_holds_non_finite_weights
     assert folders and latest_checkpoint(tmp_path / "checkpoints") == folders[-1]
     for folder in folders:
         finite_checkpoint_weights(folder)
-    assert load_weights(make_model(sp), folders[-1] / "model.safetensors")
+    assert load_weights(make_model(sp), folders[-1] / "model.safetensors", subset=True)

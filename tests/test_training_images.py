@@ -14,6 +14,7 @@ from torch import nn
 from groma_core.boxes import box_iou
 from groma_core.data import ShapesConfig, write_shapes_dataset
 from groma_core.errors import InputError
+from groma_core.inference import Groma
 from groma_core.model import GromaModel
 from groma_core.prompt import GromaTokenizer, SentencePieceCodec
 from groma_core.schema import DatasetSpec
@@ -181,7 +182,7 @@ def test_proposals_on_the_original_image_are_mapped_into_a_letterboxed_input(sp_
     with torch.no_grad():
         own = proposer(model.encode_images(model.image_tokenizer.preprocess([image]), [image]))
         mapped = model.propose(model.encode_images(model.image_tokenizer.preprocess([image]), [image]))
-        answer = model.answer([Request(image, [("[grounding]Describe the image.", None)])], max_new_tokens=2)[0]
+        answer = Groma(model).answer([Request(image, [("[grounding]Describe the image.", None)])], max_new_tokens=2)[0]
     torch.testing.assert_close(mapped.boxes[0], own.boxes[0] * torch.tensor([1.0, 0.5, 1.0, 0.5]))
     assert answer.regions.shape[0] == 9
     for region in answer.regions:  # float32 round trip through the frame: within 1e-6 of a proposer box

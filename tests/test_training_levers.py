@@ -13,6 +13,7 @@ from PIL import Image
 
 from groma_core.boxes import IDENTITY_FRAME, from_input_frame, to_input_frame
 from groma_core.data.shapes import ShapesConfig, write_shapes_dataset
+from groma_core.inference import Groma
 from groma_core.schema import DatasetSpec
 from groma_core.training import TrainingConfig, run_training
 from groma_core.training.datasets import open_dataset
@@ -78,7 +79,7 @@ def test_extreme_aspect_ratios_give_boxes_back_in_the_original_pixels(boxed, siz
     assert back.min() >= 0 and back.max() <= 1
     if min(size) < 2:  # the API refuses images under 2 pixels a side, with one line; the frame still holds
         return
-    answer = boxed.describe_region(image, [0, 0, width, height], max_new_tokens=4)
+    answer = Groma(boxed).describe_region(image, [0, 0, width, height], max_new_tokens=4)
     for phrase in answer.phrases:
         for x1, y1, x2, y2 in phrase.boxes_px:
             assert 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height

@@ -55,7 +55,7 @@ from groma_core.evaluation.metrics import (
     rec_accuracy,
 )
 from groma_core.images import load_image
-from groma_core.inference import REFER, Request
+from groma_core.inference import REFER, Groma, Request
 from groma_core.tokens import GROUNDING, P_CLOSE, P_OPEN
 
 
@@ -111,7 +111,7 @@ class Task(ABC):
         (the one training uses), whose errors name the file, the entry and the key."""
 
     @abstractmethod
-    def predict(self, model, samples: list[Sample], seed: int, batch_size: int) -> list[dict[str, Any]]:
+    def predict(self, groma: Groma, samples: list[Sample], seed: int, batch_size: int) -> list[dict[str, Any]]:
         """One JSON-serialisable prediction per sample (each with its ``id``)."""
 
     @abstractmethod
@@ -148,11 +148,11 @@ class RecTask(Task):
             for i, r in enumerate(read_rec(self.ann_file))
         ]
 
-    def predict(self, model, samples, seed, batch_size):
+    def predict(self, groma, samples, seed, batch_size):
         requests = [
             Request(s.image, [(self.template_for(s, seed).format(s.data["expression"].strip()), None)]) for s in samples
         ]
-        answers = model.answer(requests, max_new_tokens=self.max_new_tokens, do_sample=False)
+        answers = groma.answer(requests, max_new_tokens=self.max_new_tokens, do_sample=False)
         out = []
         for s, r, a in zip(samples, requests, answers):
             first = next((p for p in a.phrases if p.boxes_px), None)  # the first <rK> of the answer
@@ -196,9 +196,9 @@ class LvisGroundTask(Task):
             for i, q in enumerate(queries)
         ]
 
-    def predict(self, model, samples, seed, batch_size):
+    def predict(self, groma, samples, seed, batch_size):
         requests = [Request(s.image, [(self.template_for(s, seed).format(s.data["category"]), None)]) for s in samples]
-        answers = model.answer(requests, max_new_tokens=self.max_new_tokens, do_sample=False)
+        answers = groma.answer(requests, max_new_tokens=self.max_new_tokens, do_sample=False)
         return [
             {
                 "id": s.id,
@@ -257,9 +257,9 @@ class RegionCaptionTask(Task):
             for i, r in enumerate(read_region_captions(self.ann_file))
         ]
 
-    def predict(self, model, samples, seed, batch_size):
+    def predict(self, groma, samples, seed, batch_size):
         requests = [Request(s.image, [(self.template_for(s, seed), None)], [s.data["box"]]) for s in samples]
-        answers = model.answer(requests, max_new_tokens=self.max_new_tokens, do_sample=False)
+        answers = groma.answer(requests, max_new_tokens=self.max_new_tokens, do_sample=False)
         return [
             {"id": s.id, "caption": clean_generated_caption(a.raw_text), "references": s.data["references"]}
             for s, a in zip(samples, answers)
@@ -293,8 +293,9 @@ class DetectionTask(Task):
         ]
 
     @torch.no_grad()
-    def predict(self, model, samples, seed, batch_size):
+    def predict(self, groma, samples, seed, batch_size):
         images = [load_image(s.image) for s in samples]
+        model = groma.model  # the proposer alone: no prompt, no processor
         pixels = model.image_tokenizer.preprocess(images).to(model.device, model.input_dtype)
         proposals = model.propose(model.encode_images(pixels, images))
         out = []
@@ -348,9 +349,9 @@ class GroundedCaptionTask(Task):
             for i, r in enumerate(records)
         ]
 
-    def predict(self, model, samples, seed, batch_size):
+    def predict(self, groma, samples, seed, batch_size):
         requests = [Request(s.image, [(self.template_for(s, seed), None)]) for s in samples]
-        answers = model.answer(requests, max_new_tokens=self.max_new_tokens, do_sample=False)
+        answers = groma.answer(requests, max_new_tokens=self.max_new_tokens, do_sample=False)
         return [
             {
                 "id": s.id,
@@ -465,8 +466,11 @@ def evaluate(
     model_name: str = "",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run ``task`` with ``model``; write ``predictions.jsonl`` and ``summary.json`` into ``out_dir``; return the
-    summary (on the first process; the others return an empty dict)."""
+    """Run ``task`` with ``model`` (a :class:`~groma_core.model.GromaModel` or the task API around one); write
+    ``predictions.jsonl`` and ``summary.json`` into ``out_dir``; return the summary (on the first process; the
+    others return an empty dict)."""
+    groma = model if isinstance(model, Groma) else Groma(model)
+    model = groma.model
     rank, world = _dist()
     out_dir = Path(out_dir)
     samples = task.samples[:limit] if limit else task.samples
@@ -512,7 +516,7 @@ def evaluate(
                 except InputError as exc:
                     records[sample.id] = task.failed(sample, str(exc))
             if readable:
-                records.update((r["id"], r) for r in task.predict(model, readable, seed, batch_size))
+                records.update((r["id"], r) for r in task.predict(groma, readable, seed, batch_size))
             for sample in batch:
                 f.write(json.dumps(records[sample.id]) + "\n")
                 f.flush()

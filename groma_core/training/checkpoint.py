@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from groma_core.errors import CheckpointError
 from groma_core.training.distributed import DistContext, barrier, broadcast_object
@@ -71,27 +71,6 @@ def save_weights(tensors: dict[str, Tensor], path: Path) -> None:
         seen[key] = name
         out[name] = t.detach().to("cpu").contiguous()
     save_file(out, str(path), metadata={"format": "pt"})
-
-
-def load_weights(model: nn.Module, path: Path) -> list[str]:
-    """Load a checkpoint's safetensors into ``model`` (a subset of its tensors); return the names loaded.
-    A tensor the model does not have, or with another shape, is an error."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    own = model.state_dict()
-    unknown = sorted(set(tensors) - set(own))
-    wrong = [
-        f"{k}: {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}"
-        for k in tensors
-        if k in own and tuple(tensors[k].shape) != tuple(own[k].shape)
-    ]
-    if unknown or wrong:
-        raise CheckpointError(
-            f"{path}: does not fit this model ({len(unknown)} unknown tensor(s) {unknown[:5]}; shapes: {wrong[:5]})"
-        )
-    model.load_state_dict(tensors, strict=False)
-    return sorted(tensors)
 
 
 def capture_rng(generator: torch.Generator | None) -> dict[str, Any]:

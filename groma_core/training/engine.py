@@ -19,6 +19,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from groma_core.api import load_weights
 from groma_core.errors import CheckpointError, GromaError, RecipeError, did_you_mean
 from groma_core.model import GromaModel
 from groma_core.schema import StageConfig, TrainingConfig
@@ -175,7 +176,7 @@ class _Run:
         self.model.to(ctx.device)
         start_stage = 0
         if state is not None:
-            ckpt.load_weights(self.model, folder / ckpt.WEIGHTS_FILE)
+            load_weights(self.model, folder / ckpt.WEIGHTS_FILE, subset=True, assign=False)
             start_stage = int(state["stage_index"])
             self.last_checkpoint = folder
         self._open_logs(state)

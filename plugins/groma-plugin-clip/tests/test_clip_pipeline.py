@@ -9,7 +9,7 @@ from groma_plugin_clip import ClipImageTokenizer
 from PIL import Image
 
 from groma_core.api import _construct, build
-from groma_core.inference import Request
+from groma_core.inference import Groma, Request
 from groma_core.plugins import PluginManager
 from groma_core.recipe import load_recipe, recipes_dir, validate_recipe
 from groma_core.testing.tiny import make_sentencepiece
@@ -55,7 +55,7 @@ def test_a_tiny_pipeline_with_clip_answers_grounded_requests(tiny_pipeline):
         Request(scene, [("What is <roi><refer_box></roi><refer_feat>?", None)], [[16, 16, 80, 64]]),
     ]
     with torch.no_grad():
-        answers = model.answer(requests, max_new_tokens=6)
+        answers = Groma(model).answer(requests, max_new_tokens=6)
     assert len(answers) == 2 and all(isinstance(a, GroundedAnswer) for a in answers)
     for answer in answers:
         assert answer.image_size == (160, 96)
@@ -63,7 +63,7 @@ def test_a_tiny_pipeline_with_clip_answers_grounded_requests(tiny_pipeline):
     user_box = torch.tensor([16 / 160, 16 / 96, 80 / 160, 64 / 96])
     assert torch.isclose(answers[1].regions, user_box, atol=1e-6).all(dim=1).any(), "the user box is a region"
     with torch.no_grad():
-        again = model.answer(requests[:1], max_new_tokens=6)
+        again = Groma(model).answer(requests[:1], max_new_tokens=6)
     assert again[0].raw_text == answers[0].raw_text
 
 

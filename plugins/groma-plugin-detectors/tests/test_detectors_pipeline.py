@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from groma_core.api import build
-from groma_core.inference import CAPTION_PROMPT, REGION_PROMPT, Request
+from groma_core.inference import CAPTION_PROMPT, REGION_PROMPT, Groma, Request
 from groma_core.recipe import read_recipe_file, validate_recipe
 from groma_core.testing.tiny import make_sentencepiece
 from groma_core.types import ImageFeatures
@@ -50,7 +50,7 @@ def test_grounded_answers_refer_to_the_detectors_proposals(plugin, owlv2_dir, rt
     model = tiny_pipeline({"plugin": plugin, "pretrained": str(pretrained), "top_k": 10}, tokenizer_dir)
     image = picture()
     user_box = (20.0, 16.0, 50.0, 40.0)
-    caption, region = model.answer(
+    caption, region = Groma(model).answer(
         [Request(image, [(CAPTION_PROMPT, None)]), Request(image, [(REGION_PROMPT, None)], [user_box])]
     )
     proposals = model.region_proposer(ImageFeatures(torch.zeros(1, 1, 1), {}, images=[image]))

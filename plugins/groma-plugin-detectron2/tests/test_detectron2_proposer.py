@@ -19,7 +19,7 @@ from pydantic import ValidationError  # noqa: E402
 
 from groma_core.api import build  # noqa: E402
 from groma_core.errors import InputError  # noqa: E402
-from groma_core.inference import CAPTION_PROMPT, Request  # noqa: E402
+from groma_core.inference import CAPTION_PROMPT, Groma, Request  # noqa: E402
 from groma_core.plugins import PluginManager  # noqa: E402
 from groma_core.recipe import validate_recipe  # noqa: E402
 from groma_core.testing.tiny import make_sentencepiece  # noqa: E402
@@ -113,7 +113,7 @@ def test_whole_tiny_pipeline(tiny_options, tmp_path):
     model = build(validate_recipe(recipe)).eval()
     image = Image.new("RGB", (120, 80), (235, 235, 235))
     image.paste((200, 30, 30), (10, 10, 60, 50))
-    (answer,) = model.answer([Request(image, [(CAPTION_PROMPT, None)])])
+    (answer,) = Groma(model).answer([Request(image, [(CAPTION_PROMPT, None)])])
     candidates = model.region_proposer(ImageFeatures(torch.zeros(1, 1, 1), {}, images=[image])).boxes[0]
     assert 1 <= answer.regions.shape[0] <= 10
     for box in answer.regions:

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from groma_core.api import build
-from groma_core.inference import Request
+from groma_core.inference import Groma, Request
 from groma_core.plugins import PluginManager
 from groma_core.recipe import load_recipe, validate_recipe
 from groma_core.testing.tiny import make_sentencepiece
@@ -45,7 +45,7 @@ def sam_model(tokenizer_dir, sam_checkpoint, tiny_options):
 
 
 def test_answers_come_with_regions_proposed_by_sam(sam_model, images):
-    answers = sam_model.answer(
+    answers = Groma(sam_model).answer(
         [Request(images[0], [("[grounding]Describe the image.", None)]), Request(images[1], [("What is this?", None)])]
     )
     assert len(answers) == 2 and all(isinstance(a, GroundedAnswer) for a in answers)
@@ -59,7 +59,7 @@ def test_answers_come_with_regions_proposed_by_sam(sam_model, images):
 
 
 def test_user_boxes_join_sams_proposals(sam_model, images):
-    answer = sam_model.answer(
+    answer = Groma(sam_model).answer(
         [Request(images[0], [("What is <roi><refer_box></roi><refer_feat>?", None)], [(8, 8, 50, 40)])]
     )[0]
     box = torch.tensor([8 / 90, 8 / 60, 50 / 90, 40 / 60])
