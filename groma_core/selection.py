@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from groma_core.boxes import box_iou, nms_with_threshold
@@ -24,6 +24,18 @@ class SelectionConfig(BaseModel):
     ground_score: float = Field(0.2, description="score given to ground-truth boxes during training")
     shuffle: bool = Field(False, description="randomly permute the regions (the reference does, unseeded, in training)")
     seed: int | None = Field(None, description="seed of the shuffle; None draws from torch's global generator")
+    left_to_right: bool = Field(
+        False,
+        description="not in the reference (false): regions ordered by their box centre, left to right (then top to "
+        "bottom), in training and inference alike, so that <r0> is the leftmost region and a caption that names "
+        "shapes from left to right points at increasing K",
+    )
+
+    @model_validator(mode="after")
+    def _one_order(self) -> SelectionConfig:
+        if self.left_to_right and self.shuffle:
+            raise ValueError("left_to_right and shuffle both order the regions: set one of them")
+        return self
 
 
 def select_regions(
@@ -67,6 +79,11 @@ def select_regions(
         if config.shuffle and keep.numel() > 1:
             perm = torch.randperm(keep.numel(), generator=generator).to(device)
             keep = keep[perm]
+        if config.left_to_right and keep.numel() > 1:
+            centre = (cand[keep, :2] + cand[keep, 2:]) / 2
+            by_y = torch.argsort(centre[:, 1], stable=True)  # top to bottom among equal x ...
+            keep, centre = keep[by_y], centre[by_y]
+            keep = keep[torch.argsort(centre[:, 0], stable=True)]  # ... left to right first
         regions = cand[keep]
         n_proposals = boxes.shape[0]
         source_idx.append(torch.where(keep < n_proposals, keep, torch.full_like(keep, -1)))

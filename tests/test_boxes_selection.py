@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from groma_core.boxes import box_iou, cxcywh_to_xyxy, nms, nms_with_threshold, xyxy_to_cxcywh
@@ -83,3 +84,21 @@ def test_seeded_shuffle_is_reproducible_and_refer_index_follows():
     assert torch.equal(a.boxes[0], b.boxes[0])
     assert not torch.equal(a.boxes[0], plain.boxes[0])
     assert torch.equal(a.boxes[0][a.refer_index[0][0]], user[0])
+
+
+def test_left_to_right_orders_regions_by_centre_and_the_indices_follow():
+    boxes, scores = random_boxes(100, 5)
+    user = torch.tensor([[0.45, 0.2, 0.55, 0.4]])
+    truth = torch.tensor([[0.0, 0.6, 0.1, 0.7]])  # the leftmost box of all: region 0
+    cfg = SelectionConfig(left_to_right=True, max_regions=12)
+    regions = select_regions(Proposals([boxes], [scores]), cfg, refer_boxes=[user], ground_boxes=[truth])
+    plain = select_regions(Proposals([boxes], [scores]), SelectionConfig(max_regions=12), [user], [truth])
+    picked = regions.boxes[0]
+    centre_x = (picked[:, 0] + picked[:, 2]) / 2
+    assert torch.all(centre_x[1:] >= centre_x[:-1])  # <r0> is the leftmost region, and so on
+    assert sorted(map(tuple, picked.tolist())) == sorted(map(tuple, plain.boxes[0].tolist()))  # same regions
+    assert torch.equal(picked[regions.refer_index[0][0]], user[0]) and regions.ground_index[0].tolist() == [0]
+    kept = regions.source_index[0]
+    assert torch.equal(picked[kept >= 0], boxes[kept[kept >= 0]])  # masks etc. still follow their proposals
+    with pytest.raises(ValueError, match="left_to_right and shuffle"):
+        SelectionConfig(left_to_right=True, shuffle=True)
