@@ -18,8 +18,16 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file, save_file
 
-#: settings that may differ between a run's recipe and the one it is packed as: names and the trainer's data paths
-_PATHS = {("name",), ("description",), ("weights",), ("language_backbone", "tokenizer"), ("train", "data_root")}
+#: settings that may differ between a run's recipe and the one it is packed as: names, the trainer's data paths and
+#: the generation settings (inference only: the packed model takes the recipe's)
+_PATHS = {
+    ("name",),
+    ("description",),
+    ("weights",),
+    ("language_backbone", "tokenizer"),
+    ("train", "data_root"),
+    ("generation",),
+}
 
 
 def _differences(a: object, b: object, at: tuple = ()) -> list[str]:
@@ -42,6 +50,7 @@ def pack(source: Path, dest: Path, as_recipe: Path | None = None) -> None:
         if problems:
             raise SystemExit(f"{source} was not trained by {as_recipe}: " + "; ".join(problems))
         recipe["name"], recipe["description"] = wanted["name"], wanted.get("description")
+        recipe["generation"] = wanted["generation"]
     tokenizer = Path(recipe["language_backbone"]["tokenizer"])
     if not tokenizer.is_absolute():
         tokenizer = source / tokenizer
