@@ -209,6 +209,7 @@ class GromaModel(nn.Module):
         features = self.image_tokenizer(pixel_values)
         if images is not None:
             features.images = list(images)
+            features.frames = [tuple(self.image_tokenizer.input_frame(*image.size)) for image in features.images]
         return features
 
     def propose(self, features: ImageFeatures) -> Proposals:

@@ -139,8 +139,10 @@ class DetectionLoss(Protocol):
 class RegionEncoder(Stage):
     """Image features + selected regions -> one region token per region, at the language model's width.
 
-    Contract: ``forward(features, regions)`` with ``regions`` a list of B tensors (N_i, 4) normalized xyxy ->
-    list of B tensors (N_i, hidden_size). N_i may be 0.
+    Contract: ``forward(features, regions)`` with ``regions`` a list of B tensors (N_i, 4) normalized xyxy of the
+    image tokenizer's input -> list of B tensors (N_i, hidden_size). N_i may be 0. An encoder with ``needs_images``
+    reads ``features.images`` (None when the caller passed only pixel values: say so with an InputError) and takes
+    a region back to its original image through ``features.frames``.
     """
 
     hidden_size: int

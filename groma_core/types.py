@@ -20,12 +20,14 @@ class ImageFeatures:
     ``tokens``: (B, T, D) image tokens for the language model (before the image projector).
     ``levels``: named feature maps, each (B, C, h, w), read by the proposer and the region encoder by name.
     ``images``: the original RGB images (PIL) when the caller had them, for stages that work on pixels of their own
-    (a proposer with its own detector); None otherwise.
+    (a proposer with its own detector); None otherwise. ``frames``: with them, where each lies in the tokenizer's
+    input (:data:`groma_core.boxes.Frame`), to take a box of the input back to the original image.
     """
 
     tokens: Tensor
     levels: dict[str, Tensor]
     images: list[Any] | None = None
+    frames: list[tuple[float, float, float, float]] | None = None
 
     @property
     def batch_size(self) -> int:

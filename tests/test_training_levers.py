@@ -177,6 +177,24 @@ def test_attribute_loss_trains_the_region_encoder_and_logs_its_terms(shapes, sp_
     assert changed == {"region_proposer", "region_encoder"}  # the readout has no parameters: nothing to drop
 
 
+def test_image_crop_trains_on_the_augmented_original_images(shapes, sp_dir, tmp_path):
+    """``region_encoder.image_crop`` makes the model carry the original images through training: the detection
+    stage with the attribute loss trains the crop stem, which only pixels of the original images reach."""
+    from groma_core.api import build
+
+    model = build("groma-tiny", [f"language_backbone.tokenizer={sp_dir}", f"image_tokenizer.input_size={SIDE}",
+                                 "image_tokenizer.letterbox=true", "region_proposer.num_queries=16",
+                                 "region_proposer.frozen=false", "region_encoder.image_crop=8"])
+    assert model.needs_images
+    data = open_dataset(DatasetSpec(format="detection", ann=str(shapes / "annotations" / "detection_train.json"),
+                                    images=str(shapes / "images"), source="coco"), model)
+    assert data.keep_images and data[0]["image"].size != (SIDE, SIDE)  # the original, not the encoder's input
+    stem = model.region_encoder.extractor.crop_stem
+    before = [p.detach().clone() for p in stem.parameters()]
+    run_training(model, attribute_config(1.0), {"shapes": data}, tmp_path)
+    assert all(not torch.equal(b, p) for b, p in zip(before, stem.parameters()))
+
+
 def test_attribute_loss_lowers_on_a_fixed_batch(shapes, sp_dir):
     """A few optimizer steps on one batch make the region tokens name their boxes' categories better."""
     model = build_model(sp_dir, letterbox=False)

@@ -100,16 +100,17 @@ def check_region_proposer(stage: RegionProposer, features: ImageFeatures | None 
     return props
 
 
-def _check_without_images(stage: RegionProposer, features: ImageFeatures) -> None:
+def _check_without_images(stage, features: ImageFeatures, *args: Any) -> None:
     """A stage that reads the original images declares ``needs_images`` (else training would not pass them) and,
-    given none, fails with a one-line InputError that says so."""
+    given none, fails with a one-line InputError that says so (``args``: what the stage takes after the
+    features)."""
     from groma_core.errors import InputError
 
     bare = ImageFeatures(features.tokens, features.levels, None)
     needs = bool(getattr(stage, "needs_images", False))
     try:
         with torch.no_grad():
-            stage(bare)
+            stage(bare, *args)
     except InputError as err:
         assert needs, (
             f"{type(stage).__name__} fails without features.images ({err}) but does not declare it: set the class "
@@ -136,15 +137,23 @@ def check_region_encoder(stage: RegionEncoder, features: ImageFeatures | None = 
     features = features or sample_features()
     regions = [torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.4, 0.2, 0.9, 0.9], [0.0, 0.0, 1.0, 1.0]]), torch.zeros(0, 4)]
     regions = regions[: features.batch_size]
+    images, frames = features.images, features.frames
     with torch.no_grad():
         out = stage(features, regions)
-        single = stage(ImageFeatures(features.tokens[:1], {k: v[:1] for k, v in features.levels.items()}), regions[:1])
+        first = ImageFeatures(
+            features.tokens[:1],
+            {k: v[:1] for k, v in features.levels.items()},
+            images[:1] if images else None,
+            frames[:1] if frames else None,
+        )
+        single = stage(first, regions[:1])
     assert len(out) == len(regions), f"expected {len(regions)} outputs, got {len(out)}"
     for i, (o, r) in enumerate(zip(out, regions)):
         assert o.shape == (r.shape[0], stage.hidden_size), (
             f"output {i}: expected ({r.shape[0]}, {stage.hidden_size}), got {tuple(o.shape)}"
         )
     _close(out[0], single[0], "region tokens")
+    _check_without_images(stage, features, regions)
     return out
 
 

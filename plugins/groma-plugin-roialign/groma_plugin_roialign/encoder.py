@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from groma_core.boxes import xyxy_to_cxcywh
+from groma_core.boxes import IDENTITY_FRAME, from_input_frame, xyxy_to_cxcywh
 from groma_core.config import StageOptions
+from groma_core.errors import InputError
 from groma_core.stages import BuildContext, RegionEncoder, module_dtype
 from groma_core.types import ImageFeatures
 from groma_plugin_roialign.extractor import MlvlRoIExtractor
 from groma_plugin_roialign.fuse import MLVLFuseModule, resize_bilinear
-from groma_plugin_roialign.ops import Backend
+from groma_plugin_roialign.ops import Backend, roi_align
 
 #: the region width that the reference hard-codes (the released checkpoint's ``flatten_linear`` output)
 REFERENCE_REGION_DIM = 1024
@@ -47,6 +49,13 @@ class RoIAlignEncoderOptions(StageOptions):
         default=False,
         description="not in the reference (false): the box position MLP reads (cx, cy, log w, log h) instead of "
         "(cx, cy, w, h), so that a box's aspect ratio (square or rectangle, circle or ellipse) is a linear feature",
+    )
+    image_crop: int = Field(
+        default=0,
+        ge=0,
+        description="not in the reference (0): N > 0 also pools an N x N crop of each region from the original "
+        "image (full resolution, not the encoder's input) through a small CNN added to the region's vector, so that "
+        "the shape of a small object is seen; the stage then reads the original images",
     )
     sampling_ratio: int = Field(default=2, description="RoIAlign samples per bin and axis; <= 0 adapts to the box")
     corner_format_quirk: bool = Field(
@@ -127,7 +136,9 @@ class MlvlRoIAlignEncoder(RegionEncoder):
             backend=options.roi_align_backend,
             head_convs=options.head_convs,
             log_box_size=options.log_box_size,
+            image_crop=options.image_crop,
         )
+        self.needs_images = options.image_crop > 0
 
     def reference_key(self, key: str) -> str | None:
         own = super().reference_key(key)
@@ -196,8 +207,30 @@ class MlvlRoIAlignEncoder(RegionEncoder):
             return [weight.new_zeros(0, self.hidden_size) for _ in counts]
         fused = self.pyramid(features)
         rois, cxcywh = self.rois(regions, fused[0].device)
-        tokens = self.extractor(fused, rois, cxcywh, self.spatial_scales(fused))
+        crops = self.crops(features, regions, fused[0].device) if self.options.image_crop else None
+        tokens = self.extractor(fused, rois, cxcywh, self.spatial_scales(fused), crops)
         return list(tokens.split(counts))
+
+    def crops(self, features: ImageFeatures, regions: list[Tensor], device: torch.device) -> Tensor:
+        """``image_crop``: each region's N x N crop of its original image (RGB in [-0.5, 0.5]), (K, 3, N, N); the
+        boxes are taken from the input frame back to the image's pixels."""
+        if features.images is None:
+            raise InputError(
+                "mlvl-roialign: image_crop needs the original images, but ImageFeatures.images is None (pass images= "
+                "with the pixel values)"
+            )
+        frames = features.frames or [IDENTITY_FRAME] * len(features.images)
+        size = self.options.image_crop
+        out = []
+        for image, frame, boxes in zip(features.images, frames, regions):
+            pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).copy()).to(device)
+            pixels = pixels.permute(2, 0, 1)[None] / 255.0 - 0.5
+            height, width = pixels.shape[-2:]
+            box = from_input_frame(boxes.to(device=device, dtype=torch.float32), frame)
+            box = box * torch.tensor([width, height, width, height], dtype=torch.float32, device=device)
+            rois = torch.cat([box.new_zeros(box.shape[0], 1), box], dim=1)
+            out.append(roi_align(pixels, rois, size, spatial_scale=1.0, sampling_ratio=2, aligned=True))
+        return torch.cat(out)
 
 
 def build_region_encoder(options: RoIAlignEncoderOptions, context: BuildContext) -> MlvlRoIAlignEncoder:

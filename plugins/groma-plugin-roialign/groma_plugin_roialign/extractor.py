@@ -25,6 +25,7 @@ class MlvlRoIExtractor(nn.Module):
         backend: Backend = "torch",
         head_convs: int = 0,
         log_box_size: bool = False,
+        image_crop: int = 0,
     ):
         super().__init__()
         self.output_size = output_size
@@ -45,6 +46,23 @@ class MlvlRoIExtractor(nn.Module):
         )
         self.flatten_linear = nn.Linear(channels * output_size * output_size, region_dim)
         self.updims = nn.Linear(region_dim, hidden_size)
+        # not in the reference (image_crop 0): a small CNN over an N x N crop of the region from the original image
+        self.crop_stem = (
+            nn.Sequential(
+                nn.Conv2d(3, 32, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(32, 32, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(32, 64, 3, padding=1),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(2),
+                nn.Flatten(),
+                nn.Linear(256, region_dim),
+            )
+            if image_crop
+            else None
+        )
 
     def pool(self, feats: list[Tensor], rois: Tensor, scales: list[tuple[float, float]]) -> list[Tensor]:
         """RoIAlign (float32, aligned) of ``rois`` (K, 5) on each level -> L tensors (K, C, S, S)."""
@@ -71,11 +89,22 @@ class MlvlRoIExtractor(nn.Module):
         return self.flatten_linear(total.flatten(1))
 
     def forward(
-        self, feats: list[Tensor], rois: Tensor, boxes_cxcywh: Tensor, scales: list[tuple[float, float]]
+        self,
+        feats: list[Tensor],
+        rois: Tensor,
+        boxes_cxcywh: Tensor,
+        scales: list[tuple[float, float]],
+        crops: Tensor | None = None,
     ) -> Tensor:
-        """Region tokens (K, hidden_size) for ``rois`` (K, 5) and their normalized cxcywh boxes (K, 4)."""
+        """Region tokens (K, hidden_size) for ``rois`` (K, 5) and their normalized cxcywh boxes (K, 4); with
+        ``crop_stem``, ``crops`` (K, 3, N, N) of the original images add their vector."""
         if self.log_box_size:  # (cx, cy, log w, log h): the aspect ratio is a difference, readable by one linear map
             size = boxes_cxcywh[:, 2:].float().clamp(min=1e-4).log()
             boxes_cxcywh = torch.cat([boxes_cxcywh[:, :2].float(), size], dim=1)
         position = self.pos_embed(boxes_cxcywh.to(self.flatten_linear.weight.dtype))
-        return self.updims(self.appearance(self.pool(feats, rois, scales)) + position)
+        vector = self.appearance(self.pool(feats, rois, scales)) + position
+        if self.crop_stem is not None:
+            if crops is None:
+                raise ValueError("mlvl-roialign: this extractor has a crop stem (image_crop) but was given no crops")
+            vector = vector + self.crop_stem(crops.to(self.flatten_linear.weight.dtype))
+        return self.updims(vector)

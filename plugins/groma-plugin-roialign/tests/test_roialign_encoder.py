@@ -275,3 +275,44 @@ def test_log_box_size_feeds_the_position_mlp_log_sizes():
 
 def xyxy_sizes(boxes: torch.Tensor) -> torch.Tensor:
     return boxes[:, 2:] - boxes[:, :2]
+
+
+def test_image_crop_reads_each_region_from_the_original_image_at_full_resolution():
+    """``image_crop`` pools an N x N crop of each region from the original image (a box of the input frame taken back
+    through the letterbox frame), so two images whose encoder features are equal but whose pixels differ inside a
+    box give different tokens; without the images it says what it needs in one line."""
+    from PIL import Image
+
+    from groma_core.errors import InputError
+
+    stage = _small(image_crop=8)
+    assert stage.needs_images and not _small().needs_images
+    extra = set(stage.state_dict()) - set(_small().state_dict())
+    assert extra and all(key.startswith("extractor.crop_stem.") for key in extra)
+    # a 200 x 100 image letterboxed into a square input: it fills the width, the top half of the height
+    red = Image.new("RGB", (200, 100), (255, 255, 255))
+    red.paste((255, 0, 0), (150, 20, 190, 60))
+    blue = red.copy()
+    blue.paste((0, 0, 255), (150, 20, 190, 60))
+    frame = (1.0, 0.5, 0.0, 0.25)  # x_input = x, y_input = 0.25 + 0.5 y
+    box_in_input = torch.tensor([[150 / 200, 0.25 + 0.5 * 20 / 100, 190 / 200, 0.25 + 0.5 * 60 / 100]])
+    features = _features(batch=2)
+    features.levels = {k: torch.cat([v[:1], v[:1]]) for k, v in features.levels.items()}  # equal features
+    features.images, features.frames = [red, blue], [frame, frame]
+    crops = stage.crops(features, [box_in_input, box_in_input], torch.device("cpu"))
+    assert crops.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(crops[0].mean((1, 2)), torch.tensor([0.5, -0.5, -0.5]))  # all red, inside the box
+    torch.testing.assert_close(crops[1].mean((1, 2)), torch.tensor([-0.5, -0.5, 0.5]))
+    with torch.no_grad():
+        a, b = stage(features, [box_in_input, box_in_input])
+    assert not torch.allclose(a, b)
+    features.images = None
+    with pytest.raises(InputError, match="image_crop needs the original images") as info:
+        stage(features, [box_in_input, box_in_input])
+    assert "\n" not in str(info.value)
+
+
+def test_image_crop_keeps_the_region_encoder_contract():
+    options = {"gn_groups": 8, "region_dim": 24, "roi_output_size": 5, "image_crop": 8}
+    stage = check_registered_stage("region_encoder", "mlvl-roialign", options, manager=PluginManager(env={}))
+    assert stage.needs_images
