@@ -1,0 +1,102 @@
+"""How well the shape name can be read from the ORIGINAL image's pixels (not the encoder's 280 px input): a small CNN
+on each true box cropped from the picture and resized to S x S, with the box's log aspect and log size beside it.
+
+    python benchmarks/crop_probe.py DATA VAL [--size 16] [--train-images 2000] [--val-images 300]
+
+DATA and VAL are `groma data shapes` folders (training data, validation data of another seed); the probe trains on
+DATA's detection file and reports the shape name's accuracy on VAL's, overall and by the shape's size in the
+encoder's 280 px input. What `mlvl-roialign`'s `image_crop` gives the region tokens to read (benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+INPUT_SIDE = 280  #: the embedded recipe's encoder input, for the size buckets
+
+
+def read(root: Path, size: int, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+    """Crops (N, 3, S, S), box features (N, 2), shape labels (N,), side of each shape in the encoder input (N,)."""
+    from groma_core.data.shapes import SHAPES
+
+    data = json.loads((root / "annotations" / "detection_train.json").read_text())
+    names = {c["id"]: c["name"].split("_")[-1] for c in data["categories"]}
+    images = {i["id"]: i for i in data["images"]}
+    by_image: dict[int, list[dict]] = {}
+    for a in data["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    crops, boxes, labels, sides = [], [], [], []
+    for image_id in list(by_image)[:limit]:
+        info = images[image_id]
+        picture = Image.open(root / "images" / info["file_name"]).convert("RGB")
+        for a in by_image[image_id]:
+            x, y, w, h = a["bbox"]
+            crop = picture.resize((size, size), Image.BILINEAR, box=(x, y, x + w, y + h))
+            crops.append(np.asarray(crop, dtype=np.float32) / 255.0 - 0.5)
+            boxes.append([math.log(w / h), math.log(w * h) / 10])
+            labels.append(SHAPES.index(names[a["category_id"]]))
+            sides.append(max(w, h) * INPUT_SIDE / max(info["width"], info["height"]))
+    return (torch.tensor(np.stack(crops)).permute(0, 3, 1, 2), torch.tensor(boxes), torch.tensor(labels),
+            np.array(sides))
+
+
+class CropNet(nn.Module):
+    def __init__(self, classes: int):
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        )
+        self.head = nn.Sequential(nn.Linear(64 * 4 + 2, 128), nn.ReLU(), nn.Linear(128, classes))
+
+    def forward(self, crops: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.convs(crops), boxes], dim=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", type=Path)
+    parser.add_argument("val", type=Path)
+    parser.add_argument("--size", type=int, default=16)
+    parser.add_argument("--train-images", type=int, default=2000)
+    parser.add_argument("--val-images", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=1500)
+    args = parser.parse_args()
+    began = time.time()
+    torch.set_num_threads(1)
+    x, b, y, _ = read(args.data, args.size, args.train_images)
+    vx, vb, vy, sides = read(args.val, args.size, args.val_images)
+    print(f"machine: {platform.machine()}, torch {torch.__version__}, 1 thread; {len(y)} training / {len(vy)} "
+          f"validation shapes, crops {args.size} x {args.size}")
+    torch.manual_seed(0)
+    net = CropNet(int(y.max()) + 1)
+    optimizer = torch.optim.Adam(net.parameters(), 2e-3)
+    for step in range(1, args.steps + 1):
+        pick = torch.randint(len(y), (128,))
+        loss = F.cross_entropy(net(x[pick], b[pick]), y[pick])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 500 == 0 or step == args.steps:
+            with torch.no_grad():
+                right = (net(vx, vb).argmax(1) == vy).numpy()
+            small, middle, large = sides < 20, (sides >= 20) & (sides < 40), sides >= 40
+            print(f"step {step}: shape name {right.mean():.3f}; by side in the {INPUT_SIDE} px input: < 20 px "
+                  f"{right[small].mean():.3f} ({small.sum()}), 20-40 px {right[middle].mean():.3f}, >= 40 px "
+                  f"{right[large].mean():.3f}")
+    print(f"took {time.time() - began:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
