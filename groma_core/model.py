@@ -227,7 +227,7 @@ class GromaModel(nn.Module):
         tokenizer's input frame (the same unless it letterboxes), so they are mapped there."""
         if not getattr(self.region_proposer, "needs_images", False) or features.images is None:
             return proposals
-        frames = self.input_frames(features.images)
+        frames = features.frames or self.input_frames(features.images)  # set by encode_images with the images
         if all(tuple(frame) == IDENTITY_FRAME for frame in frames):
             return proposals
         boxes = [to_input_frame(b, frame) for b, frame in zip(proposals.boxes, frames)]

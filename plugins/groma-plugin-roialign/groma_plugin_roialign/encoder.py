@@ -223,7 +223,7 @@ class MlvlRoIAlignEncoder(RegionEncoder):
         size = self.options.image_crop
         out = []
         for image, frame, boxes in zip(features.images, frames, regions):
-            pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).copy()).to(device)
+            pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.float32)).to(device)  # one copy, writable
             pixels = pixels.permute(2, 0, 1)[None] / 255.0 - 0.5
             height, width = pixels.shape[-2:]
             box = from_input_frame(boxes.to(device=device, dtype=torch.float32), frame)
