@@ -40,10 +40,12 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="stage name (checkpoint folders and logs use it)")
-    objective: Literal["lm", "detection", "text"] = Field(
+    objective: Literal["lm", "detection", "text", "attributes"] = Field(
         "lm",
         description="lm: the model's next-token loss; detection: the region proposer's detection_loss; text: the "
-        "language backbone's next-token loss on text alone (no image; e.g. the synthetic `recall` format)",
+        "language backbone's next-token loss on text alone (no image; e.g. the synthetic `recall` format); "
+        "attributes (not in the reference): attribute_loss alone on a detection file's true boxes, the proposer "
+        "not run (e.g. to train a region encoder's own layers after the detection stage)",
     )
     train: list[str] = Field(
         ...,
@@ -111,8 +113,12 @@ class StageConfig(BaseModel):
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"dataset(s) listed twice in data: {', '.join(repeated)}")
-        if self.attribute_loss and self.objective != "detection":
-            raise ValueError(f"attribute_loss is for detection stages; this stage's objective is {self.objective}")
+        if self.attribute_loss and self.objective not in ("detection", "attributes"):
+            raise ValueError(
+                f"attribute_loss is for detection and attributes stages; this stage's objective is {self.objective}"
+            )
+        if self.objective == "attributes" and not self.attribute_loss:
+            raise ValueError("an attributes stage trains on attribute_loss alone: give it a weight above 0")
         return self
 
 
@@ -293,9 +299,12 @@ class RecipeTraining(TrainingConfig):
                     hint = did_you_mean(source.name, self.datasets)
                     problems.append(f"stages.{i}.data.{j}.name: {source.name!r} is not in datasets{hint}")
                     continue
-                if objective_of(spec.format) != stage.objective:
+                if objective_of(spec.format) != stage.objective and (stage.objective, spec.format) != (
+                    "attributes",
+                    "detection",
+                ):
                     problems.append(
-                        f"stages.{i}.data.{j}.name: a {stage.objective} stage cannot read {source.name!r} "
+                        f"stages.{i}.data.{j}.name: objective {stage.objective!r} cannot read {source.name!r} "
                         f"(format {spec.format})"
                     )
                 if source.source is None and spec.source is not None:

@@ -217,8 +217,50 @@ def test_attribute_loss_lowers_on_a_fixed_batch(shapes, sp_dir):
     assert terms["attribute_ce"].item() < 0.5 * first
 
 
+def test_an_attributes_stage_trains_the_region_encoder_alone_without_running_the_proposer(shapes, sp_dir, tmp_path):
+    """``objective: attributes`` trains what it lists (here the region encoder, with its image crop stem) on the
+    attribute loss of a detection file's true boxes: the proposer is never called, so its weights and its
+    detection loss stay out; the loss logged is the attribute loss's."""
+    from groma_core.api import build
+
+    model = build("groma-tiny", [f"language_backbone.tokenizer={sp_dir}", f"image_tokenizer.input_size={SIDE}",
+                                 "image_tokenizer.letterbox=true", "region_proposer.num_queries=16",
+                                 "region_encoder.image_crop=8"])
+    data = open_dataset(DatasetSpec(format="detection", ann=str(shapes / "annotations" / "detection_train.json"),
+                                    images=str(shapes / "images"), source="coco"), model)
+    calls = []
+    model.region_proposer.register_forward_hook(lambda *_: calls.append(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainingConfig.model_validate({"stages": [{
+        "name": "attributes", "objective": "attributes", "train": ["region_encoder"], "data": [{"name": "shapes"}],
+        "batch_size": 2, "lr": 2e-3, "max_steps": 3, "attribute_loss": 1.0}], "progress": False,
+        "tensorboard": False})  # fmt: skip
+    run_training(model, config, {"shapes": data}, tmp_path)
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert {k.split(".")[0] for k in changed} == {"region_encoder"}
+    assert any(".crop_stem." in k for k in changed) and not calls
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert all(abs(x["loss"] - x["attribute_ce"] - x["attribute_box"]) < 1e-4 * x["loss"] for x in log)
+
+
+def test_an_attributes_stage_needs_a_weight_and_reads_detection_files_only():
+    base = {"name": "s", "objective": "attributes", "train": ["region_encoder"], "data": [{"name": "x"}],
+            "batch_size": 1, "lr": 1e-3}
+    with pytest.raises(ValueError, match="give it a weight above 0"):
+        TrainingConfig.model_validate({"stages": [base]})
+    from groma_core.schema import RecipeTraining
+
+    datasets = {"x": {"format": "detection", "ann": "a.json", "images": "i"},
+                "y": {"format": "rec", "ann": "a.json", "images": "i"}}
+    staged = {**base, "attribute_loss": 1.0}
+    RecipeTraining.model_validate({"datasets": datasets, "stages": [staged]})
+    with pytest.raises(ValueError, match="objective 'attributes' cannot read 'y' \\(format rec\\)"):
+        RecipeTraining.model_validate({"datasets": datasets, "stages": [{**staged, "data": [{"name": "y"}]}]})
+
+
 def test_attribute_loss_needs_categories_and_a_detection_stage(shapes, sp_dir):
-    with pytest.raises(ValueError, match="attribute_loss is for detection stages"):
+    with pytest.raises(ValueError, match="attribute_loss is for detection and attributes stages"):
         TrainingConfig.model_validate({"stages": [{
             "name": "s", "objective": "lm", "train": ["language_backbone"], "data": [{"name": "x"}], "batch_size": 1,
             "lr": 1e-3, "attribute_loss": 1.0}]})  # fmt: skip

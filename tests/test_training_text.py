@@ -140,11 +140,11 @@ def test_recipes_pair_recall_with_text_stages_and_need_no_files(tiny_model, tmp_
     assert dataset_path_problems(good, tmp_path) == []
     opened = open_dataset(good.datasets["recall"], tiny_model, tmp_path, "recall")
     assert isinstance(opened, RecallDataset) and len(opened) == 8 and opened.regions == 5
-    with pytest.raises(ValidationError, match=r"data.0.name: a lm stage cannot read .recall. \(format recall\)"):
+    with pytest.raises(ValidationError, match=r"data.0.name: objective .lm. cannot read .recall. \(format recall\)"):
         RecipeTraining.model_validate(
             {"stages": [{**stage, "objective": "lm"}], "datasets": {"recall": {"format": "recall"}}}
         )
-    with pytest.raises(ValidationError, match="a text stage cannot read 'rec' \\(format rec\\)"):
+    with pytest.raises(ValidationError, match="objective 'text' cannot read 'rec' \\(format rec\\)"):
         RecipeTraining.model_validate(
             {
                 "stages": [{**stage, "data": [{"name": "rec"}]}],

@@ -1,4 +1,5 @@
-"""Training objectives: the language-model loss of the whole pipeline, and the region proposer's detection loss."""
+"""Training objectives: the language-model loss of the whole pipeline, the region proposer's detection loss, and the
+attribute loss of the region encoder's tokens (beside detection, or alone)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class Objective(nn.Module):
         self._readout: tuple[Tensor, Tensor] | None = None
 
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        needed = ("boxes",) if self.kind == "detection" else ("input_ids", "labels")
+        needed = ("boxes",) if self.kind in ("detection", "attributes") else ("input_ids", "labels")
         if self.kind != "text":
             needed = ("pixel_values", *needed)
         missing = [k for k in needed if batch.get(k) is None]
@@ -52,6 +53,11 @@ class Objective(nn.Module):
             return self._detection(batch)
         if self.kind == "text":
             return self._text(batch)
+        if self.kind == "attributes":
+            features = self.model.encode_images(batch["pixel_values"], batch.get("images"))
+            terms = self._attributes(features, batch)
+            total = self.attribute_loss * (terms["attribute_ce"] + terms["attribute_box"])
+            return total.float(), {k: v.detach().float() for k, v in terms.items()}
         out = self.model(
             batch["pixel_values"],
             batch["input_ids"],
