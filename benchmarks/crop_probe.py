@@ -54,11 +54,10 @@ def read(root: Path, size: int, limit: int) -> tuple[torch.Tensor, torch.Tensor,
 class CropNet(nn.Module):
     def __init__(self, classes: int):
         super().__init__()
-        self.convs = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        )
-        self.head = nn.Sequential(nn.Linear(64 * 4 + 2, 128), nn.ReLU(), nn.Linear(128, classes))
+        from groma_plugin_roialign.extractor import CROP_FEATURES, crop_convs
+
+        self.convs = nn.Sequential(*crop_convs())  # the image_crop stem's CNN, without its map to the region width
+        self.head = nn.Sequential(nn.Linear(CROP_FEATURES + 2, 128), nn.ReLU(), nn.Linear(128, classes))
 
     def forward(self, crops: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         return self.head(torch.cat([self.convs(crops), boxes], dim=1))

@@ -299,10 +299,7 @@ class RecipeTraining(TrainingConfig):
                     hint = did_you_mean(source.name, self.datasets)
                     problems.append(f"stages.{i}.data.{j}.name: {source.name!r} is not in datasets{hint}")
                     continue
-                if objective_of(spec.format) != stage.objective and (stage.objective, spec.format) != (
-                    "attributes",
-                    "detection",
-                ):
+                if objective_of(spec.format) != DATA_OF.get(stage.objective, stage.objective):
                     problems.append(
                         f"stages.{i}.data.{j}.name: objective {stage.objective!r} cannot read {source.name!r} "
                         f"(format {spec.format})"
@@ -312,6 +309,10 @@ class RecipeTraining(TrainingConfig):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+
+DATA_OF = {"attributes": "detection"}
+"""Objectives that read the data of another objective (an attributes stage reads detection files)."""
 
 
 def objective_of(format: str) -> str:

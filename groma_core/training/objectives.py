@@ -56,8 +56,7 @@ class Objective(nn.Module):
         if self.kind == "attributes":
             features = self.model.encode_images(batch["pixel_values"], batch.get("images"))
             terms = self._attributes(features, batch)
-            total = self.attribute_loss * (terms["attribute_ce"] + terms["attribute_box"])
-            return total.float(), {k: v.detach().float() for k, v in terms.items()}
+            return self._weighted(terms).float(), {k: v.detach().float() for k, v in terms.items()}
         out = self.model(
             batch["pixel_values"],
             batch["input_ids"],
@@ -112,8 +111,12 @@ class Objective(nn.Module):
         if self.attribute_loss:
             attributes = self._attributes(features, batch)
             terms.update(attributes)
-            total = total.float() + self.attribute_loss * (attributes["attribute_ce"] + attributes["attribute_box"])
+            total = total.float() + self._weighted(attributes)
         return total.float(), {k: v.detach().float() for k, v in terms.items()}
+
+    def _weighted(self, attributes: dict[str, Tensor]) -> Tensor:
+        """The attribute terms as they enter the loss: ``attribute_loss`` x (category CE + box MSE)."""
+        return self.attribute_loss * (attributes["attribute_ce"] + attributes["attribute_box"])
 
     def readout(self, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """The fixed projections of :meth:`_attributes`: unit class directions (width, classes) and a box readout

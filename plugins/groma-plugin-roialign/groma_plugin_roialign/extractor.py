@@ -9,6 +9,24 @@ from torch import Tensor, nn
 
 from groma_plugin_roialign.ops import Backend, roi_align
 
+CROP_FEATURES = 256
+"""Width of :func:`crop_convs`'s output."""
+
+
+def crop_convs() -> list[nn.Module]:
+    """The small CNN of ``image_crop`` (before its linear map to the region width): two 3x3 conv + ReLU, max pool,
+    a third conv + ReLU, average pooled to 2 x 2 and flattened -> (K, :data:`CROP_FEATURES`) for any crop size."""
+    return [
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+    ]
 
 class MlvlRoIExtractor(nn.Module):
     """Pools one vector per region from L fused maps (module names follow the reference ``roi_align``)."""
@@ -47,22 +65,7 @@ class MlvlRoIExtractor(nn.Module):
         self.flatten_linear = nn.Linear(channels * output_size * output_size, region_dim)
         self.updims = nn.Linear(region_dim, hidden_size)
         # not in the reference (image_crop 0): a small CNN over an N x N crop of the region from the original image
-        self.crop_stem = (
-            nn.Sequential(
-                nn.Conv2d(3, 32, 3, padding=1),
-                nn.ReLU(),
-                nn.Conv2d(32, 32, 3, padding=1),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-                nn.Conv2d(32, 64, 3, padding=1),
-                nn.ReLU(),
-                nn.AdaptiveAvgPool2d(2),
-                nn.Flatten(),
-                nn.Linear(256, region_dim),
-            )
-            if image_crop
-            else None
-        )
+        self.crop_stem = nn.Sequential(*crop_convs(), nn.Linear(CROP_FEATURES, region_dim)) if image_crop else None
 
     def pool(self, feats: list[Tensor], rois: Tensor, scales: list[tuple[float, float]]) -> list[Tensor]:
         """RoIAlign (float32, aligned) of ``rois`` (K, 5) on each level -> L tensors (K, C, S, S)."""
