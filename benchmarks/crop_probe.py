@@ -26,8 +26,14 @@ from torch import nn
 INPUT_SIDE = 280  #: the embedded recipe's encoder input, for the size buckets
 
 
-def read(root: Path, size: int, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
-    """Crops (N, 3, S, S), box features (N, 2), shape labels (N,), side of each shape in the encoder input (N,)."""
+def read(
+    root: Path, size: int, limit: int, keep_aspect: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+    """Crops (N, 3, S, S), box features (N, 2), shape labels (N,), side of each shape in the encoder input (N,).
+    ``keep_aspect``: the crop is the square around the box's centre with the box's longer side (a rectangle stays a
+    rectangle), cut by the encoder's own RoIAlign as ``image_crop`` does."""
+    from groma_plugin_roialign.ops import roi_align
+
     from groma_core.data.shapes import SHAPES
 
     data = json.loads((root / "annotations" / "detection_train.json").read_text())
@@ -40,15 +46,19 @@ def read(root: Path, size: int, limit: int) -> tuple[torch.Tensor, torch.Tensor,
     for image_id in list(by_image)[:limit]:
         info = images[image_id]
         picture = Image.open(root / "images" / info["file_name"]).convert("RGB")
+        pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0 - 0.5).permute(2, 0, 1)[None]
         for a in by_image[image_id]:
             x, y, w, h = a["bbox"]
-            crop = picture.resize((size, size), Image.BILINEAR, box=(x, y, x + w, y + h))
-            crops.append(np.asarray(crop, dtype=np.float32) / 255.0 - 0.5)
+            if keep_aspect:
+                side = max(w, h)
+                x, y, w, h = x + w / 2 - side / 2, y + h / 2 - side / 2, side, side
+            roi = torch.tensor([[0.0, x, y, x + w, y + h]])
+            crops.append(roi_align(pixels, roi, size, sampling_ratio=2, aligned=True)[0])
+            x, y, w, h = a["bbox"]
             boxes.append([math.log(w / h), math.log(w * h) / 10])
             labels.append(SHAPES.index(names[a["category_id"]]))
             sides.append(max(w, h) * INPUT_SIDE / max(info["width"], info["height"]))
-    return (torch.tensor(np.stack(crops)).permute(0, 3, 1, 2), torch.tensor(boxes), torch.tensor(labels),
-            np.array(sides))
+    return torch.stack(crops), torch.tensor(boxes), torch.tensor(labels), np.array(sides)
 
 
 class CropNet(nn.Module):
@@ -71,13 +81,18 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=2000)
     parser.add_argument("--val-images", type=int, default=300)
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--keep-aspect", action="store_true", help="square crops around the box (image_crop's way)")
+    parser.add_argument("--no-box", action="store_true", help="the crop alone, without the box's aspect and size")
     args = parser.parse_args()
     began = time.time()
     torch.set_num_threads(1)
-    x, b, y, _ = read(args.data, args.size, args.train_images)
-    vx, vb, vy, sides = read(args.val, args.size, args.val_images)
+    x, b, y, _ = read(args.data, args.size, args.train_images, args.keep_aspect)
+    vx, vb, vy, sides = read(args.val, args.size, args.val_images, args.keep_aspect)
+    if args.no_box:
+        b, vb = torch.zeros_like(b), torch.zeros_like(vb)
     print(f"machine: {platform.machine()}, torch {torch.__version__}, 1 thread; {len(y)} training / {len(vy)} "
-          f"validation shapes, crops {args.size} x {args.size}")
+          f"validation shapes, crops {args.size} x {args.size}{' (square, aspect kept)' if args.keep_aspect else ''}"
+          f"{', no box features' if args.no_box else ''}")
     torch.manual_seed(0)
     net = CropNet(int(y.max()) + 1)
     optimizer = torch.optim.Adam(net.parameters(), 2e-3)

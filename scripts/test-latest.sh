@@ -4,11 +4,14 @@
 # (an unpinned torch pulls several GB of CUDA) and torchvision stays out (see ENVIRONMENT notes). It shows what a
 # registry release will break before the lock is refreshed to it.
 #
-#   bash scripts/test-latest.sh                                  newest releases, the whole suite
+#   bash scripts/test-latest.sh                                  newest releases, the suite but its heavy tests
+#   bash scripts/test-latest.sh --all                            ... the whole suite, heavy tests included
 #   bash scripts/test-latest.sh -- -k golden                     arguments after -- go to pytest
 #   bash scripts/test-latest.sh --venv .venv-older --hold transformers==5.24.0
 #                                                                the same with packages held (e.g. at a lower bound)
 #
+# Tests marked heavy (pyproject.toml: 15 s or more each, and what they exercise of third-party packages lighter tests
+# exercise too) are left to the locked lane by default, which keeps CI's two lanes inside its time; --all runs them.
 # The venv is reused and upgraded eagerly to the newest allowed releases; delete it for a clean install. The last
 # line printed is the summary: passed/FAILED, the time taken, and every package whose version differs from the lock.
 # Exit status: pytest's (0 = passed), 3 when the install failed or pulled torchvision.
@@ -18,16 +21,19 @@ PYTHON=${PYTHON:-python3}
 LOCK=constraints.txt
 venv=.venv-latest
 holds=("torch==2.13.0" "torchvision<0")  # torchvision: no release is < 0, so nothing may pull it in
+select=(-m "not heavy")
 while [ $# -gt 0 ]; do
   case "$1" in
+    --all) select=(); shift ;;
     --venv) venv=$2; shift 2 ;;
     --hold) holds+=("$2"); shift 2 ;;
     --) shift; break ;;
-    *) echo "usage: $0 [--venv DIR] [--hold NAME==VERSION]... [-- PYTEST_ARGS...]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--all] [--venv DIR] [--hold NAME==VERSION]... [-- PYTEST_ARGS...]" >&2; exit 2 ;;
   esac
 done
 lane="latest lane"
-[ ${#holds[@]} -gt 2 ] && lane="latest lane (holding ${holds[*]:2})"
+[ ${#holds[@]} -gt 2 ] && lane="$lane (holding ${holds[*]:2})"
+[ ${#select[@]} -gt 0 ] && lane="$lane (heavy tests left to the locked lane)"
 unset PIP_CONSTRAINT PIP_REQUIREMENT
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 pins=$(mktemp)
@@ -55,7 +61,7 @@ fi
 install_s=$((SECONDS - started))
 
 started=$SECONDS
-python -m pytest -q -p no:cacheprovider "$@"
+python -m pytest -q -p no:cacheprovider ${select[@]+"${select[@]}"} "$@"
 status=$?
 test_s=$((SECONDS - started))
 

@@ -265,6 +265,7 @@ def test_every_task_reads_its_file_as_training_does(dataset, tmp_path):
         DetectionTask(tmp_path / "det.json", dataset / "images")
 
 
+@pytest.mark.heavy
 def test_two_processes_under_torchrun_give_the_single_process_result(dataset, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     common = [
@@ -315,6 +316,7 @@ def test_two_processes_under_torchrun_give_the_single_process_result(dataset, tm
     assert read_jsonl(tmp_path / "one" / "predictions.jsonl") == read_jsonl(tmp_path / "two" / "predictions.jsonl")
 
 
+@pytest.mark.heavy
 def test_every_eval_command_runs_on_generated_shapes_data(dataset, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -587,6 +589,7 @@ def test_detection_ap_of_the_embedded_model_is_cocos(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 def test_eval_honours_max_new_tokens_and_resume_keeps_it(tmp_path, capsys):
     from groma_core.cli import main
     from groma_core.data.shapes import ShapesConfig, write_shapes_dataset

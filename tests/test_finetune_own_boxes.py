@@ -9,6 +9,7 @@ import random
 import re
 from pathlib import Path
 
+import pytest
 from PIL import Image, ImageDraw
 
 from tests.test_cli import groma
@@ -72,6 +73,7 @@ def accuracy(folder: Path) -> float:
     return json.loads((folder / "summary.json").read_text())["metrics"]["accuracy"]
 
 
+@pytest.mark.heavy
 def test_the_readme_fine_tuning_section_makes_the_model_find_the_users_objects(tmp_path):
     write_own_data(tmp_path / "my-data")
     commands = readme_section()

@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "full_size.py"
 
 
+@pytest.mark.heavy
 def test_full_size_benchmark_reports_its_figures_at_reduced_depth():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     args = ["--device", "cpu", "--layers", "2", "--vision-layers", "4", "--new-tokens", "3", "--batches", "1,2"]

@@ -357,6 +357,7 @@ def test_not_a_groma_checkpoint_and_unknown_revision(homes):
         load("meta/llama-tiny@v9")
 
 
+@pytest.mark.heavy
 def test_models_lists_and_removes_cached_conversions(release_files, homes):
     put_in_hub_cache(Path(homes["HF_HOME"]), "FoundationVision/groma-7b-finetune", release_files)
     empty = groma("models", env=homes)

@@ -67,6 +67,7 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "final" / "model.safetensors"))
 
 
+@pytest.mark.heavy
 def test_train_kill_resume_then_ground(shapes, tmp_path):
     args = ["train", str(RECIPE), *overrides(shapes)]
     straight = groma(*args, "--out", str(tmp_path / "straight"))

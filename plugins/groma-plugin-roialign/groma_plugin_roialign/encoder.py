@@ -55,7 +55,9 @@ class RoIAlignEncoderOptions(StageOptions):
         ge=0,
         description="not in the reference (0): N > 0 also pools an N x N crop of each region from the original "
         "image (full resolution, not the encoder's input) through a small CNN added to the region's vector, so that "
-        "the shape of a small object is seen; the stage then reads the original images",
+        "the shape of a small object is seen; the crop is the square around the box's centre with the box's longer "
+        "side, so its aspect is kept (a rectangle stays a rectangle, an ellipse is no circle); the stage then reads "
+        "the original images",
     )
     sampling_ratio: int = Field(default=2, description="RoIAlign samples per bin and axis; <= 0 adapts to the box")
     corner_format_quirk: bool = Field(
@@ -212,8 +214,9 @@ class MlvlRoIAlignEncoder(RegionEncoder):
         return list(tokens.split(counts))
 
     def crops(self, features: ImageFeatures, regions: list[Tensor], device: torch.device) -> Tensor:
-        """``image_crop``: each region's N x N crop of its original image (RGB in [-0.5, 0.5]), (K, 3, N, N); the
-        boxes are taken from the input frame back to the image's pixels."""
+        """``image_crop``: each region's N x N crop of its original image (RGB in [-0.5, 0.5]), (K, 3, N, N): the
+        square around the box's centre with the box's longer side (outside the image reads 0), the boxes taken from
+        the input frame back to the image's pixels."""
         if features.images is None:
             raise InputError(
                 "mlvl-roialign: image_crop needs the original images, but ImageFeatures.images is None (pass images= "
@@ -228,7 +231,8 @@ class MlvlRoIAlignEncoder(RegionEncoder):
             height, width = pixels.shape[-2:]
             box = from_input_frame(boxes.to(device=device, dtype=torch.float32), frame)
             box = box * torch.tensor([width, height, width, height], dtype=torch.float32, device=device)
-            rois = torch.cat([box.new_zeros(box.shape[0], 1), box], dim=1)
+            centre, half = (box[:, :2] + box[:, 2:]) / 2, (box[:, 2:] - box[:, :2]).amax(1, keepdim=True) / 2
+            rois = torch.cat([box.new_zeros(box.shape[0], 1), centre - half, centre + half], dim=1)
             out.append(roi_align(pixels, rois, size, spatial_scale=1.0, sampling_ratio=2, aligned=True))
         return torch.cat(out)
 

@@ -303,6 +303,16 @@ def test_image_crop_reads_each_region_from_the_original_image_at_full_resolution
     assert crops.shape == (2, 3, 8, 8)
     torch.testing.assert_close(crops[0].mean((1, 2)), torch.tensor([0.5, -0.5, -0.5]))  # all red, inside the box
     torch.testing.assert_close(crops[1].mean((1, 2)), torch.tensor([-0.5, -0.5, 0.5]))
+    # a wide box (40 x 10 px) is cut as the 40 x 40 square around it: its aspect shows in the crop (the red band in
+    # the middle rows, white above and below), where a stretched crop would be all red
+    wide = Image.new("RGB", (200, 100), (255, 255, 255))
+    wide.paste((255, 0, 0), (150, 35, 190, 45))
+    box_wide = torch.tensor([[150 / 200, 0.25 + 0.5 * 35 / 100, 190 / 200, 0.25 + 0.5 * 45 / 100]])
+    features.images = [wide, wide]
+    crop = stage.crops(features, [box_wide, box_wide], torch.device("cpu"))[0]
+    torch.testing.assert_close(crop[:, 3:5].mean((1, 2)), torch.tensor([0.5, -0.5, -0.5]))  # rows 15-25 of 40: red
+    torch.testing.assert_close(crop[:, :2].mean((1, 2)), torch.tensor([0.5, 0.5, 0.5]))  # rows 0-10: white
+    features.images = [red, blue]
     with torch.no_grad():
         a, b = stage(features, [box_in_input, box_in_input])
     assert not torch.allclose(a, b)
