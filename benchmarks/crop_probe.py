@@ -32,6 +32,7 @@ def read(
     """Crops (N, 3, S, S), box features (N, 2), shape labels (N,), side of each shape in the encoder input (N,).
     ``keep_aspect``: the crop is the square around the box's centre with the box's longer side (a rectangle stays a
     rectangle), cut by the encoder's own RoIAlign as ``image_crop`` does."""
+    from groma_plugin_roialign.encoder import square_windows
     from groma_plugin_roialign.ops import roi_align
 
     from groma_core.data.shapes import SHAPES
@@ -47,13 +48,12 @@ def read(
         info = images[image_id]
         picture = Image.open(root / "images" / info["file_name"]).convert("RGB")
         pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0 - 0.5).permute(2, 0, 1)[None]
+        xywh = torch.tensor([a["bbox"] for a in by_image[image_id]], dtype=torch.float32)
+        xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+        windows = square_windows(xyxy) if keep_aspect else xyxy
+        rois = torch.cat([windows.new_zeros(len(windows), 1), windows], dim=1)
+        crops.extend(roi_align(pixels, rois, size, sampling_ratio=2, aligned=True))
         for a in by_image[image_id]:
-            x, y, w, h = a["bbox"]
-            if keep_aspect:
-                side = max(w, h)
-                x, y, w, h = x + w / 2 - side / 2, y + h / 2 - side / 2, side, side
-            roi = torch.tensor([[0.0, x, y, x + w, y + h]])
-            crops.append(roi_align(pixels, roi, size, sampling_ratio=2, aligned=True)[0])
             x, y, w, h = a["bbox"]
             boxes.append([math.log(w / h), math.log(w * h) / 10])
             labels.append(SHAPES.index(names[a["category_id"]]))

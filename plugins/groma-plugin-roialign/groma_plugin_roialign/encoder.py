@@ -231,10 +231,16 @@ class MlvlRoIAlignEncoder(RegionEncoder):
             height, width = pixels.shape[-2:]
             box = from_input_frame(boxes.to(device=device, dtype=torch.float32), frame)
             box = box * torch.tensor([width, height, width, height], dtype=torch.float32, device=device)
-            centre, half = (box[:, :2] + box[:, 2:]) / 2, (box[:, 2:] - box[:, :2]).amax(1, keepdim=True) / 2
-            rois = torch.cat([box.new_zeros(box.shape[0], 1), centre - half, centre + half], dim=1)
+            rois = torch.cat([box.new_zeros(box.shape[0], 1), square_windows(box)], dim=1)
             out.append(roi_align(pixels, rois, size, spatial_scale=1.0, sampling_ratio=2, aligned=True))
         return torch.cat(out)
+
+
+def square_windows(boxes: Tensor) -> Tensor:
+    """The square around each xyxy box's centre with the box's longer side, (K, 4) xyxy: ``image_crop``'s window, in
+    which a box's aspect stays visible."""
+    centre, half = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]).amax(1, keepdim=True) / 2
+    return torch.cat([centre - half, centre + half], dim=1)
 
 
 def build_region_encoder(options: RoIAlignEncoderOptions, context: BuildContext) -> MlvlRoIAlignEncoder:
