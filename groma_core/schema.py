@@ -40,12 +40,15 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="stage name (checkpoint folders and logs use it)")
-    objective: Literal["lm", "detection", "text", "attributes"] = Field(
+    objective: Literal["lm", "detection", "text", "attributes", "crops"] = Field(
         "lm",
         description="lm: the model's next-token loss; detection: the region proposer's detection_loss; text: the "
         "language backbone's next-token loss on text alone (no image; e.g. the synthetic `recall` format); "
         "attributes (not in the reference): attribute_loss alone on a detection file's true boxes, the proposer "
-        "not run (e.g. to train a region encoder's own layers after the detection stage)",
+        "not run (e.g. to train a region encoder's own layers after the detection stage); crops (not in the "
+        "reference): a region encoder's crop classifier (mlvl-roialign crop_classes) names each true box's "
+        "category_id (or its category name's head word) from the box's crop of the original image, cross-entropy "
+        "alone, nothing else run",
     )
     train: list[str] = Field(
         ...,
@@ -311,8 +314,8 @@ class RecipeTraining(TrainingConfig):
         return self
 
 
-DATA_OF = {"attributes": "detection"}
-"""Objectives that read the data of another objective (an attributes stage reads detection files)."""
+DATA_OF = {"attributes": "detection", "crops": "detection"}
+"""Objectives that read the data of another objective (attributes and crops stages read detection files)."""
 
 
 def objective_of(format: str) -> str:

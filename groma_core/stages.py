@@ -143,6 +143,11 @@ class RegionEncoder(Stage):
     image tokenizer's input -> list of B tensors (N_i, hidden_size). N_i may be 0. An encoder with ``needs_images``
     reads ``features.images`` (None when the caller passed only pixel values: say so with an InputError) and takes
     a region back to its original image through ``features.frames``.
+
+    Optional, for a ``crops`` training stage: ``crop_classes`` (int > 0), ``crop_labels`` (``"category"``: the
+    box's category id; ``"head"``: the index of its category name's last word among the file's sorted head words)
+    and ``crop_logits(features, regions)`` -> (sum N_i, crop_classes) logits, read from ``features.images`` and
+    ``features.frames`` alone (``mlvl-roialign`` with ``image_crop`` and ``crop_classes``).
     """
 
     hidden_size: int

@@ -259,6 +259,94 @@ def test_an_attributes_stage_needs_a_weight_and_reads_detection_files_only():
         RecipeTraining.model_validate({"datasets": datasets, "stages": [{**staged, "data": [{"name": "y"}]}]})
 
 
+def crops_config(steps: int) -> TrainingConfig:
+    return TrainingConfig.model_validate({"stages": [{
+        "name": "crops", "objective": "crops", "train": ["region_encoder"], "data": [{"name": "shapes"}],
+        "batch_size": 4, "lr": 3e-3, "max_steps": steps, "max_grad_norm": None}], "progress": False,
+        "tensorboard": False, "log_every": 1})  # fmt: skip
+
+
+@pytest.mark.parametrize("labels,classes", [("category", 128), ("head", 8)])
+def test_a_crops_stage_teaches_the_crop_classifier_the_categories_alone(shapes, sp_dir, tmp_path, labels, classes):
+    """``objective: crops`` trains the region encoder's crop classifier (``crop_classes``) to name each true box's
+    category (or its name's head word, ``crop_labels: head``) from its crop of the original image: its loss falls, its
+    accuracy is logged, and nothing else runs or changes (neither the image tokenizer nor the proposer is called; the
+    class codes wait for the detection stage)."""
+    from groma_core.api import build
+
+    model = build("groma-tiny", [f"language_backbone.tokenizer={sp_dir}", f"image_tokenizer.input_size={SIDE}",
+                                 "image_tokenizer.letterbox=true", "region_proposer.num_queries=16",
+                                 "region_encoder.image_crop=8", f"region_encoder.crop_classes={classes}",
+                                 f"region_encoder.crop_labels={labels}"])
+    data = open_dataset(DatasetSpec(format="detection", ann=str(shapes / "annotations" / "detection_train.json"),
+                                    images=str(shapes / "images"), source="coco"), model)
+    calls = []
+    model.region_proposer.register_forward_hook(lambda *_: calls.append(1))
+    model.image_tokenizer.register_forward_hook(lambda *_: calls.append(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run_training(model, crops_config(45), {"shapes": data}, tmp_path)
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith("region_encoder.extractor.crop_classifier.") for k in changed)
+    assert not calls
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert all(0.0 <= x["accuracy"] <= 1.0 for x in log)
+    first, last = np.mean([x["loss"] for x in log[:5]]), np.mean([x["loss"] for x in log[-5:]])
+    assert last < 0.7 * first  # 8 images, ~35 boxes seen ~5 times each: the classifier fits them
+
+
+def test_a_crops_stage_needs_a_crop_classifier_and_categories(shapes, sp_dir, tmp_path):
+    model = build_model(sp_dir, letterbox=True)
+    data = open_dataset(DatasetSpec(format="detection", ann=str(shapes / "annotations" / "detection_train.json"),
+                                    images=str(shapes / "images"), source="coco"), model)
+    from groma_core.api import build
+    from groma_core.errors import InputError, RecipeError
+
+    with pytest.raises(RecipeError, match="'crops' needs a region encoder with a crop classifier"):
+        run_training(model, crops_config(1), {"shapes": data}, tmp_path)
+
+    small = build("groma-tiny", [f"language_backbone.tokenizer={sp_dir}", f"image_tokenizer.input_size={SIDE}",
+                                 "region_encoder.image_crop=8", "region_encoder.crop_classes=4"])
+    batch = {"dataset": "shapes", "boxes": [torch.tensor([[0.1, 0.1, 0.5, 0.5]])], "box_labels": [torch.tensor([9])],
+             "pixel_values": torch.zeros(1, 3, SIDE, SIDE), "images": [Image.new("RGB", (40, 30))]}
+    with pytest.raises(InputError, match="category_id 9 is not below the crop classifier's 4 classes"):
+        Objective(small, "crops")(batch)
+    with pytest.raises(InputError, match="needs the original images and a category_id"):
+        Objective(small, "crops")({**batch, "box_labels": None})
+    small.region_encoder.crop_labels = "head"
+    with pytest.raises(InputError, match="head word 6 is not below the crop classifier's 4 classes"):
+        Objective(small, "crops")({**batch, "box_heads": [torch.tensor([6])]})
+    with pytest.raises(InputError, match="needs the original images and a named category"):
+        Objective(small, "crops")(batch)
+
+
+def test_detection_samples_name_the_head_word_of_each_boxs_category(shapes, sp_dir):
+    """A detection file's category names give each box the index of its name's last word among the file's sorted
+    head words (``red_circle`` -> ``circle``), the target of ``crop_labels: head``."""
+    from groma_core.data import category_words
+
+    assert category_words("red_circle") == ("red", "circle")
+    assert category_words(" Traffic  light ") == ("traffic", "light")
+    model = build_model(sp_dir, letterbox=True)
+    spec = DatasetSpec(format="detection", ann=str(shapes / "annotations" / "detection_train.json"),
+                       images=str(shapes / "images"), source="coco")
+    assert "box_heads" not in open_dataset(spec, model)[0]  # read only for a model whose crops name head words
+    from groma_core.api import build
+
+    model = build("groma-tiny", [f"language_backbone.tokenizer={sp_dir}", f"image_tokenizer.input_size={SIDE}",
+                                 "region_encoder.image_crop=8", "region_encoder.crop_classes=8",
+                                 "region_encoder.crop_labels=head"])
+    data = open_dataset(spec, model)
+    names = {c["id"]: c["name"] for c in json.loads((shapes / "annotations" / "detection_train.json").read_text())[
+        "categories"]}
+    heads = data.head_vocabulary
+    assert heads == sorted({n.split("_")[-1] for n in names.values()}) and "circle" in heads and "red" not in heads
+    sample = data[0]
+    assert len(sample["box_heads"]) == len(sample["box_labels"]) > 0
+    for head, label in zip(sample["box_heads"].tolist(), sample["box_labels"].tolist()):
+        assert heads[head] == names[label].split("_")[-1]
+
+
 def test_attribute_loss_needs_categories_and_a_detection_stage(shapes, sp_dir):
     with pytest.raises(ValueError, match="attribute_loss is for detection and attributes stages"):
         TrainingConfig.model_validate({"stages": [{

@@ -201,6 +201,22 @@ def read_detection(path: str | Path) -> list[DetectionImage]:
     return result
 
 
+def read_category_names(path: str | Path) -> dict[int, str]:
+    """The ``categories`` of a COCO file as {id: name} (empty when the file lists none)."""
+    data = _load(path)
+    names = {}
+    for k, record in enumerate(data.get("categories") or []):
+        at = f"{path}: categories[{k}]"
+        names[_get(record, "id", int, at)] = _get(record, "name", str, at)
+    return names
+
+
+def category_words(name: str) -> tuple[str, ...]:
+    """The words of a category name, lower case (``red_circle`` -> ``('red', 'circle')``; ``traffic light`` ->
+    ``('traffic', 'light')``)."""
+    return tuple(w for w in re.split(r"[\s_]+", name.strip().lower()) if w)
+
+
 def read_rec(path: str | Path) -> list[RecSample]:
     """The referring expressions of a RefCOCO-style file (``images[i].caption``), each with its one box."""
     data, images, by_image = _coco(path)

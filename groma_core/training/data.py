@@ -179,6 +179,8 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out["images"] = [s["image"] for s in samples]
     if all("box_labels" in s for s in samples):  # the category of each of ``boxes`` (detection files that have one)
         out["box_labels"] = [torch.as_tensor(s["box_labels"], dtype=torch.long).reshape(-1) for s in samples]
+    if all("box_heads" in s for s in samples):  # the head word of each box's category name (-1: none)
+        out["box_heads"] = [torch.as_tensor(s["box_heads"], dtype=torch.long).reshape(-1) for s in samples]
     return out
 
 

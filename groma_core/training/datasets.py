@@ -329,6 +329,22 @@ class DetectionDataset(_ImageDataset):
         self.image_size = (int(image_size[0]), int(image_size[1]))  # (H, W)
         self.augment = augment or DetectionAugment().scaled(max(self.image_size))
         super().__init__(ann, images, preprocess, name)
+        self.ann = ann
+        #: the last words of the file's category names (their head nouns: ``red_circle`` -> ``circle``), sorted, and
+        #: each category's index among them: what a ``crops`` stage with ``crop_labels: head`` names (read from the
+        #: file by :meth:`name_heads`, which :func:`open_dataset` calls for such a model)
+        self.head_vocabulary: list[str] = []
+        self._label_heads: dict[int, int] = {}
+
+    def name_heads(self) -> None:
+        """Give each sample ``box_heads``: the index of each box's category-name head word in
+        :attr:`head_vocabulary` (-1 where the category has no name)."""
+        from groma_core.data import category_words, read_category_names
+
+        heads = {k: category_words(v)[-1:] for k, v in read_category_names(self.ann).items()}
+        self.head_vocabulary = sorted({h[0] for h in heads.values() if h})
+        index = {w: i for i, w in enumerate(self.head_vocabulary)}
+        self._label_heads = {k: index[h[0]] for k, h in heads.items() if h}
 
     def read(self, ann):
         from groma_core.data import read_detection
@@ -352,6 +368,9 @@ class DetectionDataset(_ImageDataset):
             sample["image"] = image
         if record.labels:
             sample["box_labels"] = torch.tensor([record.labels[k] for k in kept], dtype=torch.long)
+            if self._label_heads:  # the head word of each box's category name, an index into head_vocabulary
+                heads = [self._label_heads.get(record.labels[k], -1) for k in kept]
+                sample["box_heads"] = torch.tensor(heads, dtype=torch.long)
         return sample
 
 
@@ -721,6 +740,8 @@ def open_dataset(
     if spec.format == "detection":
         size = tuple(tokenizer.image_size)
         dataset = DetectionDataset(ann, images, tokenizer.preprocess, size, spec.augment(max(size)), name=name)
+        if getattr(model.region_encoder, "crop_labels", None) == "head":
+            dataset.name_heads()
     else:
         extra = {"turns": spec.turns} if spec.format == "rec" else {}
         if spec.format == "grounded-caption":

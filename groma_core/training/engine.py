@@ -100,6 +100,12 @@ def check_training(model: GromaModel, config: TrainingConfig, datasets: Mapping[
                 f"{where}.objective: 'detection' needs a region proposer with "
                 f"detection_loss(proposals, targets, source); {type(model.region_proposer).__name__} has none"
             )
+        if stage.objective == "crops" and not getattr(model.region_encoder, "crop_classes", 0):
+            problems.append(
+                f"{where}.objective: 'crops' needs a region encoder with a crop classifier (crop_classes > 0 and "
+                f"crop_logits; mlvl-roialign with image_crop and crop_classes); {type(model.region_encoder).__name__} "
+                "has none"
+            )
         if stage.gradient_checkpointing and not _checkpointable(model):
             problems.append(f"{where}.gradient_checkpointing: no module of this model supports it")
     return problems

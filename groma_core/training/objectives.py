@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from groma_core.boxes import from_input_frame, xyxy_to_cxcywh
 from groma_core.errors import InputError
 from groma_core.model import IGNORE_INDEX, GromaModel
+from groma_core.types import ImageFeatures
 
 ATTRIBUTE_SEED = 20240421
 """Seed of the attribute loss's fixed readout projections."""
@@ -40,7 +41,7 @@ class Objective(nn.Module):
         self._readout: tuple[Tensor, Tensor] | None = None
 
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        needed = ("boxes",) if self.kind in ("detection", "attributes") else ("input_ids", "labels")
+        needed = ("boxes",) if self.kind in ("detection", "attributes", "crops") else ("input_ids", "labels")
         if self.kind != "text":
             needed = ("pixel_values", *needed)
         missing = [k for k in needed if batch.get(k) is None]
@@ -53,6 +54,8 @@ class Objective(nn.Module):
             return self._detection(batch)
         if self.kind == "text":
             return self._text(batch)
+        if self.kind == "crops":
+            return self._crops(batch)
         if self.kind == "attributes":
             features = self.model.encode_images(batch["pixel_values"], batch.get("images"))
             terms = self._attributes(features, batch)
@@ -113,6 +116,40 @@ class Objective(nn.Module):
             terms.update(attributes)
             total = total.float() + self._weighted(attributes)
         return total.float(), {k: v.detach().float() for k, v in terms.items()}
+
+    def _crops(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """A region encoder's crop classifier names each true box from its crop of the original image (the image
+        tokenizer and the proposer are not run): its category or, with the encoder's ``crop_labels == "head"``, the
+        last word of its category's name (an index into the dataset's ``head_vocabulary``), by cross-entropy;
+        ``accuracy`` is logged."""
+        encoder = self.model.region_encoder
+        head = getattr(encoder, "crop_labels", "category") == "head"
+        labels, images = batch.get("box_heads" if head else "box_labels"), batch.get("images")
+        if labels is None or images is None:
+            what = "a named category (the file's categories)" if head else "a category_id"
+            raise InputError(
+                f"dataset {batch.get('dataset')!r}: a crops stage needs the original images and {what} for every "
+                "box of the detection file"
+            )
+        boxes = list(batch["boxes"])
+        if sum(int(b.shape[0]) for b in boxes) == 0:
+            zero = batch["pixel_values"].new_zeros((), requires_grad=True)
+            return zero, {"accuracy": zero.detach()}
+        features = ImageFeatures(
+            tokens=batch["pixel_values"], levels={}, images=images, frames=self.model.input_frames(images)
+        )
+        logits = encoder.crop_logits(features, boxes).float()
+        target = torch.cat(labels).to(logits.device)
+        if int(target.max()) >= logits.shape[-1]:
+            what = "head word" if head else "category_id"
+            raise InputError(
+                f"dataset {batch.get('dataset')!r}: {what} {int(target.max())} is not below the crop classifier's "
+                f"{logits.shape[-1]} classes; raise mlvl-roialign's crop_classes"
+            )
+        if int(target.min()) < 0:
+            raise InputError(f"dataset {batch.get('dataset')!r}: a box's category has no name in the file's categories")
+        loss = F.cross_entropy(logits, target)
+        return loss, {"accuracy": (logits.detach().argmax(-1) == target).float().mean()}
 
     def _weighted(self, attributes: dict[str, Tensor]) -> Tensor:
         """The attribute terms as they enter the loss: ``attribute_loss`` x (category CE + box MSE)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -59,6 +59,28 @@ class RoIAlignEncoderOptions(StageOptions):
         "side, so its aspect is kept (a rectangle stays a rectangle, an ellipse is no circle); the stage then reads "
         "the original images",
     )
+    crop_classes: int = Field(
+        default=0,
+        ge=0,
+        description="not in the reference (0): with image_crop, C > 0 makes the crop's CNN a classifier of C classes "
+        "(the detection file's category ids, trained by a `crops` stage on the true boxes) instead of a vector "
+        "added to the region's; the token gains a code of the class probabilities (a learned C x hidden map, its "
+        "norm set by crop_code_scale), so that what the region is becomes a clean, separable direction the "
+        "language model reads",
+    )
+    crop_labels: Literal["category", "head"] = Field(
+        default="category",
+        description="crop_classes: what the crop classifier names: the box's category id, or the head word of its "
+        "category's name (the last word: `red_circle` -> `circle`; the detection file's head words, sorted), so "
+        "that the crop learns what the object is and leaves the modifiers (a colour the region features already "
+        "read) out; naming the colour too slows the shape's learning (benchmarks/README.md, session 15)",
+    )
+    crop_code_scale: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="crop_classes: the code's norm as a multiple of the region's own token's norm (which training "
+        "sets), so that the code keeps its share of the token whatever the size the rest grows to",
+    )
     sampling_ratio: int = Field(default=2, description="RoIAlign samples per bin and axis; <= 0 adapts to the box")
     corner_format_quirk: bool = Field(
         default=True,
@@ -88,6 +110,8 @@ class RoIAlignEncoderOptions(StageOptions):
             )
         if any(s <= 0 for s in self.level_scales):
             raise ValueError(f"level_scales must be positive, got {self.level_scales}")
+        if self.crop_classes and not self.image_crop:
+            raise ValueError("crop_classes names the class of each region's image crop: set image_crop > 0 too")
         return self
 
     @classmethod
@@ -139,8 +163,13 @@ class MlvlRoIAlignEncoder(RegionEncoder):
             head_convs=options.head_convs,
             log_box_size=options.log_box_size,
             image_crop=options.image_crop,
+            crop_classes=options.crop_classes,
+            crop_code_scale=options.crop_code_scale,
         )
         self.needs_images = options.image_crop > 0
+        #: classes of the crop classifier (``crop_classes``; 0: none), which a ``crops`` training stage trains
+        self.crop_classes = options.crop_classes if options.image_crop else 0
+        self.crop_labels = options.crop_labels
 
     def reference_key(self, key: str) -> str | None:
         own = super().reference_key(key)
@@ -212,6 +241,15 @@ class MlvlRoIAlignEncoder(RegionEncoder):
         crops = self.crops(features, regions, fused[0].device) if self.options.image_crop else None
         tokens = self.extractor(fused, rois, cxcywh, self.spatial_scales(fused), crops)
         return list(tokens.split(counts))
+
+    def crop_logits(self, features: ImageFeatures, regions: list[Tensor]) -> Tensor:
+        """``crop_classes``: the class logits (K, crop_classes) of each region's crop, for a ``crops`` stage to train
+        the crop classifier on the true boxes (only ``features.images`` and ``features.frames`` are read)."""
+        if self.extractor.crop_classifier is None:
+            raise InputError(
+                "mlvl-roialign: crop_logits needs a crop classifier (options image_crop > 0 and crop_classes > 0)"
+            )
+        return self.extractor.crop_logits(self.crops(features, regions, self.extractor.crop_code.weight.device))
 
     def crops(self, features: ImageFeatures, regions: list[Tensor], device: torch.device) -> Tensor:
         """``image_crop``: each region's N x N crop of its original image (RGB in [-0.5, 0.5]), (K, 3, N, N): the

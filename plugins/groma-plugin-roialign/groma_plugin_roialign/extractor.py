@@ -44,6 +44,8 @@ class MlvlRoIExtractor(nn.Module):
         head_convs: int = 0,
         log_box_size: bool = False,
         image_crop: int = 0,
+        crop_classes: int = 0,
+        crop_code_scale: float = 1.0,
     ):
         super().__init__()
         self.output_size = output_size
@@ -64,8 +66,22 @@ class MlvlRoIExtractor(nn.Module):
         )
         self.flatten_linear = nn.Linear(channels * output_size * output_size, region_dim)
         self.updims = nn.Linear(region_dim, hidden_size)
-        # not in the reference (image_crop 0): a small CNN over an N x N crop of the region from the original image
-        self.crop_stem = nn.Sequential(*crop_convs(), nn.Linear(CROP_FEATURES, region_dim)) if image_crop else None
+        # not in the reference (image_crop 0): a small CNN over an N x N crop of the region from the original image,
+        # either added to the region's vector or (crop_classes > 0) naming the region's class, whose probabilities
+        # add a code to the token
+        self.crop_stem = None
+        self.crop_classifier = None
+        self.crop_code = None
+        if image_crop and crop_classes:
+            self.crop_classifier = nn.Sequential(
+                *crop_convs(), nn.Linear(CROP_FEATURES, 128), nn.ReLU(), nn.Linear(128, crop_classes)
+            )
+            self.crop_code = nn.Linear(crop_classes, hidden_size, bias=False)
+            self.crop_code_scale = crop_code_scale
+            with torch.no_grad():  # one random unit direction per class (a column of the weight)
+                self.crop_code.weight.copy_(F.normalize(torch.randn(hidden_size, crop_classes), dim=0))
+        elif image_crop:
+            self.crop_stem = nn.Sequential(*crop_convs(), nn.Linear(CROP_FEATURES, region_dim))
 
     def pool(self, feats: list[Tensor], rois: Tensor, scales: list[tuple[float, float]]) -> list[Tensor]:
         """RoIAlign (float32, aligned) of ``rois`` (K, 5) on each level -> L tensors (K, C, S, S)."""
@@ -100,7 +116,9 @@ class MlvlRoIExtractor(nn.Module):
         crops: Tensor | None = None,
     ) -> Tensor:
         """Region tokens (K, hidden_size) for ``rois`` (K, 5) and their normalized cxcywh boxes (K, 4); with
-        ``crop_stem``, ``crops`` (K, 3, N, N) of the original images add their vector."""
+        ``crop_stem``, ``crops`` (K, 3, N, N) of the original images add their vector; with ``crop_classifier``,
+        the code of the class probabilities it gives each crop, its norm ``crop_code_scale`` times the token's own
+        (the classifier learns from its own loss alone, :meth:`crop_logits`, never from the token's)."""
         if self.log_box_size:  # (cx, cy, log w, log h): the aspect ratio is a difference, readable by one linear map
             size = boxes_cxcywh[:, 2:].float().clamp(min=1e-4).log()
             boxes_cxcywh = torch.cat([boxes_cxcywh[:, :2].float(), size], dim=1)
@@ -110,4 +128,19 @@ class MlvlRoIExtractor(nn.Module):
             if crops is None:
                 raise ValueError("mlvl-roialign: this extractor has a crop stem (image_crop) but was given no crops")
             vector = vector + self.crop_stem(crops.to(self.flatten_linear.weight.dtype))
-        return self.updims(vector)
+        tokens = self.updims(vector)
+        if self.crop_classifier is not None:
+            if crops is None:
+                raise ValueError("mlvl-roialign: this extractor names each crop's class (crop_classes) but was given "
+                                 "no crops")
+            with torch.no_grad():
+                probs = self.crop_logits(crops).float().softmax(-1)
+            code = F.normalize(self.crop_code(probs.to(tokens.dtype)), dim=-1)
+            tokens = tokens + code * (self.crop_code_scale * tokens.detach().norm(dim=-1, keepdim=True))
+        return tokens
+
+    def crop_logits(self, crops: Tensor) -> Tensor:
+        """The class logits (K, crop_classes) of ``crops`` (K, 3, N, N) (``crop_classes``)."""
+        if self.crop_classifier is None:
+            raise ValueError("mlvl-roialign: crop_logits needs image_crop > 0 and crop_classes > 0")
+        return self.crop_classifier(crops.to(self.crop_code.weight.dtype))

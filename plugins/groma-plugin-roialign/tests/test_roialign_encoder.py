@@ -326,3 +326,50 @@ def test_image_crop_keeps_the_region_encoder_contract():
     options = {"gn_groups": 8, "region_dim": 24, "roi_output_size": 5, "image_crop": 8}
     stage = check_registered_stage("region_encoder", "mlvl-roialign", options, manager=PluginManager(env={}))
     assert stage.needs_images
+
+
+def test_crop_classes_give_each_token_the_code_of_the_class_its_crop_shows():
+    """``crop_classes``: the crop's CNN names a class, and the token gains the code of the class probabilities
+    (the learned ``crop_code`` map), scaled to ``crop_code_scale`` times the token's own norm: a red and a blue box on
+    equal encoder features differ by exactly the difference of their codes. The classifier learns from its own loss
+    (``crop_logits``) and never from the token's, so a language model trained on the tokens cannot unteach it; a
+    classifier without a crop is refused in one line."""
+    from PIL import Image
+
+    stage = _small(image_crop=8, crop_classes=5, crop_code_scale=0.5).train()
+    extra = set(stage.state_dict()) - set(_small().state_dict())
+    assert {k.split(".")[1] for k in extra} == {"crop_classifier", "crop_code"}  # no crop vector beside
+    red = Image.new("RGB", (200, 100), (255, 255, 255))
+    red.paste((255, 0, 0), (150, 20, 190, 60))
+    blue = red.copy()
+    blue.paste((0, 0, 255), (150, 20, 190, 60))
+    box = torch.tensor([[150 / 200, 0.25 + 0.5 * 20 / 100, 190 / 200, 0.25 + 0.5 * 60 / 100]])
+    features = _features(batch=2)
+    features.levels = {k: torch.cat([v[:1], v[:1]]) for k, v in features.levels.items()}
+    features.images, features.frames = [red, blue], [(1.0, 0.5, 0.0, 0.25)] * 2
+    logits = stage.crop_logits(features, [box, box])
+    assert logits.shape == (2, 5) and not torch.allclose(logits[0], logits[1])
+    a, b = stage(features, [box, box])
+    classifier, stage.extractor.crop_classifier = stage.extractor.crop_classifier, None
+    with torch.no_grad():
+        rest, _ = stage(features, [box, box])  # the token without its code (equal for both)
+    stage.extractor.crop_classifier = classifier
+    code = torch.nn.functional.normalize(stage.extractor.crop_code(logits.detach().softmax(-1)), dim=-1)
+    scale = 0.5 * rest.norm()
+    torch.testing.assert_close((a - b)[0], (code[0] - code[1]) * scale, atol=1e-5, rtol=1e-4)  # float32, ~1e0 values
+    torch.testing.assert_close(a.detach(), rest + code[:1] * scale, atol=1e-5, rtol=1e-4)
+    (a.sum() + b.sum()).backward()
+    assert stage.extractor.crop_code.weight.grad is not None
+    assert all(p.grad is None for p in stage.extractor.crop_classifier.parameters())
+    with pytest.raises(ValidationError, match="set image_crop > 0 too"):
+        RoIAlignEncoderOptions(crop_classes=5)
+    from groma_core.errors import InputError
+
+    with pytest.raises(InputError, match="crop_logits needs a crop classifier"):
+        _small(image_crop=8).crop_logits(features, [box, box])
+
+
+def test_crop_classes_keep_the_region_encoder_contract():
+    options = {"gn_groups": 8, "region_dim": 24, "roi_output_size": 5, "image_crop": 8, "crop_classes": 4}
+    stage = check_registered_stage("region_encoder", "mlvl-roialign", options, manager=PluginManager(env={}))
+    assert stage.needs_images
