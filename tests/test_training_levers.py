@@ -313,7 +313,7 @@ def test_a_crops_stage_needs_a_crop_classifier_and_categories(shapes, sp_dir, tm
         Objective(small, "crops")(batch)
     with pytest.raises(InputError, match="needs the original images and a category_id"):
         Objective(small, "crops")({**batch, "box_labels": None})
-    small.region_encoder.crop_labels = "head"
+    small.region_encoder.options.crop_labels = "head"
     with pytest.raises(InputError, match="head word 6 is not below the crop classifier's 4 classes"):
         Objective(small, "crops")({**batch, "box_heads": [torch.tensor([6])]})
     with pytest.raises(InputError, match="needs the original images and a named category"):

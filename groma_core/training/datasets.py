@@ -329,7 +329,6 @@ class DetectionDataset(_ImageDataset):
         self.image_size = (int(image_size[0]), int(image_size[1]))  # (H, W)
         self.augment = augment or DetectionAugment().scaled(max(self.image_size))
         super().__init__(ann, images, preprocess, name)
-        self.ann = ann
         #: the last words of the file's category names (their head nouns: ``red_circle`` -> ``circle``), sorted, and
         #: each category's index among them: what a ``crops`` stage with ``crop_labels: head`` names (read from the
         #: file by :meth:`name_heads`, which :func:`open_dataset` calls for such a model)

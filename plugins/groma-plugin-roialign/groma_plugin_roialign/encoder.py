@@ -167,9 +167,16 @@ class MlvlRoIAlignEncoder(RegionEncoder):
             crop_code_scale=options.crop_code_scale,
         )
         self.needs_images = options.image_crop > 0
-        #: classes of the crop classifier (``crop_classes``; 0: none), which a ``crops`` training stage trains
-        self.crop_classes = options.crop_classes if options.image_crop else 0
-        self.crop_labels = options.crop_labels
+
+    @property
+    def crop_classes(self) -> int:
+        """Classes of the crop classifier (option ``crop_classes``; 0: none), which a ``crops`` stage trains."""
+        return self.options.crop_classes
+
+    @property
+    def crop_labels(self) -> str:
+        """What the crop classifier names (option ``crop_labels``), read by a ``crops`` stage and its data."""
+        return self.options.crop_labels
 
     def reference_key(self, key: str) -> str | None:
         own = super().reference_key(key)

@@ -124,15 +124,12 @@ class MlvlRoIExtractor(nn.Module):
             boxes_cxcywh = torch.cat([boxes_cxcywh[:, :2].float(), size], dim=1)
         position = self.pos_embed(boxes_cxcywh.to(self.flatten_linear.weight.dtype))
         vector = self.appearance(self.pool(feats, rois, scales)) + position
+        if crops is None and (self.crop_stem is not None or self.crop_classifier is not None):
+            raise ValueError("mlvl-roialign: this extractor reads image crops (image_crop) but was given no crops")
         if self.crop_stem is not None:
-            if crops is None:
-                raise ValueError("mlvl-roialign: this extractor has a crop stem (image_crop) but was given no crops")
             vector = vector + self.crop_stem(crops.to(self.flatten_linear.weight.dtype))
         tokens = self.updims(vector)
         if self.crop_classifier is not None:
-            if crops is None:
-                raise ValueError("mlvl-roialign: this extractor names each crop's class (crop_classes) but was given "
-                                 "no crops")
             with torch.no_grad():
                 probs = self.crop_logits(crops).float().softmax(-1)
             code = F.normalize(self.crop_code(probs.to(tokens.dtype)), dim=-1)
