@@ -147,7 +147,9 @@ class RegionEncoder(Stage):
     Optional, for a ``crops`` training stage: ``crop_classes`` (int > 0), ``crop_labels`` (``"category"``: the
     box's category id; ``"head"``: the index of its category name's last word among the file's sorted head words)
     and ``crop_logits(features, regions)`` -> (sum N_i, crop_classes) logits, read from ``features.images`` and
-    ``features.frames`` alone (``mlvl-roialign`` with ``image_crop`` and ``crop_classes``).
+    ``features.frames`` alone (``mlvl-roialign`` with ``image_crop`` and ``crop_classes``); and
+    ``forward(features, regions, crop_code=False)``: the tokens without the classifier's code, which the attribute
+    loss of a detection stage reads (it trains the region's own features; the code is the classifier's).
     """
 
     hidden_size: int

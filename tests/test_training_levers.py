@@ -295,6 +295,40 @@ def test_a_crops_stage_teaches_the_crop_classifier_the_categories_alone(shapes, 
     assert last < 0.7 * first  # 8 images, ~35 boxes seen ~5 times each: the classifier fits them
 
 
+def test_the_attribute_loss_reads_the_region_token_without_the_crop_classifiers_code(shapes, sp_dir, tmp_path):
+    """With a crop classifier, a detection stage's attribute loss trains the region's own token: the classifier's code
+    (half the token at ``crop_code_scale: 1``) is left out, so the loss is the same whatever the code's scale, and the
+    stage changes neither the classifier nor the code map, while the rest of the region encoder learns."""
+    from groma_core.api import build
+    from groma_core.training.data import collate
+
+    model = build("groma-tiny", [f"language_backbone.tokenizer={sp_dir}", f"image_tokenizer.input_size={SIDE}",
+                                 "image_tokenizer.letterbox=true", "region_proposer.num_queries=16",
+                                 "region_proposer.frozen=false", "region_encoder.image_crop=8",
+                                 "region_encoder.crop_classes=8", "region_encoder.crop_labels=head"])
+    data = open_dataset(DatasetSpec(format="detection", ann=str(shapes / "annotations" / "detection_train.json"),
+                                    images=str(shapes / "images"), source="coco"), model)
+    torch.manual_seed(0)
+    batch = collate([{**data[i], "dataset": "shapes", "source": "coco"} for i in range(2)])
+    objective = Objective(model, "detection", attribute_loss=1.0)
+    extractor = model.region_encoder.extractor
+    with torch.no_grad():
+        features = model.encode_images(batch["pixel_values"], batch.get("images"))
+        losses, tokens = [], []
+        for scale in (1.0, 4.0):
+            extractor.crop_code_scale = scale
+            losses.append(objective._attributes(features, batch)["attribute_ce"])
+            tokens.append(torch.cat(model.region_encoder(features, list(batch["boxes"]))))
+    assert not torch.allclose(tokens[0], tokens[1])  # the code is in the tokens the language model reads ...
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)  # ... and not in what the attribute loss reads
+    extractor.crop_code_scale = 1.0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run_training(model, attribute_config(1.0), {"shapes": data}, tmp_path)
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k]) and k.startswith("region_encoder.")}
+    assert changed and not {k for k in changed if ".crop_classifier." in k or ".crop_code." in k}
+
+
 def test_a_crops_stage_needs_a_crop_classifier_and_categories(shapes, sp_dir, tmp_path):
     model = build_model(sp_dir, letterbox=True)
     data = open_dataset(DatasetSpec(format="detection", ann=str(shapes / "annotations" / "detection_train.json"),

@@ -166,10 +166,11 @@ class Objective(nn.Module):
         return tuple(t.to(device) for t in self._readout)  # type: ignore[return-value]
 
     def _attributes(self, features, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """The attribute loss of a detection stage: the region encoder's token of each ground-truth box, made unit
-        length, names the box's category (cosine logits x :data:`ATTRIBUTE_SCALE` over fixed random class
-        directions, cross-entropy) and gives back its (cx, cy, w, h) through a fixed random linear readout (mean
-        squared error); so the tokens the language model will read carry what and where each object is."""
+        """The attribute loss of a detection stage: the region encoder's token of each ground-truth box (without a
+        crop classifier's code), made unit length, names the box's category (cosine logits x
+        :data:`ATTRIBUTE_SCALE` over fixed random class directions, cross-entropy) and gives back its (cx, cy, w, h)
+        through a fixed random linear readout (mean squared error); so the tokens the language model will read carry
+        what and where each object is."""
         labels = batch.get("box_labels")
         if labels is None:
             raise InputError(
@@ -186,7 +187,11 @@ class Objective(nn.Module):
                 f"dataset {batch.get('dataset')!r}: category_id {int(target.max())} is not below attribute_classes "
                 f"({self.attribute_classes}); raise the stage's attribute_classes"
             )
-        tokens = torch.cat(self.model.region_encoder(features, list(boxes))).float()
+        encoder = self.model.region_encoder
+        # a crop classifier's code is left out: it is the classifier's answer (trained by a crops stage), and at the
+        # token's size it takes half the unit vector this loss reads (benchmarks/README.md, session 16)
+        own = {"crop_code": False} if getattr(encoder, "crop_classes", 0) else {}
+        tokens = torch.cat(encoder(features, list(boxes), **own)).float()
         classes, readout = self.readout(tokens.shape[-1], tokens.device)
         unit = F.normalize(tokens, dim=-1)
         ce = F.cross_entropy(ATTRIBUTE_SCALE * unit @ classes, target)

@@ -64,8 +64,9 @@ class RoIAlignEncoderOptions(StageOptions):
         ge=0,
         description="not in the reference (0): with image_crop, C > 0 makes the crop's CNN a classifier of C classes "
         "(the detection file's category ids, trained by a `crops` stage on the true boxes) instead of a vector "
-        "added to the region's; the token gains a code of the class probabilities (a learned C x hidden map, its "
-        "norm set by crop_code_scale), so that what the region is becomes a clean, separable direction the "
+        "added to the region's; the token gains a code of the class probabilities (a C x hidden map of random "
+        "unit columns, its norm set by crop_code_scale; a detection stage's attribute loss reads the token without "
+        "it), so that what the region is becomes a clean, separable direction the "
         "language model reads",
     )
     crop_labels: Literal["category", "head"] = Field(
@@ -238,7 +239,9 @@ class MlvlRoIAlignEncoder(RegionEncoder):
                 raise ValueError(f"mlvl-roialign: regions[{i}] must have shape (N, 4) (normalized xyxy), got {shape}")
         return [boxes.shape[0] for boxes in regions]
 
-    def forward(self, features: ImageFeatures, regions: list[Tensor]) -> list[Tensor]:
+    def forward(self, features: ImageFeatures, regions: list[Tensor], crop_code: bool = True) -> list[Tensor]:
+        """One token per region; ``crop_code=False`` leaves the crop classifier's code out (``crop_classes``: the
+        region's own token, which a detection stage's attribute loss trains)."""
         counts = self._check_regions(features, regions)
         if sum(counts) == 0:
             weight = self.extractor.updims.weight
@@ -246,7 +249,7 @@ class MlvlRoIAlignEncoder(RegionEncoder):
         fused = self.pyramid(features)
         rois, cxcywh = self.rois(regions, fused[0].device)
         crops = self.crops(features, regions, fused[0].device) if self.options.image_crop else None
-        tokens = self.extractor(fused, rois, cxcywh, self.spatial_scales(fused), crops)
+        tokens = self.extractor(fused, rois, cxcywh, self.spatial_scales(fused), crops, crop_code=crop_code)
         return list(tokens.split(counts))
 
     def crop_logits(self, features: ImageFeatures, regions: list[Tensor]) -> Tensor:

@@ -114,11 +114,13 @@ class MlvlRoIExtractor(nn.Module):
         boxes_cxcywh: Tensor,
         scales: list[tuple[float, float]],
         crops: Tensor | None = None,
+        crop_code: bool = True,
     ) -> Tensor:
         """Region tokens (K, hidden_size) for ``rois`` (K, 5) and their normalized cxcywh boxes (K, 4); with
         ``crop_stem``, ``crops`` (K, 3, N, N) of the original images add their vector; with ``crop_classifier``,
         the code of the class probabilities it gives each crop, its norm ``crop_code_scale`` times the token's own
-        (the classifier learns from its own loss alone, :meth:`crop_logits`, never from the token's)."""
+        (the classifier learns from its own loss alone, :meth:`crop_logits`, never from the token's);
+        ``crop_code=False`` leaves the code out."""
         if self.log_box_size:  # (cx, cy, log w, log h): the aspect ratio is a difference, readable by one linear map
             size = boxes_cxcywh[:, 2:].float().clamp(min=1e-4).log()
             boxes_cxcywh = torch.cat([boxes_cxcywh[:, :2].float(), size], dim=1)
@@ -129,7 +131,7 @@ class MlvlRoIExtractor(nn.Module):
         if self.crop_stem is not None:
             vector = vector + self.crop_stem(crops.to(self.flatten_linear.weight.dtype))
         tokens = self.updims(vector)
-        if self.crop_classifier is not None:
+        if self.crop_classifier is not None and crop_code:
             with torch.no_grad():
                 probs = self.crop_logits(crops).float().softmax(-1)
             code = F.normalize(self.crop_code(probs.to(tokens.dtype)), dim=-1)

@@ -330,10 +330,10 @@ def test_image_crop_keeps_the_region_encoder_contract():
 
 def test_crop_classes_give_each_token_the_code_of_the_class_its_crop_shows():
     """``crop_classes``: the crop's CNN names a class, and the token gains the code of the class probabilities
-    (the learned ``crop_code`` map), scaled to ``crop_code_scale`` times the token's own norm: a red and a blue box on
-    equal encoder features differ by exactly the difference of their codes. The classifier learns from its own loss
-    (``crop_logits``) and never from the token's, so a language model trained on the tokens cannot unteach it; a
-    classifier without a crop is refused in one line."""
+    (the ``crop_code`` map; ``crop_code=False`` leaves it out), scaled to ``crop_code_scale`` times the token's own
+    norm: a red and a blue box on equal encoder features differ by exactly the difference of their codes. The
+    classifier learns from its own loss (``crop_logits``) and never from the token's, so a language model trained on
+    the tokens cannot unteach it; a classifier without a crop is refused in one line."""
     from PIL import Image
 
     stage = _small(image_crop=8, crop_classes=5, crop_code_scale=0.5).train()
@@ -350,10 +350,9 @@ def test_crop_classes_give_each_token_the_code_of_the_class_its_crop_shows():
     logits = stage.crop_logits(features, [box, box])
     assert logits.shape == (2, 5) and not torch.allclose(logits[0], logits[1])
     a, b = stage(features, [box, box])
-    classifier, stage.extractor.crop_classifier = stage.extractor.crop_classifier, None
     with torch.no_grad():
-        rest, _ = stage(features, [box, box])  # the token without its code (equal for both)
-    stage.extractor.crop_classifier = classifier
+        rest, rest_b = stage(features, [box, box], crop_code=False)  # the token without its code (equal for both)
+    torch.testing.assert_close(rest, rest_b)
     code = torch.nn.functional.normalize(stage.extractor.crop_code(logits.detach().softmax(-1)), dim=-1)
     scale = 0.5 * rest.norm()
     torch.testing.assert_close((a - b)[0], (code[0] - code[1]) * scale, atol=1e-5, rtol=1e-4)  # float32, ~1e0 values
