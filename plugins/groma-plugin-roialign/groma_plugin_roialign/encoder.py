@@ -248,7 +248,7 @@ class MlvlRoIAlignEncoder(RegionEncoder):
             return [weight.new_zeros(0, self.hidden_size) for _ in counts]
         fused = self.pyramid(features)
         rois, cxcywh = self.rois(regions, fused[0].device)
-        crops = self.crops(features, regions, fused[0].device) if self.options.image_crop else None
+        crops = self.crops(features, regions, fused[0].device) if self.extractor.reads_crops(crop_code) else None
         tokens = self.extractor(fused, rois, cxcywh, self.spatial_scales(fused), crops, crop_code=crop_code)
         return list(tokens.split(counts))
 

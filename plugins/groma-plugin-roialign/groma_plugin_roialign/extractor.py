@@ -126,7 +126,7 @@ class MlvlRoIExtractor(nn.Module):
             boxes_cxcywh = torch.cat([boxes_cxcywh[:, :2].float(), size], dim=1)
         position = self.pos_embed(boxes_cxcywh.to(self.flatten_linear.weight.dtype))
         vector = self.appearance(self.pool(feats, rois, scales)) + position
-        if crops is None and (self.crop_stem is not None or self.crop_classifier is not None):
+        if crops is None and self.reads_crops(crop_code):
             raise ValueError("mlvl-roialign: this extractor reads image crops (image_crop) but was given no crops")
         if self.crop_stem is not None:
             vector = vector + self.crop_stem(crops.to(self.flatten_linear.weight.dtype))
@@ -137,6 +137,10 @@ class MlvlRoIExtractor(nn.Module):
             code = F.normalize(self.crop_code(probs.to(tokens.dtype)), dim=-1)
             tokens = tokens + code * (self.crop_code_scale * tokens.detach().norm(dim=-1, keepdim=True))
         return tokens
+
+    def reads_crops(self, crop_code: bool = True) -> bool:
+        """Whether :meth:`forward` reads image crops: for the crop stem, or for the crop classifier's code."""
+        return self.crop_stem is not None or (self.crop_classifier is not None and crop_code)
 
     def crop_logits(self, crops: Tensor) -> Tensor:
         """The class logits (K, crop_classes) of ``crops`` (K, 3, N, N) (``crop_classes``)."""
