@@ -149,7 +149,8 @@ class RegionEncoder(Stage):
     and ``crop_logits(features, regions)`` -> (sum N_i, crop_classes) logits, read from ``features.images`` and
     ``features.frames`` alone (``mlvl-roialign`` with ``image_crop`` and ``crop_classes``); and
     ``forward(features, regions, crop_code=False)``: the tokens without the classifier's code, which the attribute
-    loss of a detection stage reads (it trains the region's own features; the code is the classifier's).
+    loss of a detection stage reads (it trains the region's own features; the code is the classifier's). Likewise an
+    encoder with ``box_code_scale`` > 0 (a fixed code of where each region is) takes ``box_code=False``.
     """
 
     hidden_size: int

@@ -295,22 +295,28 @@ def test_a_crops_stage_teaches_the_crop_classifier_the_categories_alone(shapes, 
     assert last < 0.7 * first  # 8 images, ~35 boxes seen ~5 times each: the classifier fits them
 
 
-def test_the_attribute_loss_reads_the_region_token_without_the_crop_classifiers_code(shapes, sp_dir, tmp_path):
-    """With a crop classifier, a detection stage's attribute loss trains the region's own token: the classifier's code
-    (half the token at ``crop_code_scale: 1``) is left out, so the loss is the same whatever the code's scale, and the
-    stage changes neither the classifier nor the code map, while the rest of the region encoder learns."""
+def _attribute_batch(shapes, sp_dir, overrides: list[str]):
+    """A tiny model with ``overrides``, the shapes detection file opened for it, a batch of two images, and a
+    detection objective with the attribute loss."""
     from groma_core.api import build
     from groma_core.training.data import collate
 
     model = build("groma-tiny", [f"language_backbone.tokenizer={sp_dir}", f"image_tokenizer.input_size={SIDE}",
-                                 "image_tokenizer.letterbox=true", "region_proposer.num_queries=16",
-                                 "region_proposer.frozen=false", "region_encoder.image_crop=8",
-                                 "region_encoder.crop_classes=8", "region_encoder.crop_labels=head"])
+                                 "region_proposer.num_queries=16", *overrides])
     data = open_dataset(DatasetSpec(format="detection", ann=str(shapes / "annotations" / "detection_train.json"),
                                     images=str(shapes / "images"), source="coco"), model)
     torch.manual_seed(0)
     batch = collate([{**data[i], "dataset": "shapes", "source": "coco"} for i in range(2)])
-    objective = Objective(model, "detection", attribute_loss=1.0)
+    return model, data, batch, Objective(model, "detection", attribute_loss=1.0)
+
+
+def test_the_attribute_loss_reads_the_region_token_without_the_crop_classifiers_code(shapes, sp_dir, tmp_path):
+    """With a crop classifier, a detection stage's attribute loss trains the region's own token: the classifier's code
+    (half the token at ``crop_code_scale: 1``) is left out, so the loss is the same whatever the code's scale, and the
+    stage changes neither the classifier nor the code map, while the rest of the region encoder learns."""
+    model, data, batch, objective = _attribute_batch(shapes, sp_dir, [
+        "image_tokenizer.letterbox=true", "region_proposer.frozen=false", "region_encoder.image_crop=8",
+        "region_encoder.crop_classes=8", "region_encoder.crop_labels=head"])
     extractor = model.region_encoder.extractor
     with torch.no_grad():
         features = model.encode_images(batch["pixel_values"], batch.get("images"))
@@ -327,6 +333,23 @@ def test_the_attribute_loss_reads_the_region_token_without_the_crop_classifiers_
     after = model.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k]) and k.startswith("region_encoder.")}
     assert changed and not {k for k in changed if ".crop_classifier." in k or ".crop_code." in k}
+
+
+def test_the_attribute_loss_reads_the_region_token_without_the_box_code(shapes, sp_dir):
+    """With ``box_code_scale``, the attribute loss reads the region's own token too: the box code (a fixed map of
+    where the region is, at a share of the token's norm) is in the tokens the language model reads, not in the loss,
+    so the loss is the same whatever the code's scale."""
+    model, _, batch, objective = _attribute_batch(shapes, sp_dir, ["region_encoder.box_code_scale=1.0"])
+    with torch.no_grad():
+        features = model.encode_images(batch["pixel_values"], batch.get("images"))
+        losses, tokens = [], []
+        for scale in (1.0, 4.0):
+            model.region_encoder.extractor.box_code_scale = scale
+            terms = objective._attributes(features, batch)
+            losses.append(terms["attribute_ce"] + terms["attribute_box"])
+            tokens.append(torch.cat(model.region_encoder(features, list(batch["boxes"]))))
+    assert not torch.allclose(tokens[0], tokens[1])  # the code is in the tokens the language model reads ...
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)  # ... and not in what the attribute loss reads
 
 
 def test_a_crops_stage_needs_a_crop_classifier_and_categories(shapes, sp_dir, tmp_path):

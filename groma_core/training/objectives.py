@@ -167,7 +167,7 @@ class Objective(nn.Module):
 
     def _attributes(self, features, batch: dict[str, Any]) -> dict[str, Tensor]:
         """The attribute loss of a detection stage: the region encoder's token of each ground-truth box (without a
-        crop classifier's code), made unit length, names the box's category (cosine logits x
+        crop classifier's code or a box code), made unit length, names the box's category (cosine logits x
         :data:`ATTRIBUTE_SCALE` over fixed random class directions, cross-entropy) and gives back its (cx, cy, w, h)
         through a fixed random linear readout (mean squared error); so the tokens the language model will read carry
         what and where each object is."""
@@ -191,6 +191,8 @@ class Objective(nn.Module):
         # a crop classifier's code is left out: it is the classifier's answer (trained by a crops stage), and at the
         # token's size it takes half the unit vector this loss reads (benchmarks/README.md, session 16)
         own = {"crop_code": False} if getattr(encoder, "crop_classes", 0) else {}
+        if getattr(encoder, "box_code_scale", 0):  # a box code likewise: a fixed map, nothing for this loss to train
+            own["box_code"] = False
         tokens = torch.cat(encoder(features, list(boxes), **own)).float()
         classes, readout = self.readout(tokens.shape[-1], tokens.device)
         unit = F.normalize(tokens, dim=-1)

@@ -82,6 +82,15 @@ class RoIAlignEncoderOptions(StageOptions):
         description="crop_classes: the code's norm as a multiple of the region's own token's norm (which training "
         "sets), so that the code keeps its share of the token whatever the size the rest grows to",
     )
+    box_code_scale: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="not in the reference (0): > 0 adds to each token a code of where the region is (fixed random "
+        "Fourier features of its normalized (cx, cy, w, h), unit length, no parameters), its norm this multiple of "
+        "the token's own; the box's learned embedding alone stays a few percent of the token, too small for the "
+        "language model to name the place (benchmarks/README.md, session 17); a detection stage's attribute loss "
+        "reads the token without it",
+    )
     sampling_ratio: int = Field(default=2, description="RoIAlign samples per bin and axis; <= 0 adapts to the box")
     corner_format_quirk: bool = Field(
         default=True,
@@ -166,6 +175,7 @@ class MlvlRoIAlignEncoder(RegionEncoder):
             image_crop=options.image_crop,
             crop_classes=options.crop_classes,
             crop_code_scale=options.crop_code_scale,
+            box_code_scale=options.box_code_scale,
         )
         self.needs_images = options.image_crop > 0
 
@@ -173,6 +183,11 @@ class MlvlRoIAlignEncoder(RegionEncoder):
     def crop_classes(self) -> int:
         """Classes of the crop classifier (option ``crop_classes``; 0: none), which a ``crops`` stage trains."""
         return self.options.crop_classes
+
+    @property
+    def box_code_scale(self) -> float:
+        """The box code's share of the token's norm (option ``box_code_scale``; 0: no box code)."""
+        return self.options.box_code_scale
 
     @property
     def crop_labels(self) -> str:
@@ -239,9 +254,12 @@ class MlvlRoIAlignEncoder(RegionEncoder):
                 raise ValueError(f"mlvl-roialign: regions[{i}] must have shape (N, 4) (normalized xyxy), got {shape}")
         return [boxes.shape[0] for boxes in regions]
 
-    def forward(self, features: ImageFeatures, regions: list[Tensor], crop_code: bool = True) -> list[Tensor]:
-        """One token per region; ``crop_code=False`` leaves the crop classifier's code out (``crop_classes``: the
-        region's own token, which a detection stage's attribute loss trains)."""
+    def forward(
+        self, features: ImageFeatures, regions: list[Tensor], crop_code: bool = True, box_code: bool = True
+    ) -> list[Tensor]:
+        """One token per region; ``crop_code=False`` leaves the crop classifier's code out (``crop_classes``) and
+        ``box_code=False`` the box's (``box_code_scale``): the region's own token, which a detection stage's
+        attribute loss trains."""
         counts = self._check_regions(features, regions)
         if sum(counts) == 0:
             weight = self.extractor.updims.weight
@@ -249,7 +267,9 @@ class MlvlRoIAlignEncoder(RegionEncoder):
         fused = self.pyramid(features)
         rois, cxcywh = self.rois(regions, fused[0].device)
         crops = self.crops(features, regions, fused[0].device) if self.extractor.reads_crops(crop_code) else None
-        tokens = self.extractor(fused, rois, cxcywh, self.spatial_scales(fused), crops, crop_code=crop_code)
+        tokens = self.extractor(
+            fused, rois, cxcywh, self.spatial_scales(fused), crops, crop_code=crop_code, box_code=box_code
+        )
         return list(tokens.split(counts))
 
     def crop_logits(self, features: ImageFeatures, regions: list[Tensor]) -> Tensor:

@@ -3,6 +3,8 @@ layer over the flattened bins, plus an MLP embedding of the box, then the projec
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -10,6 +12,10 @@ from torch import Tensor, nn
 from groma_plugin_roialign.ops import Backend, roi_align
 
 CROP_FEATURES = 256
+# box_code_scale: the seed of the box code's random frequencies, and their spread (cycles per image width): about 2
+# tells the thirds of an image apart and still varies smoothly inside one
+BOX_CODE_SEED = 1729
+BOX_CODE_SIGMA = 2.0
 """Width of :func:`crop_convs`'s output."""
 
 
@@ -46,6 +52,7 @@ class MlvlRoIExtractor(nn.Module):
         image_crop: int = 0,
         crop_classes: int = 0,
         crop_code_scale: float = 1.0,
+        box_code_scale: float = 0.0,
     ):
         super().__init__()
         self.output_size = output_size
@@ -82,6 +89,14 @@ class MlvlRoIExtractor(nn.Module):
                 self.crop_code.weight.copy_(F.normalize(torch.randn(hidden_size, crop_classes), dim=0))
         elif image_crop:
             self.crop_stem = nn.Sequential(*crop_convs(), nn.Linear(CROP_FEATURES, region_dim))
+        # not in the reference (0 there): where the region is, as a code of fixed random Fourier features of its box
+        # at a share of the token's norm; the frequencies come from their own generator (no parameters, and the
+        # weights above start as they would without it) and are rebuilt with the module, not stored
+        self.box_code_scale = box_code_scale
+        if box_code_scale:
+            generator = torch.Generator().manual_seed(BOX_CODE_SEED)
+            frequencies = BOX_CODE_SIGMA * torch.randn(4, (hidden_size + 1) // 2, generator=generator)
+            self.register_buffer("box_frequencies", frequencies, persistent=False)
 
     def pool(self, feats: list[Tensor], rois: Tensor, scales: list[tuple[float, float]]) -> list[Tensor]:
         """RoIAlign (float32, aligned) of ``rois`` (K, 5) on each level -> L tensors (K, C, S, S)."""
@@ -115,12 +130,15 @@ class MlvlRoIExtractor(nn.Module):
         scales: list[tuple[float, float]],
         crops: Tensor | None = None,
         crop_code: bool = True,
+        box_code: bool = True,
     ) -> Tensor:
         """Region tokens (K, hidden_size) for ``rois`` (K, 5) and their normalized cxcywh boxes (K, 4); with
         ``crop_stem``, ``crops`` (K, 3, N, N) of the original images add their vector; with ``crop_classifier``,
         the code of the class probabilities it gives each crop, its norm ``crop_code_scale`` times the token's own
         (the classifier learns from its own loss alone, :meth:`crop_logits`, never from the token's);
-        ``crop_code=False`` leaves the code out."""
+        ``crop_code=False`` leaves the code out. With ``box_code_scale``, the box's code too (:meth:`box_code`;
+        ``box_code=False`` leaves it out)."""
+        plain_boxes = boxes_cxcywh
         if self.log_box_size:  # (cx, cy, log w, log h): the aspect ratio is a difference, readable by one linear map
             size = boxes_cxcywh[:, 2:].float().clamp(min=1e-4).log()
             boxes_cxcywh = torch.cat([boxes_cxcywh[:, :2].float(), size], dim=1)
@@ -136,7 +154,18 @@ class MlvlRoIExtractor(nn.Module):
                 probs = self.crop_logits(crops).float().softmax(-1)
             code = F.normalize(self.crop_code(probs.to(tokens.dtype)), dim=-1)
             tokens = tokens + code * (self.crop_code_scale * tokens.detach().norm(dim=-1, keepdim=True))
+        if self.box_code_scale and box_code:
+            code = self.box_code(plain_boxes).to(tokens.dtype)
+            tokens = tokens + code * (self.box_code_scale * tokens.detach().norm(dim=-1, keepdim=True))
         return tokens
+
+    def box_code(self, boxes_cxcywh: Tensor) -> Tensor:
+        """``box_code_scale``: the unit code (K, hidden_size) of normalized (cx, cy, w, h) boxes: sines and cosines
+        of fixed random projections of the box (Fourier features), so that a linear map reads where a region is and
+        how large it is, at a size no training can shrink."""
+        angles = 2 * math.pi * boxes_cxcywh.float() @ self.box_frequencies.float()
+        code = torch.cat([angles.sin(), angles.cos()], dim=-1)[:, : self.updims.out_features]
+        return F.normalize(code, dim=-1)
 
     def reads_crops(self, crop_code: bool = True) -> bool:
         """Whether :meth:`forward` reads image crops: for the crop stem, or for the crop classifier's code."""
