@@ -77,11 +77,8 @@ def ceiling(model, root: Path, thresholds: list[float]) -> None:
         print(f"  {label}: {sum(values) / len(values):.3f}{extra}")
 
 
-def _place(box: list[float], width: int, height: int) -> str:
-    """The cell of the 3 x 3 grid holding the centre of ``box`` (x, y, w, h): the place a region caption names."""
-    column = min(int(3 * (box[0] + box[2] / 2) / width), 2)
-    row = min(int(3 * (box[1] + box[3] / 2) / height), 2)
-    return f"{row},{column}"
+def _centre(box: list[float]) -> tuple[float, float]:
+    return box[0] + box[2] / 2, box[1] + box[3] / 2
 
 
 def grid_sample(level: torch.Tensor, box: list[float], cells: int = 7) -> torch.Tensor:
@@ -123,6 +120,7 @@ def probe_accuracy(x: torch.Tensor, labels: list[str], seed: int = 0, linear: bo
 @torch.no_grad()
 def probes(model, root: Path) -> None:
     from groma_core.boxes import to_input_frame
+    from groma_core.data.shapes import location_cell
     from groma_core.images import load_image, to_normalized_xyxy
 
     scenes = json.loads((root / "annotations" / "scenes_train.json").read_text())["images"]
@@ -141,7 +139,7 @@ def probes(model, root: Path) -> None:
         features.setdefault("region tokens", []).extend(model.region_encoder(encoded, [normalized])[0].float())
         colours += [o["colour"] for o in scene["objects"]]
         shapes += [o["shape"] for o in scene["objects"]]
-        places += [_place(o["bbox"], scene["width"], scene["height"]) for o in scene["objects"]]
+        places += [location_cell(*_centre(o["bbox"]), scene["width"], scene["height"]) for o in scene["objects"]]
     print(
         f"probes on {len(colours)} shapes of {len(scenes)} images (80% train / 20% held out), colour / shape name"
         " (and for the region tokens the place a region caption names, a cell of the 3 x 3 grid):"

@@ -603,10 +603,14 @@ def _size_word(scene: Scene, obj: ShapeObject) -> str:
     return "small" if share < 0.015 else "large" if share > 0.06 else ""
 
 
+def location_cell(x: float, y: float, width: int, height: int) -> tuple[int, int]:
+    """(row, column) of the 3 x 3 grid over a ``width`` x ``height`` picture that holds the point (x, y): the cell a
+    caption's place words ("in the top left corner") name."""
+    return min(int(3 * y / height), 2), min(int(3 * x / width), 2)
+
+
 def _location(scene: Scene, obj: ShapeObject) -> str:
-    x, y = obj.center
-    column = min(int(3 * x / scene.width), 2)
-    row = min(int(3 * y / scene.height), 2)
+    row, column = location_cell(*obj.center, scene.width, scene.height)
     return _LOCATIONS[row][column]
 
 

@@ -12,11 +12,11 @@ from torch import Tensor, nn
 from groma_plugin_roialign.ops import Backend, roi_align
 
 CROP_FEATURES = 256
+"""Width of :func:`crop_convs`'s output."""
 # box_code_scale: the seed of the box code's random frequencies, and their spread (cycles per image width): about 2
 # tells the thirds of an image apart and still varies smoothly inside one
 BOX_CODE_SEED = 1729
 BOX_CODE_SIGMA = 2.0
-"""Width of :func:`crop_convs`'s output."""
 
 
 def crop_convs() -> list[nn.Module]:
@@ -33,6 +33,13 @@ def crop_convs() -> list[nn.Module]:
         nn.AdaptiveAvgPool2d(2),
         nn.Flatten(),
     ]
+
+
+def _add_code(tokens: Tensor, code: Tensor, scale: float) -> Tensor:
+    """``tokens`` plus a unit ``code`` per token, its norm ``scale`` times the token's (not differentiated through),
+    so that the code keeps its share of the token whatever size training gives the rest."""
+    return tokens + code * (scale * tokens.detach().norm(dim=-1, keepdim=True))
+
 
 class MlvlRoIExtractor(nn.Module):
     """Pools one vector per region from L fused maps (module names follow the reference ``roi_align``)."""
@@ -153,10 +160,9 @@ class MlvlRoIExtractor(nn.Module):
             with torch.no_grad():
                 probs = self.crop_logits(crops).float().softmax(-1)
             code = F.normalize(self.crop_code(probs.to(tokens.dtype)), dim=-1)
-            tokens = tokens + code * (self.crop_code_scale * tokens.detach().norm(dim=-1, keepdim=True))
+            tokens = _add_code(tokens, code, self.crop_code_scale)
         if self.box_code_scale and box_code:
-            code = self.box_code(plain_boxes).to(tokens.dtype)
-            tokens = tokens + code * (self.box_code_scale * tokens.detach().norm(dim=-1, keepdim=True))
+            tokens = _add_code(tokens, self.box_code(plain_boxes).to(tokens.dtype), self.box_code_scale)
         return tokens
 
     def box_code(self, boxes_cxcywh: Tensor) -> Tensor:
