@@ -42,14 +42,17 @@ def collect(model, root: Path, count: int, training: bool) -> list[Sample]:
     out = []
     for i in range(min(count, len(dataset))):
         s = dataset[i]
+        images = [s["image"]] if "image" in s else None  # for a region encoder that reads the original picture
         target_box = s["ground_boxes"].reshape(-1, 4)[:1]
         words = re.search(r"<p>(.*?)</p>", model.tokenizer.decode(s["input_ids"])).group(1).split()
         if training:
-            inputs = model.prepare_inputs(s["pixel_values"][None], [s["input_ids"]], ground_boxes=[s["ground_boxes"]])
+            inputs = model.prepare_inputs(
+                s["pixel_values"][None], [s["input_ids"]], ground_boxes=[s["ground_boxes"]], images=images
+            )
             boxes, scores, tokens = inputs.regions.boxes[0], inputs.regions.scores[0], inputs.region_tokens[0]
             target = int(inputs.regions.ground_index[0][0])
         else:
-            features = model.encode_images(s["pixel_values"][None])
+            features = model.encode_images(s["pixel_values"][None], images)
             regions = model.select(model.propose(features))
             boxes, scores, target = regions.boxes[0], regions.scores[0], -1
             tokens = model.region_encoder(features, [boxes])[0]
