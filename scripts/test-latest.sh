@@ -9,6 +9,9 @@
 #   bash scripts/test-latest.sh -- -k golden                     arguments after -- go to pytest
 #   bash scripts/test-latest.sh --venv .venv-older --hold transformers==5.24.0
 #                                                                the same with packages held (e.g. at a lower bound)
+#   bash scripts/test-latest.sh --deadline 1796000000            tests that would start after that time (seconds
+#                                                                since the epoch) are skipped, and the summary says how
+#                                                                many (CI gives the lane what its time budget has left)
 #
 # Tests marked heavy (pyproject.toml: 15 s or more each, and what they exercise of third-party packages lighter tests
 # exercise too) are left to the locked lane by default, which keeps CI's two lanes inside its time; --all runs them.
@@ -27,8 +30,9 @@ while [ $# -gt 0 ]; do
     --all) select=(); shift ;;
     --venv) venv=$2; shift 2 ;;
     --hold) holds+=("$2"); shift 2 ;;
+    --deadline) export GROMA_TEST_DEADLINE=$2; shift 2 ;;
     --) shift; break ;;
-    *) echo "usage: $0 [--all] [--venv DIR] [--hold NAME==VERSION]... [-- PYTEST_ARGS...]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--all] [--venv DIR] [--hold NAME==VERSION]... [--deadline EPOCH_S] [-- PYTEST_ARGS...]" >&2; exit 2 ;;
   esac
 done
 lane="latest lane"
@@ -37,7 +41,8 @@ lane="latest lane"
 unset PIP_CONSTRAINT PIP_REQUIREMENT
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 pins=$(mktemp)
-trap 'rm -f "$pins"' EXIT
+out=$(mktemp)
+trap 'rm -f "$pins" "$out"' EXIT
 printf '%s\n' "${holds[@]}" >"$pins"
 
 install() {
@@ -61,8 +66,8 @@ fi
 install_s=$((SECONDS - started))
 
 started=$SECONDS
-python -m pytest -q -p no:cacheprovider ${select[@]+"${select[@]}"} "$@"
-status=$?
+python -m pytest -q -p no:cacheprovider -rfE ${select[@]+"${select[@]}"} "$@" | tee "$out"
+status=${PIPESTATUS[0]}
 test_s=$((SECONDS - started))
 
 # every package whose version differs from the lock: "name locked -> got" ("absent" when one side lacks it)
@@ -91,5 +96,6 @@ print(", ".join(rows) or "nothing")
 EOF
 )
 verdict=$([ "$status" -eq 0 ] && echo passed || echo "FAILED (exit $status)")
-echo "$lane: $verdict; install ${install_s}s, tests ${test_s}s; versions differing from $LOCK: $differs"
+left_out=$(grep -m1 -o '^deadline: [0-9]* tests not run' "$out" | sed 's/^deadline: /, out of time: /')
+echo "$lane: $verdict; install ${install_s}s, tests ${test_s}s${left_out}; versions differing from $LOCK: $differs"
 exit "$status"
