@@ -2,17 +2,27 @@
 
 For single-expression REC samples rendered as in training (the ground-truth box joined to the selected regions),
 the hidden state at the position that predicts `<rK>` and the region tokens are taken from the model, frozen; a fresh
-pointer of the model's own form (`q(h) . k(region / rms(region)) / sqrt(H)`) is trained on one dataset's expressions
-and tested on another's, beside the model's own teacher-forced `<rK>` accuracy on the same samples. A fresh pointer
-that does much better than the model's head means the head is the limit; one that does no better means the answer
-is not in the hidden state. Needs a model trained with `region_pointer: true`.
+pointer of the model's own form (`q(h) . k(region / rms(region)) / sqrt(H)`, with the box's geometry in the key where
+the model's pointer reads it) is trained on one dataset's expressions and tested on another's, beside the model's own
+teacher-forced `<rK>` accuracy on the same samples. A fresh pointer that does much better than the model's head means
+the head is the limit; one that does no better means the answer is not in the hidden state. Needs a model trained
+with `region_pointer: true`.
+
+`--state` picks what the fresh pointer's query reads: `answer` (the hidden state at the `<rK>` prediction, what the
+model's own pointer reads), `expression` (the mean of the hidden states over the expression's words, between the
+`<p>` and `</p>` before the answer), `words` (the mean of the language model's input embeddings of those words: a bag
+of words, no context), or `both` (answer and expression side by side). An `expression` pointer well above the
+`answer` one means the language model understands the expression where it reads it but does not carry that to
+where it answers.
 
     python benchmarks/hidden_probe.py MODEL TRAIN_DATA VAL_DATA [--train 3000] [--val 300] [--steps 15000]
+                                      [--state answer]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import random
 import time
@@ -22,16 +32,25 @@ import torch
 from pointer_probe import accuracy, fit
 from torch import nn
 
+STATES = ("answer", "expression", "words", "both")
 
-def collect(model, root: Path, count: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor, int, str]], float]:
-    """(hidden state, region tokens, target index, "all") per sample, and the model's own teacher-forced accuracy."""
+
+def collect(
+    model, root: Path, count: int, states: tuple[str, ...] = ("answer",)
+) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor, int, str]]], float]:
+    """For each of ``states`` (as ``--state``), (query state, region tokens, target index, "all") per sample, and the
+    model's own teacher-forced accuracy."""
+    from groma_core import tokens as T
+    from groma_core.boxes import box_geometry
     from groma_core.schema import DatasetSpec
     from groma_core.training.datasets import open_dataset
 
     spec = DatasetSpec(format="rec", ann="annotations/rec_train.json", images="images", template="llava")
     dataset = open_dataset(spec, model, root, "rec")
     index_of = {token: k for k, token in enumerate(model.tokenizer.region_ids)}
-    samples, right = [], []
+    p_open, p_close = model.tokenizer.token_id(T.P_OPEN), model.tokenizer.token_id(T.P_CLOSE)
+    samples: dict[str, list] = {state: [] for state in states}
+    right = []
     with torch.no_grad():
         for i in range(min(count, len(dataset))):
             s = dataset[i]
@@ -44,23 +63,48 @@ def collect(model, root: Path, count: int) -> tuple[list[tuple[torch.Tensor, tor
             where = [j for j in range(len(targets)) if int(targets[j]) in index_of]
             if not where:
                 continue
-            j = where[0]
-            hidden, regions = out.hidden_states[0, j].float(), inputs.region_tokens[0].float()
-            samples.append((hidden, regions, index_of[int(targets[j])], "all"))
+            j = where[0]  # position j predicts the token at j + 1
+            ids = inputs.ids[0, : j + 1].tolist()
+            start = max(k for k, t in enumerate(ids) if t == p_open) + 1
+            end = max(k for k, t in enumerate(ids) if t == p_close)
+            query = {
+                "answer": out.hidden_states[0, j],
+                "expression": out.hidden_states[0, start:end].mean(0),
+                "words": inputs.inputs_embeds[0, start:end].mean(0),
+            }
+            query["both"] = torch.cat([query["answer"], query["expression"]])
+            regions = inputs.region_tokens[0].float()
+            if model.region_pointer.box is not None:  # the geometry rides along as the tokens' last columns
+                regions = torch.cat([regions, box_geometry(inputs.regions.boxes[0].float())], -1)
+            for state in states:
+                samples[state].append((query[state].float(), regions, index_of[int(targets[j])], "all"))
             right.append(int(logits[0, j].argmax() == targets[j]))
     return samples, sum(right) / max(len(right), 1)
 
 
 class FreshPointer(nn.Module):
-    """The region pointer's form: ``q(h) . k(region / rms(region)) / sqrt(H)``."""
+    """The region pointer's form: ``q(h) . k(region / rms(region)) / sqrt(H)``, plus ``box(geometry)`` in the key
+    with ``box`` (the geometry in the regions' last ``BOX_GEOMETRY`` columns), as ``region_pointer_box`` adds."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, query_width: int | None = None, box: bool = False):
         super().__init__()
-        self.q, self.k = nn.Linear(width, width), nn.Linear(width, width)
+        from groma_core.boxes import BOX_GEOMETRY
+
+        self.q, self.k = nn.Linear(query_width or width, width), nn.Linear(width, width)
+        self.box = nn.Linear(BOX_GEOMETRY, width) if box else None
 
     def forward(self, hidden: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-        keys = self.k(regions / regions.pow(2).mean(-1, keepdim=True).sqrt())
-        return keys @ self.q(hidden) / hidden.shape[-1] ** 0.5
+        width = self.k.in_features
+        tokens = regions[:, :width]
+        keys = self.k(tokens / tokens.pow(2).mean(-1, keepdim=True).sqrt())
+        if self.box is not None:
+            keys = keys + self.box(regions[:, width:])
+        return keys @ self.q(hidden) / keys.shape[-1] ** 0.5
+
+
+def _report(probe: nn.Module, state: str, train: list, val: list, step: int) -> None:
+    on_val, on_train = accuracy(probe, val)[0], accuracy(probe, train[: len(val)])[0]
+    print(f"step {step}: fresh pointer on the {state} state: validation {on_val:.3f}, train {on_train:.3f}")
 
 
 def main() -> None:
@@ -72,28 +116,34 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=300, help="validation expressions")
     parser.add_argument("--steps", type=int, default=15000, help="single-expression steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--state",
+        default="answer",
+        help=f"what the fresh pointer's query reads: {', '.join(STATES)}, or several, comma-separated (one each)",
+    )
     args = parser.parse_args()
 
     import groma_core
 
     began = time.perf_counter()
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
     model = groma_core.load(args.model).eval()
     if model.region_pointer is None:
         raise SystemExit(f"{args.model}: trained without region_pointer; this probe compares with the model's pointer")
-    train, train_own = collect(model, args.train_data, args.train)
-    val, val_own = collect(model, args.val_data, args.val)
+    states = tuple(args.state.split(","))
+    if unknown := set(states) - set(STATES):
+        raise SystemExit(f"--state: unknown {', '.join(sorted(unknown))} (choose from {', '.join(STATES)})")
+    trains, train_own = collect(model, args.train_data, args.train, states)
+    vals, val_own = collect(model, args.val_data, args.val, states)
     threads = torch.get_num_threads()
     print(f"model {args.model}; machine {platform.machine()}, torch {torch.__version__}, {threads} threads")
     print(f"the model's own teacher-forced <rK> accuracy: train {train_own:.3f}, validation {val_own:.3f}")
-    probe = FreshPointer(train[0][0].shape[0])
-
-    def report(step: int) -> None:
-        on_val, on_train = accuracy(probe, val)[0], accuracy(probe, train[: len(val)])[0]
-        print(f"step {step}: fresh pointer on the frozen hidden states: validation {on_val:.3f}, train {on_train:.3f}")
-
-    fit(probe, train, args.steps, rng, report, reports=3)
+    for state in states:
+        torch.manual_seed(args.seed)
+        box = model.region_pointer.box is not None
+        width = model.language_backbone.hidden_size
+        probe = FreshPointer(width, trains[state][0][0].shape[0], box=box)
+        report = functools.partial(_report, probe, state, trains[state], vals[state])
+        fit(probe, trains[state], args.steps, random.Random(args.seed), report, reports=3)
     print(f"took {time.perf_counter() - began:.0f} s")
 
 
