@@ -55,7 +55,11 @@ def collect(
         for i in range(min(count, len(dataset))):
             s = dataset[i]
             inputs = model.prepare_inputs(
-                s["pixel_values"][None], [s["input_ids"]], ground_boxes=[s["ground_boxes"]], labels=[s["labels"]]
+                s["pixel_values"][None],
+                [s["input_ids"]],
+                ground_boxes=[s["ground_boxes"]],
+                labels=[s["labels"]],
+                images=[s["image"]] if "image" in s else None,  # for a region encoder that reads the pictures
             )
             out = model.language_backbone(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids)
             logits = model._pointer_logits(inputs)(out.logits, out.hidden_states)
