@@ -41,7 +41,6 @@ def collect(
     """For each of ``states`` (as ``--state``), (query state, region tokens, target index, "all") per sample, and the
     model's own teacher-forced accuracy."""
     from groma_core import tokens as T
-    from groma_core.boxes import box_geometry
     from groma_core.schema import DatasetSpec
     from groma_core.training.datasets import open_dataset
 
@@ -77,9 +76,7 @@ def collect(
                 "words": inputs.inputs_embeds[0, start:end].mean(0),
             }
             query["both"] = torch.cat([query["answer"], query["expression"]])
-            regions = inputs.region_tokens[0].float()
-            if model.region_pointer.box is not None:  # the geometry rides along as the tokens' last columns
-                regions = torch.cat([regions, box_geometry(inputs.regions.boxes[0].float())], -1)
+            regions = (inputs.region_tokens[0].float(), inputs.regions.boxes[0].float())
             for state in states:
                 samples[state].append((query[state].float(), regions, index_of[int(targets[j])], "all"))
             right.append(int(logits[0, j].argmax() == targets[j]))
@@ -87,23 +84,21 @@ def collect(
 
 
 class FreshPointer(nn.Module):
-    """The region pointer's form: ``q(h) . k(region / rms(region)) / sqrt(H)``, plus ``box(geometry)`` in the key
-    with ``box`` (the geometry in the regions' last ``BOX_GEOMETRY`` columns), as ``region_pointer_box`` adds."""
+    """A fresh :class:`~groma_core.model.RegionPointer` (the model's own form, box geometry in the key when ``box``),
+    its query first mapped to the language model's width when the probed state is wider (``both``). Scores one
+    sample: ``query`` (Q,), ``regions`` = (tokens (K, H), boxes (K, 4) normalised xyxy) -> (K,)."""
 
-    def __init__(self, width: int, query_width: int | None = None, box: bool = False):
+    def __init__(self, width: int, query_width: int, box: bool):
         super().__init__()
-        from groma_core.boxes import BOX_GEOMETRY
+        from groma_core.model import RegionPointer
 
-        self.q, self.k = nn.Linear(query_width or width, width), nn.Linear(width, width)
-        self.box = nn.Linear(BOX_GEOMETRY, width) if box else None
+        self.pointer = RegionPointer(width, box=box)
+        self.fold = nn.Identity() if query_width == width else nn.Linear(query_width, width)
 
-    def forward(self, hidden: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-        width = self.k.in_features
-        tokens = regions[:, :width]
-        keys = self.k(tokens / tokens.pow(2).mean(-1, keepdim=True).sqrt())
-        if self.box is not None:
-            keys = keys + self.box(regions[:, width:])
-        return keys @ self.q(hidden) / keys.shape[-1] ** 0.5
+    def forward(self, query: torch.Tensor, regions: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        tokens, boxes = regions
+        valid = torch.ones(1, tokens.shape[0], dtype=torch.bool)
+        return self.pointer(self.fold(query)[None, None], tokens[None], valid, boxes[None])[0, 0]
 
 
 def _report(probe: nn.Module, state: str, train: list, val: list, step: int) -> None:
@@ -143,9 +138,8 @@ def main() -> None:
     print(f"the model's own teacher-forced <rK> accuracy: train {train_own:.3f}, validation {val_own:.3f}")
     for state in states:
         torch.manual_seed(args.seed)
-        box = model.region_pointer.box is not None
-        width = model.language_backbone.hidden_size
-        probe = FreshPointer(width, trains[state][0][0].shape[0], box=box)
+        width, box = model.language_backbone.hidden_size, model.region_pointer.box is not None
+        probe = FreshPointer(width, trains[state][0][0].shape[0], box)
         report = functools.partial(_report, probe, state, trains[state], vals[state])
         fit(probe, trains[state], args.steps, random.Random(args.seed), report, reports=3)
     print(f"took {time.perf_counter() - began:.0f} s")

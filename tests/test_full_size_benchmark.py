@@ -19,20 +19,7 @@ SCRIPT = Path(__file__).parents[1] / "benchmarks" / "full_size.py"
 @pytest.mark.heavy
 def test_full_size_benchmark_reports_its_figures_at_reduced_depth():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    args = [
-        "--device",
-        "cpu",
-        "--layers",
-        "2",
-        "--vision-layers",
-        "4",
-        "--new-tokens",
-        "3",
-        "--batches",
-        "1",
-        "--dtype",
-        "float32",
-    ]
+    args = "--device cpu --layers 2 --vision-layers 4 --new-tokens 3 --batches 1 --dtype float32".split()
     res = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
