@@ -11,7 +11,8 @@ with `region_pointer: true`.
 `--state` picks what the fresh pointer's query reads: `answer` (the hidden state at the `<rK>` prediction, what the
 model's own pointer reads), `expression` (the mean of the hidden states over the expression's words, between the
 `<p>` and `</p>` before the answer), `words` (the mean of the language model's input embeddings of those words: a bag
-of words, no context), or `both` (answer and expression side by side). An `expression` pointer well above the
+of words, no context), or several of these side by side, joined by `+` (`answer+words`; `both` is
+`answer+expression`). An `expression` pointer well above the
 `answer` one means the language model understands the expression where it reads it but does not carry that to
 where it answers.
 
@@ -32,7 +33,8 @@ import torch
 from pointer_probe import accuracy, fit
 from torch import nn
 
-STATES = ("answer", "expression", "words", "both")
+STATES = ("answer", "expression", "words")
+ALIASES = {"both": "answer+expression"}
 
 
 def collect(
@@ -75,17 +77,19 @@ def collect(
                 "expression": out.hidden_states[0, start:end].mean(0),
                 "words": inputs.inputs_embeds[0, start:end].mean(0),
             }
-            query["both"] = torch.cat([query["answer"], query["expression"]])
             regions = (inputs.region_tokens[0].float(), inputs.regions.boxes[0].float())
             for state in states:
-                samples[state].append((query[state].float(), regions, index_of[int(targets[j])], "all"))
+                parts = ALIASES.get(state, state).split("+")
+                # side by side, each part at unit RMS: the words' embeddings are ~35 times smaller than the states
+                joined = torch.cat([query[part] / query[part].pow(2).mean().sqrt() for part in parts])
+                samples[state].append((joined.float(), regions, index_of[int(targets[j])], "all"))
             right.append(int(logits[0, j].argmax() == targets[j]))
     return samples, sum(right) / max(len(right), 1)
 
 
 class FreshPointer(nn.Module):
     """A fresh :class:`~groma_core.model.RegionPointer` (the model's own form, box geometry in the key when ``box``),
-    its query first mapped to the language model's width when the probed state is wider (``both``). Scores one
+    its query first mapped to the language model's width when the probed state is wider (``answer+words``). Scores one
     sample: ``query`` (Q,), ``regions`` = (tokens (K, H), boxes (K, 4) normalised xyxy) -> (K,)."""
 
     def __init__(self, width: int, query_width: int, box: bool):
@@ -118,7 +122,7 @@ def main() -> None:
     parser.add_argument(
         "--state",
         default="answer",
-        help=f"what the fresh pointer's query reads: {', '.join(STATES)}, or several, comma-separated (one each)",
+        help=f"what the fresh pointer's query reads: {', '.join(STATES)} or a '+' of them; several comma-separated",
     )
     args = parser.parse_args()
 
@@ -129,8 +133,11 @@ def main() -> None:
     if model.region_pointer is None:
         raise SystemExit(f"{args.model}: trained without region_pointer; this probe compares with the model's pointer")
     states = tuple(args.state.split(","))
-    if unknown := set(states) - set(STATES):
-        raise SystemExit(f"--state: unknown {', '.join(sorted(unknown))} (choose from {', '.join(STATES)})")
+    parts = {part for state in states for part in ALIASES.get(state, state).split("+")}
+    if unknown := parts - set(STATES):
+        raise SystemExit(
+            f"--state: unknown {', '.join(sorted(unknown))} (choose from {', '.join(STATES)}, joined by '+', or both)"
+        )
     trains, train_own = collect(model, args.train_data, args.train, states)
     vals, val_own = collect(model, args.val_data, args.val, states)
     threads = torch.get_num_threads()

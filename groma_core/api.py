@@ -143,6 +143,7 @@ def _construct_stages(recipe: Recipe, manager: PluginManager) -> GromaModel:
         index_region_tokens=recipe.core.index_region_tokens,
         region_pointer=recipe.core.region_pointer,
         region_pointer_box=recipe.core.region_pointer_box,
+        region_pointer_words=recipe.core.region_pointer_words,
     )
     model.recipe = recipe
     return model

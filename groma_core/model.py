@@ -38,24 +38,81 @@ class RegionPointer(nn.Module):
     that region's index token: ``score_K = q(h) . k(region_K / rms(region_K)) / sqrt(H)`` (not in the reference,
     whose ``<rK>`` logits come from the language model head alone; see the recipe option ``region_pointer``)."""
 
-    def __init__(self, hidden_size: int, box: bool = False):
+    def __init__(self, hidden_size: int, box: bool = False, words: bool = False):
         super().__init__()
         self.q = nn.Linear(hidden_size, hidden_size)
         self.k = nn.Linear(hidden_size, hidden_size)
         # with ``box`` (recipe option ``region_pointer_box``) the key also maps the region's box geometry
         self.box = nn.Linear(BOX_GEOMETRY, hidden_size) if box else None
+        # with ``words`` (recipe option ``region_pointer_words``) the query also maps the last phrase's words
+        self.words = nn.Linear(hidden_size, hidden_size) if words else None
 
-    def forward(self, hidden: Tensor, regions: Tensor, valid: Tensor, boxes: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        hidden: Tensor,
+        regions: Tensor,
+        valid: Tensor,
+        boxes: Tensor | None = None,
+        words: Tensor | None = None,
+    ) -> Tensor:
         """``hidden`` (B, L, H), ``regions`` (B, K, H), ``valid`` (B, K), ``boxes`` (B, K, 4) normalised xyxy (used
-        only with ``box``) -> scores (B, L, K), 0 where not valid."""
+        only with ``box``), ``words`` (B, L, H) the mean input embedding of the last phrase at each position (see
+        :func:`phrase_bags`; used only with ``words``) -> scores (B, L, K), 0 where not valid."""
         dtype = self.q.weight.dtype
         keys = self.k((regions / _rms(regions).clamp(min=1e-6)).to(dtype))
         if self.box is not None:
             if boxes is None:
                 raise ValueError("a region pointer with box=True needs the regions' boxes")
             keys = keys + self.box(box_geometry(boxes.float()).to(dtype))
-        scores = self.q(hidden.to(dtype)) @ keys.transpose(1, 2) / hidden.shape[-1] ** 0.5
+        query = self.q(hidden.to(dtype))
+        if self.words is not None:
+            if words is None:
+                raise ValueError("a region pointer with words=True needs the last phrase's words")
+            query = query + self.words((words / _rms(words).clamp(min=1e-6)).to(dtype))
+        scores = query @ keys.transpose(1, 2) / hidden.shape[-1] ** 0.5
         return scores.masked_fill(~valid[:, None, :], 0.0)
+
+
+def phrase_bags(ids: Tensor, embeds: Tensor, p_open: int, p_close: int) -> Tensor:
+    """For every position of ``ids`` (B, L), the mean of ``embeds`` (B, L, H) over the words of the last phrase
+    closed at or before it (strictly between a ``<p>`` and its ``</p>``); zeros before the first ``</p>``."""
+    opened, closed = (ids == p_open).long().cumsum(1), (ids == p_close).long().cumsum(1)
+    inside = (opened > closed) & (ids != p_open)
+    phrases = int(opened.max()) + 1 if ids.numel() else 1
+    sums = embeds.new_zeros(ids.shape[0], phrases, embeds.shape[-1])
+    counts = embeds.new_zeros(ids.shape[0], phrases, 1)
+    weight = inside.unsqueeze(-1).to(embeds.dtype)
+    sums.scatter_add_(1, opened.unsqueeze(-1).expand_as(embeds), embeds * weight)
+    counts.scatter_add_(1, opened.unsqueeze(-1), weight)
+    means = sums / counts.clamp(min=1)
+    means[:, 0] = 0  # phrase 0: no phrase closed yet
+    return means.gather(1, closed.clamp(max=phrases - 1).unsqueeze(-1).expand_as(embeds))
+
+
+class PhraseTracker:
+    """The mean input embedding of the last closed phrase while decoding: started from the prompt, fed each picked
+    token (:func:`decode`'s ``on_token``); what a ``words`` pointer reads at the step being decoded."""
+
+    def __init__(self, ids: Tensor, embeds: Tensor, p_open: int, p_close: int):
+        self.p_open, self.p_close = p_open, p_close
+        self.bag = phrase_bags(ids, embeds, p_open, p_close)[:, -1:]  # (B, 1, H)
+        opened, closed = (ids == p_open).long().cumsum(1), (ids == p_close).long().cumsum(1)
+        self.inside = (opened > closed)[:, -1]  # a phrase open at the prompt's end (B,)
+        since = opened == opened[:, -1:]  # positions of the last opened phrase
+        words = (since & (opened > closed) & (ids != p_open)).unsqueeze(-1).to(embeds.dtype)
+        self.sum = (embeds * words).sum(1, keepdim=True)
+        self.count = words.sum(1, keepdim=True)
+
+    def feed(self, ids: Tensor, embeds: Tensor) -> None:
+        """One decoded token per row: ``ids`` (B,), ``embeds`` (B, 1, H)."""
+        opens, closes = (ids == self.p_open)[:, None, None], (ids == self.p_close)[:, None, None]
+        inside = self.inside[:, None, None]
+        done = closes & inside
+        self.bag = torch.where(done, self.sum / self.count.clamp(min=1), self.bag)
+        word = (inside & ~closes & ~opens).to(embeds.dtype)
+        self.sum = torch.where(opens, 0.0, self.sum + embeds * word)
+        self.count = torch.where(opens, 0.0, self.count + word)
+        self.inside = (self.inside | opens[:, 0, 0]) & ~closes[:, 0, 0]
 
 
 #: how far outside [0, 1] a proposal's centre may lie (float rounding of a box on the border)
@@ -131,6 +188,41 @@ def _rms(x: Tensor) -> Tensor:
     return x.detach().pow(2).mean(-1, keepdim=True).sqrt()
 
 
+class PointerLogits:
+    """What :meth:`GromaModel._pointer_logits` returns: called with (logits (B, L, V), hidden (B, L, H)), the logits
+    with each ``<rK>`` column raised by the pointer's match with region K. Over the whole prepared sequence (training)
+    a ``words`` pointer reads each position's last phrase from the inputs; over one position (decoding) it reads the
+    phrase :meth:`feed` has followed (``decode``'s ``on_token``), from the prompt on."""
+
+    def __init__(self, pointer, regions, valid, boxes, columns, inputs, phrase_ids: tuple[int, int] | None):
+        self.pointer, self.regions, self.valid, self.boxes, self.columns = pointer, regions, valid, boxes, columns
+        self.inputs, self.phrase_ids = inputs, phrase_ids
+        self._tracker: PhraseTracker | None = None
+
+    def _decoding(self) -> PhraseTracker:
+        if self._tracker is None:  # started from the prompt at the first decoding step
+            self._tracker = PhraseTracker(self.inputs.ids, self.inputs.inputs_embeds.detach(), *self.phrase_ids)
+        return self._tracker
+
+    def __call__(self, logits: Tensor, hidden: Tensor) -> Tensor:
+        words = None
+        if self.phrase_ids is not None:
+            ids = self.inputs.ids
+            if hidden.shape[1] == 1:  # a decoding step (or a one-token prompt, where both agree)
+                words = self._decoding().bag
+            elif hidden.shape[1] == ids.shape[1]:
+                words = phrase_bags(ids, self.inputs.inputs_embeds, *self.phrase_ids)
+            else:
+                raise ValueError(f"hidden: {hidden.shape[1]} positions, expected {ids.shape[1]} or 1")
+        scores = self.pointer(hidden, self.regions, self.valid, self.boxes, words).to(logits.dtype)
+        return logits.index_add(2, self.columns, scores)
+
+    def feed(self, ids: Tensor, embeds: Tensor) -> None:
+        """One decoded token per row (``ids`` (B,), its input embedding (B, 1, H)); nothing without a words pointer."""
+        if self.phrase_ids is not None:
+            self._decoding().feed(ids, embeds)
+
+
 class GromaModel(nn.Module):
     """A Groma pipeline built from four stages (see DESIGN.md's data flow): it computes; the task API over it is
     :class:`groma_core.inference.Groma`."""
@@ -146,6 +238,7 @@ class GromaModel(nn.Module):
         index_region_tokens: bool = False,
         region_pointer: bool = False,
         region_pointer_box: bool = False,
+        region_pointer_words: bool = False,
     ):
         super().__init__()
         self.image_tokenizer = image_tokenizer
@@ -157,10 +250,13 @@ class GromaModel(nn.Module):
         self.template = template
         self.index_region_tokens = index_region_tokens
         # only built when asked, so that the reference's state dict is unchanged
-        if region_pointer_box and not region_pointer:
-            raise ValueError("region_pointer_box needs region_pointer")
+        for name, asked in (("region_pointer_box", region_pointer_box), ("region_pointer_words", region_pointer_words)):
+            if asked and not region_pointer:
+                raise ValueError(f"{name} needs region_pointer")
         self.region_pointer = (
-            RegionPointer(language_backbone.hidden_size, box=region_pointer_box) if region_pointer else None
+            RegionPointer(language_backbone.hidden_size, box=region_pointer_box, words=region_pointer_words)
+            if region_pointer
+            else None
         )
         self.recipe: Any = None
         if region_encoder.hidden_size != language_backbone.hidden_size:
@@ -417,7 +513,7 @@ class GromaModel(nn.Module):
             embeds, mask, position_ids, ids_t, labels_t, prompt_ids, regions, features, proposals, list(region_feats)
         )
 
-    def _pointer_logits(self, inputs: PreparedInputs) -> Callable[[Tensor, Tensor], Tensor] | None:
+    def _pointer_logits(self, inputs: PreparedInputs) -> PointerLogits | None:
         """With ``region_pointer``: a function (logits (B, L, V), hidden (B, L, H)) -> logits whose ``<rK>`` columns
         also hold the match of each position's hidden state with region K of its sample."""
         pointer = self.region_pointer
@@ -438,12 +534,10 @@ class GromaModel(nn.Module):
             if boxes is not None:  # only a pointer that reads the geometry needs the boxes
                 boxes[i, : t.shape[0]] = inputs.regions.boxes[i].to(device=device, dtype=boxes.dtype)
         columns = torch.tensor(self.tokenizer.region_ids[:k_max], device=device)
-
-        def add(logits: Tensor, hidden: Tensor) -> Tensor:
-            scores = pointer(hidden, regions, valid, boxes).to(logits.dtype)
-            return logits.index_add(2, columns, scores)
-
-        return add
+        phrase_ids = None
+        if pointer.words is not None:  # the pointer's query also reads the last phrase's words
+            phrase_ids = (self.tokenizer.token_id(T.P_OPEN), self.tokenizer.token_id(T.P_CLOSE))
+        return PointerLogits(pointer, regions, valid, boxes, columns, inputs, phrase_ids)
 
     # -- training forward ------------------------------------------------------------------------------------
     def forward(
@@ -507,7 +601,8 @@ class GromaModel(nn.Module):
             top_k=top_k,
             generator=generator,
             keep_step_logits=keep_step_logits,
-            adjust_logits=self._pointer_logits(inputs),
+            adjust_logits=(point := self._pointer_logits(inputs)),
+            on_token=point.feed if point is not None else None,
         )
         return GenerationOutput(sequences, inputs.prompt_ids, inputs.regions, step_logits, inputs.proposals.extras)
 
@@ -528,10 +623,12 @@ def decode(
     generator: torch.Generator | None = None,
     keep_step_logits: bool = False,
     adjust_logits: Callable[[Tensor, Tensor], Tensor] | None = None,
+    on_token: Callable[[Tensor, Tensor], None] | None = None,
 ) -> tuple[list[list[int]], list[Tensor]]:
     """Decode from prepared embeddings with a key/value cache: new ids per sample (EOS excluded) and, if asked,
     the logits of every step. Rows must be left-padded (or unpadded); positions continue from each row's last.
-    ``adjust_logits(logits (B, 1, V), hidden (B, 1, H))``, if given, changes each step's logits before picking."""
+    ``adjust_logits(logits (B, 1, V), hidden (B, 1, H))``, if given, changes each step's logits before picking;
+    ``on_token(ids (B,), embeds (B, 1, H))``, if given, sees each picked token and its input embedding."""
     mask = attention_mask
     out = backbone(inputs_embeds, mask, position_ids, use_cache=True)
     batch = mask.shape[0]
@@ -554,9 +651,10 @@ def decode(
             break
         next_ids = torch.where(finished, pad_id, next_ids)
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], dim=1)
-        out = backbone(
-            backbone.embed(next_ids[:, None]), mask, next_pos, past_key_values=out.past_key_values, use_cache=True
-        )
+        embeds = backbone.embed(next_ids[:, None])
+        if on_token is not None:
+            on_token(next_ids, embeds)
+        out = backbone(embeds, mask, next_pos, past_key_values=out.past_key_values, use_cache=True)
         next_pos = next_pos + 1
     rows = torch.stack(picked, dim=1).tolist() if picked else [[] for _ in range(batch)]  # one copy to the host
     sequences = [row[: row.index(eos_id)] if eos_id is not None and eos_id in row else row for row in rows]

@@ -112,6 +112,12 @@ class CoreRecipe(BaseModel):
         "size in the input frame), so that a phrase can prefer a region by where it is and how big it is "
         "(\"the leftmost circle\", \"the biggest star\") as well as by what its token says; not in the reference",
     )
+    region_pointer_words: bool = Field(
+        False,
+        description="with region_pointer: the pointer's query also maps the mean input embedding of the last phrase "
+        "(<p>...</p>) before the answer, so that a phrase's words reach the match directly and not only through the "
+        "language model's state; not in the reference",
+    )
     region_selection: SelectionConfig = Field(default_factory=SelectionConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     train: RecipeTraining | None = Field(
@@ -122,8 +128,9 @@ class CoreRecipe(BaseModel):
 
     @model_validator(mode="after")
     def _pointer_box_needs_pointer(self) -> CoreRecipe:
-        if self.region_pointer_box and not self.region_pointer:
-            raise ValueError("region_pointer_box: true needs region_pointer: true (the box is part of the pointer)")
+        for name in ("region_pointer_box", "region_pointer_words"):
+            if getattr(self, name) and not self.region_pointer:
+                raise ValueError(f"{name}: true needs region_pointer: true (it is part of the pointer)")
         return self
 
 

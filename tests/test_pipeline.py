@@ -484,6 +484,86 @@ def test_region_pointer_box_adds_each_regions_geometry_to_its_key(tiny_recipe, m
     assert pointer.box.weight.grad is not None and pointer.box.weight.grad.abs().sum() > 0
 
 
+def test_phrase_bags_average_the_words_of_the_last_closed_phrase():
+    from groma_core.model import phrase_bags
+
+    P, Q = 90, 91  # stand-ins for <p> and </p>
+    ids = torch.tensor([[5, P, 6, 7, Q, 8, P, 9, Q, 4, P, 3]])
+    embeds = torch.arange(12, dtype=torch.float32).reshape(1, 12, 1).expand(1, 12, 2).clone()
+    bags = phrase_bags(ids, embeds, P, Q)[0, :, 0].tolist()
+    # before the first </p>: nothing; from it on the mean of positions 2, 3; from the second </p>: position 7 alone;
+    # the phrase still open at the end does not count
+    assert bags == [0, 0, 0, 0, 2.5, 2.5, 2.5, 2.5, 7, 7, 7, 7]
+
+
+def test_phrase_tracker_follows_decoded_tokens_as_the_full_sequence_would():
+    """Decoding feeds one token at a time; the bag it holds at each step must be what :func:`phrase_bags` gives over
+    the whole sequence at that position, whether the prompt ends inside a phrase, after one, or before any."""
+    from groma_core.model import PhraseTracker, phrase_bags
+
+    P, Q = 90, 91
+    g = torch.Generator().manual_seed(0)
+    for prompt_len in (1, 4, 7):
+        words = torch.randint(0, 10, (3, 16), generator=g)
+        marks = torch.tensor([[2, 5, 9, 12], [0, 3, 6, 14], [6, 8, 10, 15]])  # <p>, </p>, <p>, </p> per row
+        ids = words.clone()
+        for row, (a, b, c, d) in enumerate(marks.tolist()):
+            ids[row, [a, c]], ids[row, [b, d]] = P, Q
+        embeds = torch.randn(3, 16, 4, generator=g)
+        full = phrase_bags(ids, embeds, P, Q)
+        tracker = PhraseTracker(ids[:, :prompt_len], embeds[:, :prompt_len], P, Q)
+        # float32 means of a few vectors summed in another order: 1e-6
+        assert torch.allclose(tracker.bag[:, 0], full[:, prompt_len - 1], atol=1e-6)
+        for t in range(prompt_len, 16):
+            tracker.feed(ids[:, t], embeds[:, t : t + 1])
+            assert torch.allclose(tracker.bag[:, 0], full[:, t], atol=1e-6), (prompt_len, t)
+
+
+def test_region_pointer_words_adds_the_last_phrase_to_the_query(tiny_recipe, manager, images):
+    """With ``region_pointer_words`` the pointer's query also maps the mean input embedding of the last phrase (at
+    unit RMS): the prompt's phrase reaches the <rK> scores after it; decoding scores its first step as the forward
+    does; the map is trained with the pointer. Asked without the pointer, the recipe says what is missing."""
+    from groma_core.api import build
+    from groma_core.errors import RecipeError
+    from groma_core.model import phrase_bags
+    from groma_core.recipe import validate_recipe
+
+    tiny_recipe["region_proposer"] = {"plugin": "user-boxes"}
+    with pytest.raises(RecipeError, match="region_pointer_words: true needs region_pointer: true"):
+        validate_recipe({**tiny_recipe, "region_pointer_words": True}, manager)
+
+    torch.manual_seed(0)
+    recipe = validate_recipe({**tiny_recipe, "region_pointer": True, "region_pointer_words": True}, manager)
+    model = build(recipe, manager=manager).eval()
+    assert {"region_pointer.words.weight", "region_pointer.words.bias"} <= set(model.state_dict())
+    tok = model.tokenizer
+    boxes = torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.4, 0.9, 0.9]])
+    refer = "<roi><refer_box></roi><refer_feat>"
+    ids = prompt_ids(model, f"Which is <p>the red circle</p>: {refer} or {refer}?")
+    pixels = model.image_tokenizer.preprocess(images[:1])
+    with torch.no_grad():
+        out = model(pixels, [ids], refer_boxes=[boxes])
+        inputs = out.inputs
+        head = model.language_backbone(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids)
+        pointer, regions = model.region_pointer, inputs.region_tokens[0]
+        bags = phrase_bags(inputs.ids, inputs.inputs_embeds, tok.token_id("<p>"), tok.token_id("</p>"))[0]
+        unit = bags / bags.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)
+        keys = pointer.k(regions / regions.pow(2).mean(-1, keepdim=True).sqrt())
+        width = head.hidden_states.shape[-1]
+        expected = (pointer.q(head.hidden_states[0]) + pointer.words(unit)) @ keys.T / width**0.5
+    closed = int((inputs.ids[0] == tok.token_id("</p>")).nonzero()[0])
+    assert bags[:closed].abs().max() == 0 and bags[closed:].abs().min() > 0  # the phrase counts once it is closed
+    added = out.logits[0] - head.logits[0]
+    columns = tok.region_ids[:2]
+    # float32 sums of a few hundred products: 1e-5
+    assert torch.allclose(added[:, columns], expected, atol=1e-5)
+    gen = model.generate(pixels, [ids], refer_boxes=[boxes], max_new_tokens=2, eos_id=-1, keep_step_logits=True)
+    assert torch.allclose(gen.step_logits[0][0], out.logits[0, -1], atol=1e-5)
+    model.train()
+    model(pixels, [ids], refer_boxes=[boxes], labels=[ids]).loss.backward()
+    assert pointer.words.weight.grad is not None and pointer.words.weight.grad.abs().sum() > 0
+
+
 def test_box_geometry_reads_position_size_and_aspect():
     from groma_core.boxes import box_geometry
 
