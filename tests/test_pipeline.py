@@ -398,11 +398,14 @@ def test_index_region_tokens_adds_each_regions_index_at_its_scale(tiny_recipe, m
         assert torch.allclose(cos, torch.ones_like(cos), atol=1e-4)
 
 
-def _two_box_forward(model, images):
+REFER = "<roi><refer_box></roi><refer_feat>"
+
+
+def _two_box_forward(model, images, question: str = f"Compare {REFER} and {REFER}."):
     """A question about two user boxes through ``model``: (boxes, ids, pixels, output, the language model's own
     output on the same inputs)."""
     boxes = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.95]])
-    ids = prompt_ids(model, "Compare <roi><refer_box></roi><refer_feat> and <roi><refer_box></roi><refer_feat>.")
+    ids = prompt_ids(model, question)
     pixels = model.image_tokenizer.preprocess(images[:1])
     with torch.no_grad():
         out = model(pixels, [ids], refer_boxes=[boxes])
@@ -537,14 +540,10 @@ def test_region_pointer_words_adds_the_last_phrase_to_the_query(tiny_recipe, man
     model = build(recipe, manager=manager).eval()
     assert {"region_pointer.words.weight", "region_pointer.words.bias"} <= set(model.state_dict())
     tok = model.tokenizer
-    boxes = torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.4, 0.9, 0.9]])
-    refer = "<roi><refer_box></roi><refer_feat>"
-    ids = prompt_ids(model, f"Which is <p>the red circle</p>: {refer} or {refer}?")
-    pixels = model.image_tokenizer.preprocess(images[:1])
+    question = f"Which is <p>the red circle</p>: {REFER} or {REFER}?"
+    boxes, ids, pixels, out, head = _two_box_forward(model, images, question)
+    inputs = out.inputs
     with torch.no_grad():
-        out = model(pixels, [ids], refer_boxes=[boxes])
-        inputs = out.inputs
-        head = model.language_backbone(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids)
         pointer, regions = model.region_pointer, inputs.region_tokens[0]
         bags = phrase_bags(inputs.ids, inputs.inputs_embeds, tok.token_id("<p>"), tok.token_id("</p>"))[0]
         unit = bags / bags.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)
