@@ -42,7 +42,10 @@ def test_the_task_api_is_the_processor_around_generate(model):
     requests = [Request(image, [(CAPTION_PROMPT, None)]), Request(image, [(REGION_PROMPT, None)], [(40, 50, 160, 180)])]
     processor = model.processor
     batch = processor(requests).to(model.device, model.input_dtype)
-    out = model.generate(batch.pixel_values, batch.input_ids, refer_boxes=batch.refer_boxes, max_new_tokens=24)
+    # the original images go along: the embedded model's region encoder also reads a crop of each region from them
+    out = model.generate(
+        batch.pixel_values, batch.input_ids, refer_boxes=batch.refer_boxes, images=batch.images, max_new_tokens=24
+    )
     by_hand = processor.post_process(out, batch)
     via_api = Groma(model).answer(requests, max_new_tokens=24)
     assert [a.raw_text for a in by_hand] == [a.raw_text for a in via_api]

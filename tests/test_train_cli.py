@@ -1,4 +1,4 @@
-"""`groma train`: the shapes-tiny recipe trained on `groma data shapes` output through its four stages in a
+"""`groma train`: the shapes-tiny recipe trained on `groma data shapes` output through its five stages in a
 subprocess, killed mid-way and resumed to the weights of an uninterrupted run, then loaded and asked a grounded
 question; recipe and path problems reported before any weight is loaded."""
 
@@ -47,12 +47,14 @@ def overrides(shapes: Path) -> list[str]:
         "language_backbone.vocab_size=600",
         "train.stages.0.max_steps=2",
         "train.stages.0.batch_size=2",
-        "train.stages.1.max_steps=6",
+        "train.stages.1.max_steps=2",
         "train.stages.1.batch_size=2",
-        "train.stages.2.max_steps=2",
+        "train.stages.2.max_steps=6",
         "train.stages.2.batch_size=2",
         "train.stages.3.max_steps=2",
         "train.stages.3.batch_size=2",
+        "train.stages.4.max_steps=2",
+        "train.stages.4.batch_size=2",
         "train.save_every=2",
         "train.keep_last=3",
         "train.log_every=1",
@@ -75,6 +77,7 @@ def test_train_kill_resume_then_ground(shapes, tmp_path):
     assert "final model in" in straight.stdout
     log = [json.loads(x) for x in (tmp_path / "straight" / "train_log.jsonl").read_text().splitlines()]
     assert [(x["stage"], x["step"]) for x in log] == [
+        *[("crops", s) for s in (1, 2)],
         *[("detection", s) for s in (1, 2)],
         *[("reading", s) for s in range(1, 7)],
         *[("referring", s) for s in (1, 2)],
@@ -135,7 +138,7 @@ def test_train_reports_dropped_boxes_and_goes_on_past_unreadable_images(shapes, 
     images = sorted((data / "images").glob("*.png"))
     for image in images[::2]:
         image.write_bytes(b"")
-    args = [*overrides(shapes), f"train.data_root={data}", "train.stages.1.max_steps=2"]
+    args = [*overrides(shapes), f"train.data_root={data}", "train.stages.2.max_steps=2"]
     done = groma("train", str(RECIPE), *args, "--out", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr
     assert "final model in" in done.stdout
