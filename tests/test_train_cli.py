@@ -91,12 +91,13 @@ def test_train_kill_resume_then_ground(shapes, tmp_path):
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill takes the data loader's worker with it
     )
     latest = out / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
         if latest.is_file() and latest.read_text().startswith("reading/"):
-            process.send_signal(signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)
             break
         time.sleep(0.01)
     assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed mid-way"
