@@ -514,8 +514,8 @@ class GromaModel(nn.Module):
         )
 
     def _pointer_logits(self, inputs: PreparedInputs) -> PointerLogits | None:
-        """With ``region_pointer``: a function (logits (B, L, V), hidden (B, L, H)) -> logits whose ``<rK>`` columns
-        also hold the match of each position's hidden state with region K of its sample."""
+        """With ``region_pointer``: a :class:`PointerLogits`, (logits (B, L, V), hidden (B, L, H)) -> logits whose
+        ``<rK>`` columns also hold the match of each position's hidden state with region K of its sample."""
         pointer = self.region_pointer
         if pointer is None:
             return None

@@ -127,7 +127,7 @@ class CoreRecipe(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _pointer_box_needs_pointer(self) -> CoreRecipe:
+    def _pointer_options_need_pointer(self) -> CoreRecipe:
         for name in ("region_pointer_box", "region_pointer_words"):
             if getattr(self, name) and not self.region_pointer:
                 raise ValueError(f"{name}: true needs region_pointer: true (it is part of the pointer)")

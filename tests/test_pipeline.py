@@ -452,22 +452,28 @@ def test_region_pointer_adds_each_regions_match_to_its_index_logit(tiny_recipe, 
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.region_pointer.parameters())
 
 
-def test_region_pointer_box_adds_each_regions_geometry_to_its_key(tiny_recipe, manager, images):
-    """With ``region_pointer_box`` the pointer's key of region K is the map of its token plus a map of its box
-    (centre, size, log size), so two regions of the same token would still be told apart by where they are; the box
-    map is trained with the pointer. Asked without the pointer, the recipe says what is missing in one line."""
+def _pointer_model_with(tiny_recipe, manager, option: str):
+    """The tiny model on user boxes with the region pointer and ``option`` (seeded, in eval mode), after checking
+    that the recipe refuses ``option`` without the pointer in one line."""
     from groma_core.api import build
-    from groma_core.boxes import box_geometry
     from groma_core.errors import RecipeError
     from groma_core.recipe import validate_recipe
 
     tiny_recipe["region_proposer"] = {"plugin": "user-boxes"}
-    with pytest.raises(RecipeError, match="region_pointer_box: true needs region_pointer: true"):
-        validate_recipe({**tiny_recipe, "region_pointer_box": True}, manager)
-
+    with pytest.raises(RecipeError, match=f"{option}: true needs region_pointer: true"):
+        validate_recipe({**tiny_recipe, option: True}, manager)
     torch.manual_seed(0)
-    recipe = validate_recipe({**tiny_recipe, "region_pointer": True, "region_pointer_box": True}, manager)
-    model = build(recipe, manager=manager).eval()
+    recipe = validate_recipe({**tiny_recipe, "region_pointer": True, option: True}, manager)
+    return build(recipe, manager=manager).eval()
+
+
+def test_region_pointer_box_adds_each_regions_geometry_to_its_key(tiny_recipe, manager, images):
+    """With ``region_pointer_box`` the pointer's key of region K is the map of its token plus a map of its box
+    (centre, size, log size), so two regions of the same token would still be told apart by where they are; the box
+    map is trained with the pointer. Asked without the pointer, the recipe says what is missing in one line."""
+    from groma_core.boxes import box_geometry
+
+    model = _pointer_model_with(tiny_recipe, manager, "region_pointer_box")
     assert {"region_pointer.box.weight", "region_pointer.box.bias"} <= set(model.state_dict())
     boxes, ids, pixels, out, head = _two_box_forward(model, images)
     with torch.no_grad():
@@ -526,18 +532,9 @@ def test_region_pointer_words_adds_the_last_phrase_to_the_query(tiny_recipe, man
     """With ``region_pointer_words`` the pointer's query also maps the mean input embedding of the last phrase (at
     unit RMS): the prompt's phrase reaches the <rK> scores after it; decoding scores its first step as the forward
     does; the map is trained with the pointer. Asked without the pointer, the recipe says what is missing."""
-    from groma_core.api import build
-    from groma_core.errors import RecipeError
     from groma_core.model import phrase_bags
-    from groma_core.recipe import validate_recipe
 
-    tiny_recipe["region_proposer"] = {"plugin": "user-boxes"}
-    with pytest.raises(RecipeError, match="region_pointer_words: true needs region_pointer: true"):
-        validate_recipe({**tiny_recipe, "region_pointer_words": True}, manager)
-
-    torch.manual_seed(0)
-    recipe = validate_recipe({**tiny_recipe, "region_pointer": True, "region_pointer_words": True}, manager)
-    model = build(recipe, manager=manager).eval()
+    model = _pointer_model_with(tiny_recipe, manager, "region_pointer_words")
     assert {"region_pointer.words.weight", "region_pointer.words.bias"} <= set(model.state_dict())
     tok = model.tokenizer
     question = f"Which is <p>the red circle</p>: {REFER} or {REFER}?"
