@@ -144,6 +144,7 @@ def _construct_stages(recipe: Recipe, manager: PluginManager) -> GromaModel:
         region_pointer=recipe.core.region_pointer,
         region_pointer_box=recipe.core.region_pointer_box,
         region_pointer_words=recipe.core.region_pointer_words,
+        region_pointer_phrase=recipe.core.region_pointer_phrase,
     )
     model.recipe = recipe
     return model

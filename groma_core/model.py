@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from groma_core import tokens as T
-from groma_core.boxes import BOX_GEOMETRY, IDENTITY_FRAME, Frame, box_geometry, check_boxes, to_input_frame
+from groma_core.boxes import (
+    BOX_GEOMETRY,
+    IDENTITY_FRAME,
+    Frame,
+    box_geometry,
+    check_boxes,
+    to_input_frame,
+)
 from groma_core.errors import InputError, ProposalError
 from groma_core.processor import GromaProcessor
 from groma_core.prompt import max_positions
@@ -38,7 +45,7 @@ class RegionPointer(nn.Module):
     that region's index token: ``score_K = q(h) . k(region_K / rms(region_K)) / sqrt(H)`` (not in the reference,
     whose ``<rK>`` logits come from the language model head alone; see the recipe option ``region_pointer``)."""
 
-    def __init__(self, hidden_size: int, box: bool = False, words: bool = False):
+    def __init__(self, hidden_size: int, box: bool = False, words: bool = False, phrase: bool = False):
         super().__init__()
         self.q = nn.Linear(hidden_size, hidden_size)
         self.k = nn.Linear(hidden_size, hidden_size)
@@ -46,6 +53,8 @@ class RegionPointer(nn.Module):
         self.box = nn.Linear(BOX_GEOMETRY, hidden_size) if box else None
         # with ``words`` (recipe option ``region_pointer_words``) the query also maps the last phrase's words
         self.words = nn.Linear(hidden_size, hidden_size) if words else None
+        # with ``phrase`` (recipe option ``region_pointer_phrase``) a region is also chosen before each phrase
+        self.phrase = PhrasePointer(hidden_size) if phrase else None
 
     def forward(
         self,
@@ -71,6 +80,135 @@ class RegionPointer(nn.Module):
             query = query + self.words((words / _rms(words).clamp(min=1e-6)).to(dtype))
         scores = query @ keys.transpose(1, 2) / hidden.shape[-1] ** 0.5
         return scores.masked_fill(~valid[:, None, :], 0.0)
+
+
+class PhrasePointer(nn.Module):
+    """The region each grounded phrase of an answer will name, chosen before the phrase is written, and whether the
+    answer names another after it (recipe option ``region_pointer_phrase``; not in the reference, whose captions
+    write a phrase first and look for its region after it). The first phrase of an answer is chosen at the position
+    that predicts its ``<p>``; each later one at the position that predicts the ``</roi>`` closing the phrase before
+    it, where "no more" is a choice too. The choice is scored from the hidden state, the last phrase's words, each
+    region's token and box, and whether a region (or one overlapping it) was already named in the answer; the tokens
+    that follow, up to the chosen phrase's ``<roi>`` (or the answer's end for "no more"), carry the chosen region's
+    token (or a learned "no more" vector), so that the phrase's words are read from one region as a region caption's
+    are and the answer knows when it is done. Trained by teacher forcing (:func:`phrase_choices`), the cross-entropy
+    of each choice added to the loss."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.match = RegionPointer(hidden_size, box=True, words=True)
+        self.carry = nn.Linear(hidden_size, hidden_size)
+        self.stop = nn.Linear(hidden_size, 1)  # the score of "no more" after a phrase
+        self.none = nn.Parameter(torch.randn(hidden_size) * 0.02)  # what "no more" carries
+        # what an earlier naming adds to a region's score: named itself, and its largest IoU with a named region;
+        # started at a prior (a caption names a region once), as a plain bias learns too slowly at these rates
+        self.named = nn.Parameter(torch.tensor([-4.0, -4.0]))
+
+    def scores(
+        self,
+        hidden: Tensor,
+        regions: Tensor,
+        valid: Tensor,
+        boxes: Tensor,
+        words: Tensor,
+        named: Tensor,
+        may_stop: Tensor,
+    ) -> Tensor:
+        """``hidden`` (B, L, H), ``regions`` (B, K, H), ``valid`` (B, K), ``boxes`` (B, K, 4), ``words`` (B, L, H),
+        ``named`` (B, L, K) bool: regions named before each position, ``may_stop`` (B, L) bool -> scores
+        (B, L, K + 1), the last column "no more"; -inf where a region is not valid or stopping is not a choice."""
+        base = self.match(hidden, regions, valid, boxes, words)
+        iou = _pairwise_iou(boxes.float()) * valid[:, None, :] * valid[:, :, None]  # (B, K, K)
+        flag = named.to(base.dtype)
+        overlap = (flag[..., None, :] * iou[:, None].to(base.dtype)).amax(-1)  # (B, L, K)
+        out = base + self.named[0].to(base.dtype) * flag + self.named[1].to(base.dtype) * overlap
+        out = out.masked_fill(~valid[:, None, :], float("-inf"))
+        stop = self.stop(hidden.to(self.stop.weight.dtype)).to(out.dtype)
+        stop = stop.masked_fill(~may_stop[..., None], float("-inf"))
+        return torch.cat([out, stop], dim=-1)
+
+    def carried(self, region: Tensor, like: Tensor) -> Tensor:
+        """What a token's embedding ``like`` (..., H) gains from ``region`` (..., H): the map of the region's token
+        at unit RMS, brought to the RMS of ``like`` (neither drowns the other)."""
+        dtype = self.carry.weight.dtype
+        out = self.carry((region / _rms(region).clamp(min=1e-6)).to(dtype))
+        return (out / _rms(out).clamp(min=1e-6) * _rms(like).to(dtype)).to(like.dtype)
+
+
+#: :attr:`PhraseChoice.region` of "the answer names no more regions"
+NO_MORE = -1
+
+
+@dataclass
+class PhraseChoice:
+    """One choice of a phrase pointer over a prepared sequence: the row, the position whose hidden state chooses,
+    the first and last positions that carry the choice, the region chosen (:data:`NO_MORE`: none), the regions the
+    answer named before it, whether "no more" was a choice, and whether the choice is supervised."""
+
+    row: int
+    at: int
+    first: int
+    last: int
+    region: int
+    named: tuple[int, ...]
+    may_stop: bool
+    supervised: bool
+
+
+def phrase_choices(
+    ids: Tensor,
+    labels: Tensor | None,
+    tokens: tuple[int, int, int, int],
+    region_ids: Sequence[int],
+) -> list[PhraseChoice]:
+    """The choices a phrase pointer makes over ``ids`` (B, L), as teacher forcing gives them; ``tokens`` are the
+    ids of ``<p>``, ``</p>``, ``<roi>`` and ``</roi>``. A grounded phrase is ``<p>...</p><roi><rK>``. The first of
+    an answer is chosen before its ``<p>`` and carried from it to its ``<roi>``; after each grounded phrase's
+    ``</roi>`` comes the choice of the answer's next phrase (carried from that ``</roi>`` to the next phrase's
+    ``<roi>``), or of "no more" (carried to the answer's end). An answer is a run of supervised labels (with no
+    labels, the whole row); a region counts as named once its ``<rK>`` follows ``<roi>`` (or another ``<rK>``)."""
+    p_open, p_close, roi_open, roi_close = tokens
+    index = {t: k for k, t in enumerate(region_ids)}
+    out: list[PhraseChoice] = []
+    rows = ids.tolist()
+    supervised_rows = (labels != IGNORE_INDEX).tolist() if labels is not None else [[True] * len(r) for r in rows]
+    for row, (seq, sup) in enumerate(zip(rows, supervised_rows)):
+        named: list[int] = []
+        opened = pending = None
+        in_roi = False  # inside the <roi> of a grounded phrase
+
+        def finish(last: int) -> None:
+            nonlocal pending
+            if pending is not None:
+                pending.last = last
+                out.append(pending)
+                pending = None
+
+        for t, token in enumerate(seq):
+            if t and sup[t] != sup[t - 1]:  # an answer starts or ends: a choice left open is "no more"
+                finish(t - 1)
+                named, opened, in_roi = [], None, False
+            if token in index and t and (seq[t - 1] == roi_open or seq[t - 1] in index):
+                named.append(index[token])
+            if token == p_open:
+                opened = t
+            elif token == p_close and opened is not None:
+                if t + 2 < len(seq) and seq[t + 1] == roi_open and seq[t + 2] in index:
+                    region = index[seq[t + 2]]
+                    if pending is not None:  # the phrase the last </roi> chose
+                        pending.region = region
+                        finish(t + 1)
+                    elif opened > 0:
+                        out.append(PhraseChoice(row, opened - 1, opened, t + 1, region, tuple(named), False,
+                                                sup[opened]))
+                    in_roi = True
+                opened = None
+            elif token == roi_close and in_roi:
+                in_roi = False
+                finish(t - 1)
+                pending = PhraseChoice(row, t - 1, t, t, NO_MORE, tuple(named), True, sup[t])
+        finish(len(seq) - 1)
+    return out
 
 
 def phrase_bags(ids: Tensor, embeds: Tensor, p_open: int, p_close: int) -> Tensor:
@@ -183,6 +321,15 @@ class GenerationOutput:
     proposal_extras: dict[str, Any] = field(default_factory=dict)  # the proposer's extras (e.g. masks)
 
 
+def _pairwise_iou(boxes: Tensor) -> Tensor:
+    """IoU of every pair of boxes of each row: (B, K, 4) xyxy -> (B, K, K); 0 for empty boxes."""
+    low = torch.maximum(boxes[:, :, None, :2], boxes[:, None, :, :2])
+    high = torch.minimum(boxes[:, :, None, 2:], boxes[:, None, :, 2:])
+    inter = (high - low).clamp(min=0).prod(-1)
+    area = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)
+    return inter / (area[:, :, None] + area[:, None, :] - inter).clamp(min=1e-12)
+
+
 def _rms(x: Tensor) -> Tensor:
     """Root mean square over the last dimension (kept), without gradient: a scale, not a feature."""
     return x.detach().pow(2).mean(-1, keepdim=True).sqrt()
@@ -192,12 +339,20 @@ class PointerLogits:
     """What :meth:`GromaModel._pointer_logits` returns: called with (logits (B, L, V), hidden (B, L, H)), the logits
     with each ``<rK>`` column raised by the pointer's match with region K. Over the whole prepared sequence (training)
     a ``words`` pointer reads each position's last phrase from the inputs; over one position (decoding) it reads the
-    phrase :meth:`feed` has followed (``decode``'s ``on_token``), from the prompt on."""
+    phrase :meth:`feed` has followed (``decode``'s ``on_token``), from the prompt on. With a phrase pointer it also
+    gives the embeddings whose grounded phrases carry their regions (:meth:`carry`), the loss of the choices
+    (:meth:`phrase_loss`), and while decoding chooses the region of each ``<p>`` picked (:meth:`feed`)."""
 
-    def __init__(self, pointer, regions, valid, boxes, columns, inputs, phrase_ids: tuple[int, int] | None):
+    def __init__(self, pointer, regions, valid, boxes, columns, inputs, phrase_ids: tuple[int, int] | None,
+                 roi_ids: tuple[int, int] | None = None):
         self.pointer, self.regions, self.valid, self.boxes, self.columns = pointer, regions, valid, boxes, columns
-        self.inputs, self.phrase_ids = inputs, phrase_ids
+        self.inputs, self.phrase_ids, self.roi_ids = inputs, phrase_ids, roi_ids
         self._tracker: PhraseTracker | None = None
+        self._words: Tensor | None = None  # the words of the last call (B, L, H)
+        self._hidden: Tensor | None = None  # the hidden state of the last call (B, L, H)
+        self._carrying: Tensor | None = None  # decoding: what each row carries now (B, 1, H)
+        self._state: Tensor | None = None  # decoding: where each row is (see :meth:`feed`)
+        self._named: Tensor | None = None  # decoding: the regions named in the answer so far (B, K)
 
     def _decoding(self) -> PhraseTracker:
         if self._tracker is None:  # started from the prompt at the first decoding step
@@ -214,13 +369,108 @@ class PointerLogits:
                 words = phrase_bags(ids, self.inputs.inputs_embeds, *self.phrase_ids)
             else:
                 raise ValueError(f"hidden: {hidden.shape[1]} positions, expected {ids.shape[1]} or 1")
+        self._words, self._hidden = words, hidden
         scores = self.pointer(hidden, self.regions, self.valid, self.boxes, words).to(logits.dtype)
         return logits.index_add(2, self.columns, scores)
 
-    def feed(self, ids: Tensor, embeds: Tensor) -> None:
-        """One decoded token per row (``ids`` (B,), its input embedding (B, 1, H)); nothing without a words pointer."""
-        if self.phrase_ids is not None:
-            self._decoding().feed(ids, embeds)
+    @property
+    def _phrase(self) -> PhrasePointer | None:
+        return self.pointer.phrase
+
+    def _with_none(self) -> Tensor:
+        """The regions (B, K + 1, H) with the phrase pointer's "no more" vector as the last."""
+        none = self._phrase.none.to(self.regions.dtype).expand(self.regions.shape[0], 1, -1)
+        return torch.cat([self.regions, none], dim=1)
+
+    def carry(self, embeds: Tensor) -> tuple[Tensor, list[PhraseChoice]]:
+        """``embeds`` (B, L, H) with the phrase pointer's choices, as teacher forcing gives them
+        (:func:`phrase_choices`), carried over their positions (unchanged without a phrase pointer), and the
+        choices."""
+        if self._phrase is None:
+            return embeds, []
+        tokens = (*self.phrase_ids, *self.roi_ids)
+        choices = phrase_choices(self.inputs.ids, self.inputs.labels, tokens, self.columns.tolist())
+        choices = [c for c in choices if c.region == NO_MORE or bool(self.valid[c.row, c.region])]
+        if not choices:
+            return embeds, choices
+        k = self.regions.shape[1]
+        spans = [
+            (c.row, t, k if c.region == NO_MORE else c.region)
+            for c in choices for t in range(c.first, c.last + 1)
+        ]
+        rows, cols, which = (torch.tensor(v, device=embeds.device) for v in zip(*spans))
+        added = self._phrase.carried(self._with_none()[rows, which], embeds[rows, cols])
+        return embeds.index_put((rows, cols), embeds[rows, cols] + added), choices
+
+    def phrase_loss(self, choices: list[PhraseChoice]) -> Tensor | None:
+        """The mean cross-entropy of the phrase pointer's supervised choices (over the regions, and "no more" where
+        it is a choice) against teacher forcing's; None when there is none. Reads the last call's hidden state."""
+        chosen = [c for c in choices if c.supervised and c.at >= 0]
+        if self._phrase is None or not chosen or self._hidden is None:
+            return None
+        device, k = self._hidden.device, self.regions.shape[1]
+        rows = torch.tensor([c.row for c in chosen], device=device)
+        at = torch.tensor([c.at for c in chosen], device=device)
+        named = torch.zeros(len(chosen), k, dtype=torch.bool, device=device)
+        for n, c in enumerate(chosen):
+            named[n, list(c.named)] = True
+        may_stop = torch.tensor([[c.may_stop] for c in chosen], device=device)
+        scores = self._phrase.scores(
+            self._hidden[rows, at][:, None], self.regions[rows], self.valid[rows], self.boxes[rows],
+            self._words[rows, at][:, None], named[:, None], may_stop,
+        )[:, 0]
+        target = torch.tensor([k if c.region == NO_MORE else c.region for c in chosen], device=device)
+        return F.cross_entropy(scores.float(), target)
+
+    def feed(self, ids: Tensor, embeds: Tensor) -> Tensor:
+        """One decoded token per row (``ids`` (B,), its input embedding (B, 1, H)): followed by a words pointer's
+        phrase; with a phrase pointer, the choices :func:`phrase_choices` describes are made (a ``<p>`` with no
+        choice pending chooses its region; a ``</roi>`` closing a grounded phrase chooses the next, or "no more")
+        and carried. Returns the embeddings the language model reads."""
+        if self.phrase_ids is None:
+            return embeds
+        tracker = self._decoding()
+        words = tracker.bag  # the bag the last step's scores read, before this token changes it
+        tracker.feed(ids, embeds)
+        if self._phrase is None:
+            return embeds
+        batch, k = self.regions.shape[:2]
+        device = ids.device
+        if self._state is None:
+            self._state = torch.zeros(batch, dtype=torch.long, device=device)
+            self._named = torch.zeros(batch, k, dtype=torch.bool, device=device)
+            self._carrying = self.regions.new_zeros(batch, 1, self.regions.shape[-1])
+        p_open, p_close = self.phrase_ids
+        roi_open, roi_close = self.roi_ids
+        state = self._state
+        # states: 0 free; 1 in a phrase (carrying); 2 after its </p> (carrying); 3 in its <roi> (not carrying);
+        # 4 after its </roi> (carrying the next choice)
+        opens, closes = ids == p_open, ids == roi_close
+        choose_first = opens & (state != 4)
+        choose_next = closes & (state == 3)
+        if bool((choose_first | choose_next).any()):
+            scores = self._phrase.scores(
+                self._hidden, self.regions, self.valid, self.boxes, words, self._named[:, None], choose_next[:, None]
+            )[:, 0]
+            pick = self._with_none()[torch.arange(batch, device=device), scores.argmax(-1)][:, None]
+            self._carrying = torch.where((choose_first | choose_next)[:, None, None], pick, self._carrying)
+        carries = opens | (state == 1) | (state == 4) | ((state == 2) & (ids == roi_open)) | choose_next
+        if bool(carries.any()):
+            added = self._phrase.carried(self._carrying, embeds)
+            embeds = torch.where(carries[:, None, None], embeds + added, embeds)
+        state = torch.where(
+            opens, 1,
+            torch.where((state == 1) & (ids == p_close), 2,
+            torch.where((state == 2) & (ids == roi_open), 3,
+            torch.where(choose_next, 4,
+            torch.where((state == 1) | (state == 3) | (state == 4), state, 0)))),
+        )
+        self._state = state
+        is_region = torch.isin(ids, self.columns)
+        if bool(is_region.any()):  # a region named (this counts any <rK> decoded, as the answer's pointers)
+            k_of = (ids[:, None] == self.columns[None]).float().argmax(-1)
+            self._named[torch.arange(batch, device=device)[is_region], k_of[is_region]] = True
+        return embeds
 
 
 class GromaModel(nn.Module):
@@ -239,6 +489,7 @@ class GromaModel(nn.Module):
         region_pointer: bool = False,
         region_pointer_box: bool = False,
         region_pointer_words: bool = False,
+        region_pointer_phrase: bool = False,
     ):
         super().__init__()
         self.image_tokenizer = image_tokenizer
@@ -250,11 +501,14 @@ class GromaModel(nn.Module):
         self.template = template
         self.index_region_tokens = index_region_tokens
         # only built when asked, so that the reference's state dict is unchanged
-        for name, asked in (("region_pointer_box", region_pointer_box), ("region_pointer_words", region_pointer_words)):
+        parts = {"box": region_pointer_box, "words": region_pointer_words, "phrase": region_pointer_phrase}
+        for name, asked in parts.items():
             if asked and not region_pointer:
-                raise ValueError(f"{name} needs region_pointer")
+                raise ValueError(f"region_pointer_{name} needs region_pointer")
+        if region_pointer_phrase and not region_pointer_words:
+            raise ValueError("region_pointer_phrase needs region_pointer_words (its choice reads the last phrase)")
         self.region_pointer = (
-            RegionPointer(language_backbone.hidden_size, box=region_pointer_box, words=region_pointer_words)
+            RegionPointer(language_backbone.hidden_size, **parts)
             if region_pointer
             else None
         )
@@ -527,7 +781,8 @@ class GromaModel(nn.Module):
         device = inputs.inputs_embeds.device
         regions = torch.zeros(batch, k_max, width, device=device, dtype=tokens[0].dtype)
         valid = torch.zeros(batch, k_max, dtype=torch.bool, device=device)
-        boxes = torch.zeros(batch, k_max, 4, device=device) if pointer.box is not None else None
+        needs_boxes = pointer.box is not None or pointer.phrase is not None
+        boxes = torch.zeros(batch, k_max, 4, device=device) if needs_boxes else None
         for i, t in enumerate(tokens):
             regions[i, : t.shape[0]] = t
             valid[i, : t.shape[0]] = True
@@ -537,7 +792,10 @@ class GromaModel(nn.Module):
         phrase_ids = None
         if pointer.words is not None:  # the pointer's query also reads the last phrase's words
             phrase_ids = (self.tokenizer.token_id(T.P_OPEN), self.tokenizer.token_id(T.P_CLOSE))
-        return PointerLogits(pointer, regions, valid, boxes, columns, inputs, phrase_ids)
+        roi_ids = None
+        if pointer.phrase is not None:
+            roi_ids = (self.tokenizer.token_id(T.ROI_OPEN), self.tokenizer.token_id(T.ROI_CLOSE))
+        return PointerLogits(pointer, regions, valid, boxes, columns, inputs, phrase_ids, roi_ids)
 
     # -- training forward ------------------------------------------------------------------------------------
     def forward(
@@ -555,14 +813,18 @@ class GromaModel(nn.Module):
         inputs = self.prepare_inputs(
             pixel_values, input_ids, refer_boxes, ground_boxes, labels, generator=generator, images=images
         )
-        out = self.language_backbone(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids)
         point = self._pointer_logits(inputs)
+        embeds, choices = (inputs.inputs_embeds, []) if point is None else point.carry(inputs.inputs_embeds)
+        out = self.language_backbone(embeds, inputs.attention_mask, inputs.position_ids)
         all_logits = out.logits if point is None else point(out.logits, out.hidden_states)
         loss = None
         if inputs.labels is not None:
             logits = all_logits[:, :-1].float()
             target = inputs.labels[:, 1:]
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
+            choice = point.phrase_loss(choices) if point is not None else None
+            if choice is not None:  # the phrase pointer's choices (region_pointer_phrase)
+                loss = loss + choice
         return GromaOutput(all_logits, loss, inputs)
 
     # -- generation ------------------------------------------------------------------------------------------
@@ -587,9 +849,11 @@ class GromaModel(nn.Module):
         inputs = self.prepare_inputs(
             pixel_values, input_ids, refer_boxes, padding_side="left", generator=generator, images=images
         )
+        point = self._pointer_logits(inputs)
+        embeds = inputs.inputs_embeds if point is None else point.carry(inputs.inputs_embeds)[0]
         sequences, step_logits = decode(
             self.language_backbone,
-            inputs.inputs_embeds,
+            embeds,
             inputs.attention_mask,
             inputs.position_ids,
             max_new_tokens=max_new_tokens,
@@ -601,7 +865,7 @@ class GromaModel(nn.Module):
             top_k=top_k,
             generator=generator,
             keep_step_logits=keep_step_logits,
-            adjust_logits=(point := self._pointer_logits(inputs)),
+            adjust_logits=point,
             on_token=point.feed if point is not None else None,
         )
         return GenerationOutput(sequences, inputs.prompt_ids, inputs.regions, step_logits, inputs.proposals.extras)
@@ -628,7 +892,8 @@ def decode(
     """Decode from prepared embeddings with a key/value cache: new ids per sample (EOS excluded) and, if asked,
     the logits of every step. Rows must be left-padded (or unpadded); positions continue from each row's last.
     ``adjust_logits(logits (B, 1, V), hidden (B, 1, H))``, if given, changes each step's logits before picking;
-    ``on_token(ids (B,), embeds (B, 1, H))``, if given, sees each picked token and its input embedding."""
+    ``on_token(ids (B,), embeds (B, 1, H))``, if given, sees each picked token and its input embedding and returns
+    the embedding the language model then reads."""
     mask = attention_mask
     out = backbone(inputs_embeds, mask, position_ids, use_cache=True)
     batch = mask.shape[0]
@@ -653,7 +918,7 @@ def decode(
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], dim=1)
         embeds = backbone.embed(next_ids[:, None])
         if on_token is not None:
-            on_token(next_ids, embeds)
+            embeds = on_token(next_ids, embeds)
         out = backbone(embeds, mask, next_pos, past_key_values=out.past_key_values, use_cache=True)
         next_pos = next_pos + 1
     rows = torch.stack(picked, dim=1).tolist() if picked else [[] for _ in range(batch)]  # one copy to the host

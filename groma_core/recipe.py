@@ -118,6 +118,14 @@ class CoreRecipe(BaseModel):
         "(<p>...</p>) before the answer, so that a phrase's words reach the match directly and not only through the "
         "language model's state; not in the reference",
     )
+    region_pointer_phrase: bool = Field(
+        False,
+        description="with region_pointer_words: before each grounded phrase of an answer a second pointer chooses "
+        "the region it will name (from the state, the last phrase, each region's token and box, and the regions "
+        "already named), and the phrase's tokens carry that region's token, so that the words describe one region "
+        "as a region caption does; trained by teacher forcing with a cross-entropy over the regions; not in the "
+        "reference, where a caption's phrase is written first and its region chosen after it",
+    )
     region_selection: SelectionConfig = Field(default_factory=SelectionConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     train: RecipeTraining | None = Field(
@@ -128,9 +136,12 @@ class CoreRecipe(BaseModel):
 
     @model_validator(mode="after")
     def _pointer_options_need_pointer(self) -> CoreRecipe:
-        for name in ("region_pointer_box", "region_pointer_words"):
+        for name in ("region_pointer_box", "region_pointer_words", "region_pointer_phrase"):
             if getattr(self, name) and not self.region_pointer:
                 raise ValueError(f"{name}: true needs region_pointer: true (it is part of the pointer)")
+        if self.region_pointer_phrase and not self.region_pointer_words:
+            raise ValueError("region_pointer_phrase: true needs region_pointer_words: true (its choice reads the last "
+                             "phrase's words)")
         return self
 
 

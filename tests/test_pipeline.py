@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from groma_core import tokens as T
 from groma_core.errors import InputError
@@ -452,9 +453,9 @@ def test_region_pointer_adds_each_regions_match_to_its_index_logit(tiny_recipe, 
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.region_pointer.parameters())
 
 
-def _pointer_model_with(tiny_recipe, manager, option: str):
-    """The tiny model on user boxes with the region pointer and ``option`` (seeded, in eval mode), after checking
-    that the recipe refuses ``option`` without the pointer in one line."""
+def _pointer_model_with(tiny_recipe, manager, option: str, **more):
+    """The tiny model on user boxes with the region pointer, ``option`` and ``more`` options (seeded, in eval mode),
+    after checking that the recipe refuses ``option`` without the pointer in one line."""
     from groma_core.api import build
     from groma_core.errors import RecipeError
     from groma_core.recipe import validate_recipe
@@ -463,7 +464,7 @@ def _pointer_model_with(tiny_recipe, manager, option: str):
     with pytest.raises(RecipeError, match=f"{option}: true needs region_pointer: true"):
         validate_recipe({**tiny_recipe, option: True}, manager)
     torch.manual_seed(0)
-    recipe = validate_recipe({**tiny_recipe, "region_pointer": True, option: True}, manager)
+    recipe = validate_recipe({**tiny_recipe, "region_pointer": True, option: True, **more}, manager)
     return build(recipe, manager=manager).eval()
 
 
@@ -558,6 +559,105 @@ def test_region_pointer_words_adds_the_last_phrase_to_the_query(tiny_recipe, man
     model.train()
     model(pixels, [ids], refer_boxes=[boxes], labels=[ids]).loss.backward()
     assert pointer.words.weight.grad is not None and pointer.words.weight.grad.abs().sum() > 0
+
+
+def test_region_pointer_phrase_carries_each_choice_until_its_phrase_is_grounded(tiny_recipe, manager, images):
+    """With ``region_pointer_phrase`` the tokens of an answer carry the phrase pointer's choices: its first phrase's
+    region from <p> to <roi>, then from each </roi> the next phrase's region, or "no more" to the answer's end. The
+    forward over an answer reads differently when its phrase names another region; decoding that answer, when the
+    pointer itself chooses as the answer does, gives the forward's logits at every step; with labels the choices'
+    cross-entropy joins the loss and trains the pointer. The option needs the words pointer, and says so."""
+    from groma_core.errors import RecipeError
+    from groma_core.model import decode
+    from groma_core.recipe import validate_recipe
+
+    with pytest.raises(RecipeError, match="region_pointer_phrase: true needs region_pointer_words: true"):
+        validate_recipe({**tiny_recipe, "region_pointer": True, "region_pointer_phrase": True}, manager)
+    model = _pointer_model_with(tiny_recipe, manager, "region_pointer_phrase", region_pointer_words=True)
+    phrase = model.region_pointer.phrase
+    assert {"region_pointer.phrase.carry.weight", "region_pointer.phrase.none"} <= set(model.state_dict())
+    with torch.no_grad():  # choose by the box's centre (100 x); a named region -40; "no more" scores 0
+        for layer in (phrase.match.q, phrase.match.k, phrase.match.words, phrase.match.box, phrase.stop):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        phrase.match.box.weight[0, 0] = 1.0
+        phrase.match.q.bias[0] = 100.0
+        phrase.named.fill_(-20.0)
+    tok = model.tokenizer
+    boxes = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.95]])  # centres x 0.25 and 0.7, no overlap
+    pixels = model.image_tokenizer.preprocess(images[:1])
+    prompt = prompt_ids(model, f"Compare {REFER} and {REFER}.")
+
+    def answer(first: int) -> list[int]:
+        text = f"<p>the red square</p><roi><r{first}></roi> is bigger than <p>that</p><roi><r{1 - first}></roi>."
+        return [t for t in tok.encode(text) if t != tok.bos_id]
+
+    n = len(answer(1))
+    with torch.no_grad():  # the logits that predict each token of the answer (the prompt's <image> expanded)
+        full = model(pixels, [prompt + answer(1)], refer_boxes=[boxes]).logits[0, -n - 1 : -1]
+        other = model(pixels, [prompt + answer(0)], refer_boxes=[boxes]).logits[0, -n - 1 : -1]
+    start = answer(1).index(tok.token_id("<p>"))
+    assert not torch.allclose(full[start + 1], other[start + 1], atol=1e-3)  # region 1's carry, not region 0's
+
+    inputs = model.prepare_inputs(pixels, [prompt], refer_boxes=[boxes], padding_side="left")
+    point = model._pointer_logits(inputs)
+    steps, forced = [], answer(1)
+
+    def force(logits, hidden):  # the answer's tokens picked; the pointer's own logits kept
+        steps.append(point(logits, hidden)[0, 0])
+        out = torch.full_like(logits, -1e4)
+        out[0, 0, forced[len(steps) - 1]] = 0.0
+        return out
+
+    decode(
+        model.language_backbone, point.carry(inputs.inputs_embeds)[0], inputs.attention_mask, inputs.position_ids,
+        len(forced), None, tok.pad_id, adjust_logits=force, on_token=point.feed,
+    )
+    # the same float32 sums over the whole sequence or step by step with a cache: 1e-4
+    assert torch.allclose(torch.stack(steps), full, atol=1e-4)
+
+    model.train()
+    ids = prompt + answer(1)
+    out = model(pixels, [ids], refer_boxes=[boxes], labels=[[-100] * len(prompt) + answer(1)])
+    words = F.cross_entropy(out.logits[0, :-1], out.inputs.labels[0, 1:], ignore_index=-100)
+    # the three choices: region 1 first (no "no more" then), region 0 after it, "no more" after that
+    left, right = (100 * x / model.language_backbone.hidden_size**0.5 for x in (0.25, 0.7))
+    scores = torch.tensor([[left, right, -math.inf], [left, right - 40, 0.0], [left - 40, right - 40, 0.0]])
+    choice = F.cross_entropy(scores, torch.tensor([1, 0, 2]))
+    assert torch.allclose(out.loss - words, choice, atol=1e-4)  # float32 of a few hundred products: 1e-4
+    out.loss.backward()
+    assert phrase.match.box.weight.grad.abs().sum() > 0 and phrase.carry.weight.grad.abs().sum() > 0
+    assert phrase.stop.bias.grad.abs() > 0 and phrase.none.grad.abs().sum() > 0
+
+
+def test_phrase_choices_follow_an_answers_phrases_and_end_with_no_more():
+    """The choices a phrase pointer is taught: the first phrase of an answer chosen before its <p> and carried to
+    its <roi>; after each grounded phrase's </roi> the next phrase's region, carried to that phrase's <roi>, or "no
+    more", carried to the answer's end; named regions count within the answer only (a run of supervised labels;
+    the whole row without labels), never the prompt's region list or a bare phrase's."""
+    from groma_core.model import NO_MORE, phrase_choices
+
+    P, Q, ROI, END, R = 90, 91, 92, 93, [70, 71, 72, 73, 74]
+    question = [5, ROI, R[3], END, 6, P, 7, Q, 8]  # a user box <r3> and a bare phrase
+    regions = [R[0], 60, R[1], 60]  # "<r0><region><r1><region>": the prompt's list
+    first = [P, 9, Q, ROI, R[1], END, 4, P, 9, 9, Q, ROI, R[2], R[4], END, 2]
+    second = [P, 9, Q, ROI, R[0], END, 2]
+    ids = regions + question + first + [5, 6] + second
+    supervised = [False] * len(regions + question) + [True] * len(first) + [False, False] + [True] * len(second)
+    labels = torch.tensor([[t if keep else -100 for t, keep in zip(ids, supervised)]])
+    a, b = len(regions + question), len(regions + question + first) + 2
+    found = phrase_choices(torch.tensor([ids]), labels, (P, Q, ROI, END), R)
+    assert [(c.at, c.first, c.last, c.region, c.named, c.may_stop) for c in found] == [
+        (a - 1, a, a + 3, 1, (), False),  # the first phrase, chosen before its <p>
+        (a + 4, a + 5, a + 11, 2, (1,), True),  # after its </roi>: the next phrase's region, to that one's <roi>
+        (a + 13, a + 14, a + 15, NO_MORE, (1, 2, 4), True),  # after the last </roi>: "no more" to the answer's end
+        (b - 1, b, b + 3, 0, (), False),
+        (b + 4, b + 5, b + 6, NO_MORE, (0,), True),
+    ]
+    assert all(c.supervised for c in found)
+    unlabelled = phrase_choices(torch.tensor([ids]), None, (P, Q, ROI, END), R)
+    assert [c.named for c in unlabelled] == [(3,), (3, 1), (3, 1, 2, 4), (3, 1, 2, 4, 0)]
+    assert unlabelled[-1].last == len(ids) - 1  # one answer: the last choice runs to the row's end
 
 
 def test_box_geometry_reads_position_size_and_aspect():
