@@ -16,6 +16,7 @@ from groma_core.boxes import (
     IDENTITY_FRAME,
     Frame,
     box_geometry,
+    box_iou,
     check_boxes,
     to_input_frame,
 )
@@ -118,7 +119,8 @@ class PhrasePointer(nn.Module):
         ``named`` (B, L, K) bool: regions named before each position, ``may_stop`` (B, L) bool -> scores
         (B, L, K + 1), the last column "no more"; -inf where a region is not valid or stopping is not a choice."""
         base = self.match(hidden, regions, valid, boxes, words)
-        iou = _pairwise_iou(boxes.float()) * valid[:, None, :] * valid[:, :, None]  # (B, K, K)
+        iou = torch.nan_to_num(torch.stack([box_iou(b, b) for b in boxes.float()]), nan=0.0)  # padding: 0 / 0
+        iou = iou * valid[:, None, :] * valid[:, :, None]  # (B, K, K)
         flag = named.to(base.dtype)
         overlap = (flag[..., None, :] * iou[:, None].to(base.dtype)).amax(-1)  # (B, L, K)
         out = base + self.named[0].to(base.dtype) * flag + self.named[1].to(base.dtype) * overlap
@@ -319,15 +321,6 @@ class GenerationOutput:
     regions: Regions
     step_logits: list[Tensor] = field(default_factory=list)  # each (B, V), one per step
     proposal_extras: dict[str, Any] = field(default_factory=dict)  # the proposer's extras (e.g. masks)
-
-
-def _pairwise_iou(boxes: Tensor) -> Tensor:
-    """IoU of every pair of boxes of each row: (B, K, 4) xyxy -> (B, K, K); 0 for empty boxes."""
-    low = torch.maximum(boxes[:, :, None, :2], boxes[:, None, :, :2])
-    high = torch.minimum(boxes[:, :, None, 2:], boxes[:, None, :, 2:])
-    inter = (high - low).clamp(min=0).prod(-1)
-    area = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)
-    return inter / (area[:, :, None] + area[:, None, :] - inter).clamp(min=1e-12)
 
 
 def _rms(x: Tensor) -> Tensor:
