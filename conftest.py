@@ -12,14 +12,30 @@ import time
 
 import pytest
 
+# Under pytest-xdist (scripts/test.sh runs a worker a core) each worker's torch gets one thread: two workers of two
+# threads each on CI's two cores fight over them
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
+
 _DEADLINE = os.environ.get("GROMA_TEST_DEADLINE")
 _left_out: list[str] = []
 
 
+_REASON = "deadline: GROMA_TEST_DEADLINE passed before this test started"
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if _DEADLINE and time.time() > float(_DEADLINE):
-        _left_out.append(item.nodeid)
-        pytest.skip("deadline: GROMA_TEST_DEADLINE passed before this test started")
+        pytest.skip(_REASON)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # counted from the reports, which pytest-xdist's workers send to the process that writes the summary
+    skipped = report.skipped and report.when == "setup" and isinstance(report.longrepr, tuple)
+    if skipped and _REASON in report.longrepr[2]:
+        _left_out.append(report.nodeid)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ARG001 (pytest's signature)

@@ -66,7 +66,7 @@ fi
 install_s=$((SECONDS - started))
 
 started=$SECONDS
-python -m pytest -q -p no:cacheprovider -rfE ${select[@]+"${select[@]}"} "$@" | tee "$out"
+python -m pytest -q -n auto --dist loadfile -p no:cacheprovider -rfE ${select[@]+"${select[@]}"} "$@" | tee "$out"
 status=${PIPESTATUS[0]}
 test_s=$((SECONDS - started))
 
