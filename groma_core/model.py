@@ -98,7 +98,11 @@ class PhrasePointer(nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
         self.match = RegionPointer(hidden_size, box=True, words=True)
+        # what the tokens read of the chosen region: started as the identity, the region's token itself (the path the
+        # reading stage taught the language model), not a fresh map (benchmarks/README.md, session 23)
         self.carry = nn.Linear(hidden_size, hidden_size)
+        nn.init.eye_(self.carry.weight)
+        nn.init.zeros_(self.carry.bias)
         self.stop = nn.Linear(hidden_size, 1)  # the score of "no more" after a phrase
         self.none = nn.Parameter(torch.randn(hidden_size) * 0.02)  # what "no more" carries
         # what an earlier naming adds to a region's score: named itself, and its largest IoU with a named region;
