@@ -20,10 +20,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 _DEADLINE = os.environ.get("GROMA_TEST_DEADLINE")
-_left_out: list[str] = []
-
-
 _REASON = "deadline: GROMA_TEST_DEADLINE passed before this test started"
+_left_out: list[str] = []  # the node ids skipped for the deadline, from the reports
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

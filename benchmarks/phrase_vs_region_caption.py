@@ -16,8 +16,10 @@ import os
 import platform
 import re
 from collections import Counter
+from functools import lru_cache
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from groma_core.boxes import box_iou
@@ -33,8 +35,6 @@ def name(text: str) -> tuple[str, ...]:
 
 
 def main() -> None:
-    import torch
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("predictions", type=Path)
     parser.add_argument("model")
@@ -53,9 +53,10 @@ def main() -> None:
             best = int(iou.argmax())
             if iou[best] >= 0.5:
                 items.append((record["id"], name(phrase), truth[best][0], boxes[0], truth[best][1]))
+    image_of = lru_cache(maxsize=1)(lambda i: Image.open(args.images / f"{int(i):06d}.png").convert("RGB"))
     counts = Counter()
-    for image_id, said, shown, box, true_box in items[: args.limit]:
-        image = Image.open(args.images / f"{int(image_id):06d}.png").convert("RGB")
+    for image_id, said, shown, box, true_box in items[: args.limit]:  # an image's phrases come together: one read
+        image = image_of(image_id)
         at_box, at_truth = (name(a.text) for a in groma.describe_region([image, image], [box, true_box]))
         counts["phrases on a shape"] += 1
         counts["phrase names it"] += said == shown

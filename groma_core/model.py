@@ -69,7 +69,7 @@ class RegionPointer(nn.Module):
         only with ``box``), ``words`` (B, L, H) the mean input embedding of the last phrase at each position (see
         :func:`phrase_bags`; used only with ``words``) -> scores (B, L, K), 0 where not valid."""
         dtype = self.q.weight.dtype
-        keys = self.k((regions / _rms(regions).clamp(min=1e-6)).to(dtype))
+        keys = self.k(_unit_rms(regions).to(dtype))
         if self.box is not None:
             if boxes is None:
                 raise ValueError("a region pointer with box=True needs the regions' boxes")
@@ -78,7 +78,7 @@ class RegionPointer(nn.Module):
         if self.words is not None:
             if words is None:
                 raise ValueError("a region pointer with words=True needs the last phrase's words")
-            query = query + self.words((words / _rms(words).clamp(min=1e-6)).to(dtype))
+            query = query + self.words(_unit_rms(words).to(dtype))
         scores = query @ keys.transpose(1, 2) / hidden.shape[-1] ** 0.5
         return scores.masked_fill(~valid[:, None, :], 0.0)
 
@@ -137,8 +137,8 @@ class PhrasePointer(nn.Module):
         """What a token's embedding ``like`` (..., H) gains from ``region`` (..., H): the map of the region's token
         at unit RMS, brought to the RMS of ``like`` (neither drowns the other)."""
         dtype = self.carry.weight.dtype
-        out = self.carry((region / _rms(region).clamp(min=1e-6)).to(dtype))
-        return (out / _rms(out).clamp(min=1e-6) * _rms(like).to(dtype)).to(like.dtype)
+        out = self.carry(_unit_rms(region).to(dtype))
+        return (_unit_rms(out) * _rms(like).to(dtype)).to(like.dtype)
 
 
 #: :attr:`PhraseChoice.region` of "the answer names no more regions"
@@ -330,6 +330,11 @@ class GenerationOutput:
 def _rms(x: Tensor) -> Tensor:
     """Root mean square over the last dimension (kept), without gradient: a scale, not a feature."""
     return x.detach().pow(2).mean(-1, keepdim=True).sqrt()
+
+
+def _unit_rms(x: Tensor) -> Tensor:
+    """``x`` scaled to unit RMS over its last dimension (the scale without gradient, as :func:`_rms`)."""
+    return x / _rms(x).clamp(min=1e-6)
 
 
 class PointerLogits:
