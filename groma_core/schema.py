@@ -103,6 +103,15 @@ class StageConfig(BaseModel):
         "region_encoder. 0: off (the reference)",
     )
     attribute_classes: int = Field(128, ge=2, description="attribute_loss: category ids must be below this")
+    box_jitter: float = Field(
+        0.0,
+        ge=0.0,
+        le=0.5,
+        description="crops and attribute_loss (not in the reference): the true boxes they read are moved as a "
+        "proposer's boxes are off: each box's centre by N(0, s) of its width and height, each side scaled by "
+        "exp(N(0, s)), so that a crop classifier and the region tokens name a proposed box as well as a true one. "
+        "0: the true boxes",
+    )
     fsdp_wrap: list[str] = Field(
         default_factory=lambda: ["LlamaDecoderLayer"],
         description="fsdp: module class names sharded as their own units",
@@ -119,6 +128,10 @@ class StageConfig(BaseModel):
         if self.attribute_loss and self.objective not in ("detection", "attributes"):
             raise ValueError(
                 f"attribute_loss is for detection and attributes stages; this stage's objective is {self.objective}"
+            )
+        if self.box_jitter and self.objective != "crops" and not self.attribute_loss:
+            raise ValueError(
+                "box_jitter moves the true boxes of a crops stage or of attribute_loss; this stage has neither"
             )
         if self.objective == "attributes" and not self.attribute_loss:
             raise ValueError("an attributes stage trains on attribute_loss alone: give it a weight above 0")

@@ -471,3 +471,51 @@ def test_bare_phrases_put_each_phrases_regions_right_after_it(tmp_path, sp_dir):
             assert words + " " + "<ground_box> " * len(phrase.boxes) in supervised + " "
     with pytest.raises(ValueError, match="bare_phrases is an option of the grounded-caption format"):
         DatasetSpec(format="rec", ann="a.json", images="i", bare_phrases=True)
+
+
+def test_box_jitter_moves_the_true_boxes_as_a_proposer_misses_them(shapes, sp_dir):
+    """``box_jitter: s`` (crops stages and the attribute loss) moves each true box's centre by N(0, s) of its sides
+    and scales each side by exp(N(0, s)), drawn from the objective's seeded generator (a resumed stage draws the same);
+    0 leaves the boxes as they are, and a stage with nothing that reads true boxes refuses it."""
+    from groma_core.api import build
+    from groma_core.schema import StageConfig
+
+    model = build("groma-tiny", [f"language_backbone.tokenizer={sp_dir}", f"image_tokenizer.input_size={SIDE}"])
+    xy = torch.rand(4000, 2) * 0.5
+    boxes = [torch.cat([xy, xy + 0.05 + torch.rand(4000, 2) * 0.4], dim=1)]
+    assert torch.equal(Objective(model, "crops")._jittered(boxes)[0], boxes[0])
+    moved = [Objective(model, "crops", torch.Generator().manual_seed(7), box_jitter=0.1)._jittered(boxes)[0]
+             for _ in range(2)]
+    torch.testing.assert_close(moved[0], moved[1], rtol=0, atol=0)  # the same seed, the same boxes
+    side, new_side = boxes[0][:, 2:] - boxes[0][:, :2], moved[0][:, 2:] - moved[0][:, :2]
+    offset = ((moved[0][:, :2] + moved[0][:, 2:]) - (boxes[0][:, :2] + boxes[0][:, 2:])) / 2 / side
+    scale = (new_side / side).log()
+    # 8,000 draws each: the standard deviation of N(0, 0.1) is estimated within ~2% (one s.e. 0.8%); 5% allowed
+    assert offset.std().item() == pytest.approx(0.1, rel=0.05) and scale.std().item() == pytest.approx(0.1, rel=0.05)
+    assert abs(offset.mean().item()) < 0.01 and (new_side > 0).all()
+
+    stage = {"name": "s", "train": ["region_encoder"], "data": [{"name": "shapes"}], "batch_size": 2, "lr": 1e-3}
+    StageConfig.model_validate({**stage, "objective": "crops", "box_jitter": 0.1})
+    StageConfig.model_validate({**stage, "objective": "detection", "attribute_loss": 1.0, "box_jitter": 0.1})
+    with pytest.raises(ValueError, match="box_jitter moves the true boxes of a crops stage or of attribute_loss"):
+        StageConfig.model_validate({**stage, "objective": "detection", "box_jitter": 0.1})
+
+
+def test_a_jittered_crops_stage_reads_other_crops_than_the_true_boxes(shapes, sp_dir):
+    """With ``box_jitter`` a crops stage's loss is computed on the moved boxes' crops (a different loss than on the
+    true boxes' crops); with 0 it is the loss of the true boxes exactly."""
+    from groma_core.api import build
+    from groma_core.training.data import collate
+
+    model = build("groma-tiny", [f"language_backbone.tokenizer={sp_dir}", f"image_tokenizer.input_size={SIDE}",
+                                 "image_tokenizer.letterbox=true", "region_encoder.image_crop=8",
+                                 "region_encoder.crop_classes=8", "region_encoder.crop_labels=head"])
+    data = open_dataset(DatasetSpec(format="detection", ann=str(shapes / "annotations" / "detection_train.json"),
+                                    images=str(shapes / "images"), source="coco"), model)
+    batch = collate([{**data[i], "dataset": "shapes", "source": "coco"} for i in range(2)])
+    with torch.no_grad():
+        plain = Objective(model, "crops")(batch)[0]
+        again = Objective(model, "crops", torch.Generator().manual_seed(1), box_jitter=0.0)(batch)[0]
+        jittered = Objective(model, "crops", torch.Generator().manual_seed(1), box_jitter=0.2)(batch)[0]
+    torch.testing.assert_close(plain, again, rtol=0, atol=0)
+    assert not torch.isclose(plain, jittered, rtol=1e-4, atol=0)

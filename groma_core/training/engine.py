@@ -277,7 +277,9 @@ class _Run:
         if stage.gradient_checkpointing:
             _enable_checkpointing(self.model)
         generator = torch.Generator().manual_seed(stage_seed + ctx.rank)
-        objective = Objective(self.model, stage.objective, generator, stage.attribute_loss, stage.attribute_classes)
+        objective = Objective(
+            self.model, stage.objective, generator, stage.attribute_loss, stage.attribute_classes, stage.box_jitter
+        )
         wrapped = wrap(objective, stage, ctx, config.find_unused_parameters)
         groups = param_groups(self.model, stage)
         optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas, eps=stage.eps)

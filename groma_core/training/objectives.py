@@ -31,6 +31,7 @@ class Objective(nn.Module):
         generator: torch.Generator | None = None,
         attribute_loss: float = 0.0,
         attribute_classes: int = 128,
+        box_jitter: float = 0.0,
     ):
         super().__init__()
         self.model = model
@@ -38,6 +39,7 @@ class Objective(nn.Module):
         self.generator = generator
         self.attribute_loss = attribute_loss
         self.attribute_classes = attribute_classes
+        self.box_jitter = box_jitter
         self._readout: tuple[Tensor, Tensor] | None = None
 
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -131,7 +133,7 @@ class Objective(nn.Module):
                 f"dataset {batch.get('dataset')!r}: a crops stage needs the original images and {what} for every "
                 "box of the detection file"
             )
-        boxes = list(batch["boxes"])
+        boxes = self._jittered(batch["boxes"])
         if sum(int(b.shape[0]) for b in boxes) == 0:
             zero = batch["pixel_values"].new_zeros((), requires_grad=True)
             return zero, {"accuracy": zero.detach()}
@@ -150,6 +152,21 @@ class Objective(nn.Module):
             raise InputError(f"dataset {batch.get('dataset')!r}: a box's category has no name in the file's categories")
         loss = F.cross_entropy(logits, target)
         return loss, {"accuracy": (logits.detach().argmax(-1) == target).float().mean()}
+
+    def _jittered(self, boxes: list[Tensor]) -> list[Tensor]:
+        """The true boxes (normalised xyxy) as a proposer might give them (``box_jitter`` s > 0): each centre moved
+        by N(0, s) of the box's width and height, each side scaled by exp(N(0, s)), drawn from the objective's
+        generator; unchanged with s = 0."""
+        if not self.box_jitter:
+            return list(boxes)
+        out = []
+        for b in boxes:
+            noise = torch.randn((b.shape[0], 4), generator=self.generator).to(b.device, torch.float32) * self.box_jitter
+            xyxy = b.float()
+            centre, side = (xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]
+            centre, side = centre + noise[:, :2] * side, side * noise[:, 2:].exp()
+            out.append(torch.cat([centre - side / 2, centre + side / 2], dim=1).to(b.dtype))
+        return out
 
     def _weighted(self, attributes: dict[str, Tensor]) -> Tensor:
         """The attribute terms as they enter the loss: ``attribute_loss`` x (category CE + box MSE)."""
@@ -177,7 +194,7 @@ class Objective(nn.Module):
                 f"dataset {batch.get('dataset')!r}: attribute_loss needs a category_id on every box of the detection "
                 "file"
             )
-        boxes = batch["boxes"]
+        boxes = self._jittered(batch["boxes"])
         if sum(int(b.shape[0]) for b in boxes) == 0:
             zero = batch["pixel_values"].new_zeros(())
             return {"attribute_ce": zero, "attribute_box": zero}

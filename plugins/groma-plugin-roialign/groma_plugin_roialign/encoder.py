@@ -59,6 +59,12 @@ class RoIAlignEncoderOptions(StageOptions):
         "side, so its aspect is kept (a rectangle stays a rectangle, an ellipse is no circle); the stage then reads "
         "the original images",
     )
+    crop_cnn: Literal["small", "wide"] = Field(
+        default="small",
+        description="image_crop: the crop's CNN: small (3 convs, 32-64 channels) or wide (5 convs, 32-128 channels, "
+        "~0.2 M parameters), which names a shape from a box a little off as well as from its true box far more "
+        "often when trained on moved boxes (a crops stage's box_jitter; benchmarks/README.md, session 24)",
+    )
     crop_classes: int = Field(
         default=0,
         ge=0,
@@ -175,6 +181,7 @@ class MlvlRoIAlignEncoder(RegionEncoder):
             image_crop=options.image_crop,
             crop_classes=options.crop_classes,
             crop_code_scale=options.crop_code_scale,
+            crop_cnn=options.crop_cnn,
             box_code_scale=options.box_code_scale,
         )
         self.needs_images = options.image_crop > 0

@@ -12,17 +12,23 @@ from torch import Tensor, nn
 from groma_plugin_roialign.ops import Backend, roi_align
 
 CROP_FEATURES = 256
-"""Width of :func:`crop_convs`'s output."""
+"""Width of :func:`crop_convs`'s output (the ``small`` CNN)."""
+WIDE_CROP_FEATURES = 512
+"""Width of :func:`crop_convs`'s output for the ``wide`` CNN."""
 # box_code_scale: the seed of the box code's random frequencies, and their spread (cycles per image width): about 2
 # tells the thirds of an image apart and still varies smoothly inside one
 BOX_CODE_SEED = 1729
 BOX_CODE_SIGMA = 2.0
 
 
-def crop_convs() -> list[nn.Module]:
-    """The small CNN of ``image_crop`` (before its linear map to the region width): two 3x3 conv + ReLU, max pool,
-    a third conv + ReLU, average pooled to 2 x 2 and flattened -> (K, :data:`CROP_FEATURES`) for any crop size."""
-    return [
+def crop_convs(kind: str = "small") -> list[nn.Module]:
+    """The CNN of ``image_crop`` (before its linear map to the region width or its classes), for any crop size.
+    ``small``: two 3x3 conv + ReLU, max pool, a third conv + ReLU, average pooled to 2 x 2 and flattened -> (K,
+    :data:`CROP_FEATURES`); ``wide``: after the third conv a fourth (64 channels), a second max pool and a fifth conv
+    to 128 channels, average pooled to 2 x 2 -> (K, :data:`WIDE_CROP_FEATURES`)."""
+    if kind not in ("small", "wide"):
+        raise ValueError(f"mlvl-roialign: crop_cnn must be 'small' or 'wide', got {kind!r}")
+    layers = [
         nn.Conv2d(3, 32, 3, padding=1),
         nn.ReLU(),
         nn.Conv2d(32, 32, 3, padding=1),
@@ -30,9 +36,18 @@ def crop_convs() -> list[nn.Module]:
         nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3, padding=1),
         nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
     ]
+    if kind == "wide":
+        layers += [nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        layers += [nn.Conv2d(64, 128, 3, padding=1), nn.ReLU()]
+    return [*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten()]
+
+
+def crop_classifier(kind: str, classes: int) -> nn.Sequential:
+    """The crop classifier of ``crop_classes``: :func:`crop_convs` of ``kind``, then a 128-wide ReLU layer and the
+    class logits."""
+    width = WIDE_CROP_FEATURES if kind == "wide" else CROP_FEATURES
+    return nn.Sequential(*crop_convs(kind), nn.Linear(width, 128), nn.ReLU(), nn.Linear(128, classes))
 
 
 def _add_code(tokens: Tensor, code: Tensor, scale: float) -> Tensor:
@@ -60,6 +75,7 @@ class MlvlRoIExtractor(nn.Module):
         crop_classes: int = 0,
         crop_code_scale: float = 1.0,
         box_code_scale: float = 0.0,
+        crop_cnn: str = "small",
     ):
         super().__init__()
         self.output_size = output_size
@@ -87,15 +103,14 @@ class MlvlRoIExtractor(nn.Module):
         self.crop_classifier = None
         self.crop_code = None
         if image_crop and crop_classes:
-            self.crop_classifier = nn.Sequential(
-                *crop_convs(), nn.Linear(CROP_FEATURES, 128), nn.ReLU(), nn.Linear(128, crop_classes)
-            )
+            self.crop_classifier = crop_classifier(crop_cnn, crop_classes)
             self.crop_code = nn.Linear(crop_classes, hidden_size, bias=False)
             self.crop_code_scale = crop_code_scale
             with torch.no_grad():  # one random unit direction per class (a column of the weight)
                 self.crop_code.weight.copy_(F.normalize(torch.randn(hidden_size, crop_classes), dim=0))
         elif image_crop:
-            self.crop_stem = nn.Sequential(*crop_convs(), nn.Linear(CROP_FEATURES, region_dim))
+            width = WIDE_CROP_FEATURES if crop_cnn == "wide" else CROP_FEATURES
+            self.crop_stem = nn.Sequential(*crop_convs(crop_cnn), nn.Linear(width, region_dim))
         # not in the reference (0 there): where the region is, as a code of fixed random Fourier features of its box
         # at a share of the token's norm; the frequencies come from their own generator (no parameters, and the
         # weights above start as they would without it) and are rebuilt with the module, not stored

@@ -368,6 +368,30 @@ def test_crop_classes_give_each_token_the_code_of_the_class_its_crop_shows():
         _small(image_crop=8).crop_logits(features, [box, box])
 
 
+def test_a_wide_crop_cnn_names_the_same_classes_with_more_layers():
+    """``crop_cnn: wide`` gives the crop classifier five convs (32 -> 128 channels) instead of three, for crops of any
+    size and classes as many as ``crop_classes``; ``small`` (the default) keeps the tensors, and so the checkpoints,
+    of models trained before the option; an unknown kind is refused by the options."""
+    from PIL import Image
+
+    small, wide = _small(image_crop=8, crop_classes=5), _small(image_crop=8, crop_classes=5, crop_cnn="wide")
+    convs = [m for m in wide.extractor.crop_classifier if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128]
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in small.extractor.crop_classifier) == 3
+    torch.manual_seed(0)
+    reference = RoIAlignEncoderOptions(gn_groups=4, region_dim=16, pos_embed_dim=8, roi_output_size=3, image_crop=8,
+                                       crop_classes=5)
+    assert set(small.state_dict()) == set(build_region_encoder(reference, _context()).state_dict())
+    assert set(wide.state_dict()) != set(small.state_dict())
+    features = _features(batch=1)
+    features.images, features.frames = [Image.new("RGB", (64, 48), (0, 200, 0))], [(1.0, 0.75, 0.0, 0.0)]
+    for size in (8, 16, 24):
+        wide.options.image_crop = size
+        assert wide.crop_logits(features, [BOXES]).shape == (3, 5)
+    with pytest.raises(ValidationError, match="crop_cnn"):
+        RoIAlignEncoderOptions(image_crop=8, crop_cnn="deep")
+
+
 def test_a_box_code_tells_the_language_model_where_each_region_is():
     """``box_code_scale``: each token gains a fixed code of its box (no parameters, nothing stored, the other weights
     starting as without it), at that multiple of the token's own norm (``box_code=False`` leaves it out), so that
