@@ -109,8 +109,8 @@ class StageConfig(BaseModel):
         le=0.5,
         description="crops and attribute_loss (not in the reference): the true boxes they read are moved as a "
         "proposer's boxes are off: each box's centre by N(0, s) of its width and height, each side scaled by "
-        "exp(N(0, s)), so that a crop classifier and the region tokens name a proposed box as well as a true one. "
-        "0: the true boxes",
+        "exp(N(0, s)), so that a crop classifier (or the region tokens) names a proposed box as well as a true one "
+        "(measured for crops stages: benchmarks/README.md, session 24). 0: the true boxes",
     )
     fsdp_wrap: list[str] = Field(
         default_factory=lambda: ["LlamaDecoderLayer"],
