@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from groma_core.boxes import box_iou, from_input_frame, to_input_frame
+from groma_core.boxes import box_iou, from_input_frame, to_input_frame, xyxy_to_cxcywh
 from groma_core.inference import Groma
 
 CLASSIFIER = "region_encoder.extractor.crop_classifier."
@@ -60,7 +60,8 @@ def main() -> None:
     groma = Groma.load(args.model)
     model = groma.model
     encoder = model.region_encoder
-    vocabulary = sorted({s for _, _, shapes in truth(args.data, args.limit) for s in shapes})
+    images = truth(args.data, args.limit)
+    vocabulary = sorted({s for _, _, shapes in images for s in shapes})
     own = encoder.options
     given = {k: type(getattr(own, k))(v) for k, v in (item.split("=", 1) for item in args.set)}
     classifiers = {"model": (encoder.extractor.crop_classifier, own)}
@@ -74,7 +75,7 @@ def main() -> None:
         classifiers[path] = (net.eval(), options)
     right = {name: [0, 0] for name in classifiers}  # (on true boxes, on matched proposals)
     ious, offsets, ratios, shapes_seen, matched = [], [], [], 0, 0
-    for file, true_boxes, shapes in truth(args.data, args.limit):
+    for file, true_boxes, shapes in images:
         if not shapes:
             continue
         image = Image.open(file).convert("RGB")
@@ -93,10 +94,10 @@ def main() -> None:
         matched += int(keep.sum())
         pairs = true_boxes[keep], proposed[best[keep]]
         ious += best_iou[keep].tolist()
-        side = (pairs[0][:, 2:] - pairs[0][:, :2]).clamp(min=1e-6)
-        centre = lambda b: (b[:, :2] + b[:, 2:]) / 2  # noqa: E731
-        offsets += ((centre(pairs[1]) - centre(pairs[0])) / side).abs().flatten().tolist()
-        ratios += ((pairs[1][:, 2:] - pairs[1][:, :2]) / side).log().abs().flatten().tolist()
+        (true_centre, side), (centre, proposed_side) = (xyxy_to_cxcywh(b).split(2, dim=1) for b in pairs)
+        side = side.clamp(min=1e-6)
+        offsets += ((centre - true_centre) / side).abs().flatten().tolist()
+        ratios += (proposed_side / side).log().abs().flatten().tolist()
         labels = torch.tensor([vocabulary.index(s) for s, k in zip(shapes, keep.tolist()) if k])
         for name, (net, options) in classifiers.items():
             encoder.options = options  # the crop's size

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from groma_core.boxes import from_input_frame, xyxy_to_cxcywh
+from groma_core.boxes import cxcywh_to_xyxy, from_input_frame, xyxy_to_cxcywh
 from groma_core.errors import InputError
 from groma_core.model import IGNORE_INDEX, GromaModel
 from groma_core.types import ImageFeatures
@@ -162,10 +162,9 @@ class Objective(nn.Module):
         out = []
         for b in boxes:
             noise = torch.randn((b.shape[0], 4), generator=self.generator).to(b.device, torch.float32) * self.box_jitter
-            xyxy = b.float()
-            centre, side = (xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]
-            centre, side = centre + noise[:, :2] * side, side * noise[:, 2:].exp()
-            out.append(torch.cat([centre - side / 2, centre + side / 2], dim=1).to(b.dtype))
+            centre, side = xyxy_to_cxcywh(b.float()).split(2, dim=1)
+            moved = torch.cat([centre + noise[:, :2] * side, side * noise[:, 2:].exp()], dim=1)
+            out.append(cxcywh_to_xyxy(moved).to(b.dtype))
         return out
 
     def _weighted(self, attributes: dict[str, Tensor]) -> Tensor:

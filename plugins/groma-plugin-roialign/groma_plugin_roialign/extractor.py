@@ -43,11 +43,15 @@ def crop_convs(kind: str = "small") -> list[nn.Module]:
     return [*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten()]
 
 
+def crop_features(kind: str) -> int:
+    """Width of :func:`crop_convs`'s output for ``kind``."""
+    return WIDE_CROP_FEATURES if kind == "wide" else CROP_FEATURES
+
+
 def crop_classifier(kind: str, classes: int) -> nn.Sequential:
     """The crop classifier of ``crop_classes``: :func:`crop_convs` of ``kind``, then a 128-wide ReLU layer and the
     class logits."""
-    width = WIDE_CROP_FEATURES if kind == "wide" else CROP_FEATURES
-    return nn.Sequential(*crop_convs(kind), nn.Linear(width, 128), nn.ReLU(), nn.Linear(128, classes))
+    return nn.Sequential(*crop_convs(kind), nn.Linear(crop_features(kind), 128), nn.ReLU(), nn.Linear(128, classes))
 
 
 def _add_code(tokens: Tensor, code: Tensor, scale: float) -> Tensor:
@@ -109,8 +113,7 @@ class MlvlRoIExtractor(nn.Module):
             with torch.no_grad():  # one random unit direction per class (a column of the weight)
                 self.crop_code.weight.copy_(F.normalize(torch.randn(hidden_size, crop_classes), dim=0))
         elif image_crop:
-            width = WIDE_CROP_FEATURES if crop_cnn == "wide" else CROP_FEATURES
-            self.crop_stem = nn.Sequential(*crop_convs(crop_cnn), nn.Linear(width, region_dim))
+            self.crop_stem = nn.Sequential(*crop_convs(crop_cnn), nn.Linear(crop_features(crop_cnn), region_dim))
         # not in the reference (0 there): where the region is, as a code of fixed random Fourier features of its box
         # at a share of the token's norm; the frequencies come from their own generator (no parameters, and the
         # weights above start as they would without it) and are rebuilt with the module, not stored
