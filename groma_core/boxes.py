@@ -30,6 +30,29 @@ def box_geometry(boxes: Tensor) -> Tensor:
     return torch.cat([(boxes[..., :2] + boxes[..., 2:]) / 2, size, size.log()], -1)
 
 
+#: width of :func:`box_relations`' last dimension
+BOX_RELATIONS = 7
+
+
+def box_relations(boxes: Tensor) -> Tensor:
+    """(..., K, 4) normalised xyxy -> (..., K, K, 7): how box k lies against box j, each feature squashed by tanh
+    to (-1, 1): the gap by which k is wholly right of, left of, below and above j (positive only when it is, as
+    "the circle right of the star" needs), the offset of k's centre from j's in x and y, and the log of k's area over
+    j's (halved)."""
+    t, a = boxes[..., :, None, :], boxes[..., None, :, :]  # target k, anchor j
+    centre_t, centre_a = (t[..., :2] + t[..., 2:]) / 2, (a[..., :2] + a[..., 2:]) / 2
+    area = (boxes[..., 2:] - boxes[..., :2]).clamp(min=1e-3).prod(-1).log()
+    return torch.stack([
+        torch.tanh(8 * (t[..., 0] - a[..., 2])),
+        torch.tanh(8 * (a[..., 0] - t[..., 2])),
+        torch.tanh(8 * (t[..., 1] - a[..., 3])),
+        torch.tanh(8 * (a[..., 1] - t[..., 3])),
+        torch.tanh(4 * (centre_t[..., 0] - centre_a[..., 0])),
+        torch.tanh(4 * (centre_t[..., 1] - centre_a[..., 1])),
+        torch.tanh((area[..., :, None] - area[..., None, :]) / 2),
+    ], -1)
+
+
 def box_area(boxes: Tensor) -> Tensor:
     """Area of xyxy boxes (may be negative for inverted boxes, as in torchvision)."""
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from groma_core.data.shapes import (
+    PHRASE_STYLES,
     ShapesConfig,
     parse_count_range,
     parse_size_ranges,
@@ -27,6 +28,7 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
         objects=parse_count_range(args.objects),
         val_fraction=args.val_fraction,
         rec_per_image=args.rec_per_image,
+        phrases=args.phrases,
     )
     summary = write_shapes_dataset(args.out, config, overwrite=args.overwrite)
     for split, counts in summary["splits"].items():
@@ -62,6 +64,10 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
                    help=f"share of images in the val split (default {_DEFAULTS.val_fraction})")
     p.add_argument("--rec-per-image", type=int, default=_DEFAULTS.rec_per_image,
                    help=f"most referring expressions per image (default {_DEFAULTS.rec_per_image})")
+    p.add_argument("--phrases", choices=PHRASE_STYLES, default=_DEFAULTS.phrases,
+                   help="grounded captions and answers: 'grouped' names alike shapes in one phrase with all their "
+                        "boxes (\"two blue squares\"), 'each' gives every shape its own phrase, left to right "
+                        f"(default {_DEFAULTS.phrases})")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier shapes dataset in OUT")
     p.set_defaults(func=cmd_data_shapes)
 

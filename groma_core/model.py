@@ -13,10 +13,12 @@ from torch import Tensor, nn
 from groma_core import tokens as T
 from groma_core.boxes import (
     BOX_GEOMETRY,
+    BOX_RELATIONS,
     IDENTITY_FRAME,
     Frame,
     box_geometry,
     box_iou,
+    box_relations,
     check_boxes,
     to_input_frame,
 )
@@ -46,7 +48,8 @@ class RegionPointer(nn.Module):
     that region's index token: ``score_K = q(h) . k(region_K / rms(region_K)) / sqrt(H)`` (not in the reference,
     whose ``<rK>`` logits come from the language model head alone; see the recipe option ``region_pointer``)."""
 
-    def __init__(self, hidden_size: int, box: bool = False, words: bool = False, phrase: bool = False):
+    def __init__(self, hidden_size: int, box: bool = False, words: bool = False, phrase: bool = False,
+                 relation: bool = False, phrase_order: bool = False):
         super().__init__()
         self.q = nn.Linear(hidden_size, hidden_size)
         self.k = nn.Linear(hidden_size, hidden_size)
@@ -55,7 +58,12 @@ class RegionPointer(nn.Module):
         # with ``words`` (recipe option ``region_pointer_words``) the query also maps the last phrase's words
         self.words = nn.Linear(hidden_size, hidden_size) if words else None
         # with ``phrase`` (recipe option ``region_pointer_phrase``) a region is also chosen before each phrase
-        self.phrase = PhrasePointer(hidden_size) if phrase else None
+        # (and with ``phrase_order``, recipe option ``region_pointer_phrase_order``, from where each region lies against
+        # the region named last)
+        self.phrase = PhrasePointer(hidden_size, order=phrase_order) if phrase else None
+        # with ``relation`` (recipe option ``region_pointer_relation``) a region's score also reads how its box lies
+        # against an anchor region's ("the circle left of the star")
+        self.relation = RelationPointer(hidden_size, words) if relation else None
 
     def forward(
         self,
@@ -80,7 +88,56 @@ class RegionPointer(nn.Module):
                 raise ValueError("a region pointer with words=True needs the last phrase's words")
             query = query + self.words(_unit_rms(words).to(dtype))
         scores = query @ keys.transpose(1, 2) / hidden.shape[-1] ** 0.5
+        if self.relation is not None:
+            if boxes is None:
+                raise ValueError("a region pointer with relation=True needs the regions' boxes")
+            scores = scores + self.relation(hidden, regions, valid, boxes, words)
         return scores.masked_fill(~valid[:, None, :], 0.0)
+
+
+class RelationPointer(nn.Module):
+    """What a region's score gains from where its box lies against an anchor's (recipe option
+    ``region_pointer_relation``; not in the reference, whose language model alone relates regions; after the
+    relationship module of MAttNet, Yu et al. 2018): an anchor is chosen softly over the regions by a match of the
+    hidden state (and the last phrase's words) with each region's token and box, and region K's score adds
+    ``u(h) . sum_j p_j relations(K, j)`` (:func:`groma_core.boxes.box_relations`). ``u`` starts at zero, so the
+    pointer scores as before until training finds a use for it; the layers are drawn from their own seed, so that
+    adding them leaves every other initialisation of a build as it was."""
+
+    SEED = 20180603
+
+    def __init__(self, hidden_size: int, words: bool):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.SEED)
+            self.q = nn.Linear(hidden_size, hidden_size)
+            self.k = nn.Linear(hidden_size, hidden_size)
+            self.box = nn.Linear(BOX_GEOMETRY, hidden_size)
+            self.words = nn.Linear(hidden_size, hidden_size) if words else None
+            self.relate = nn.Linear(hidden_size, BOX_RELATIONS)
+            self.relate_words = nn.Linear(hidden_size, BOX_RELATIONS) if words else None
+        for layer in (self.relate, self.relate_words):
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, hidden: Tensor, regions: Tensor, valid: Tensor, boxes: Tensor, words: Tensor | None) -> Tensor:
+        """``hidden`` (B, L, H), ``regions`` (B, K, H), ``valid`` (B, K), ``boxes`` (B, K, 4) normalised xyxy,
+        ``words`` (B, L, H) or None -> the scores' relation term (B, L, K)."""
+        dtype = self.q.weight.dtype
+        keys = self.k(_unit_rms(regions).to(dtype)) + self.box(box_geometry(boxes.float()).to(dtype))
+        query = self.q(hidden.to(dtype))
+        weights = self.relate(hidden.to(dtype))
+        if self.words is not None:
+            if words is None:
+                raise ValueError("a relation pointer with words needs the last phrase's words")
+            bag = _unit_rms(words).to(dtype)
+            query = query + self.words(bag)
+            weights = weights + self.relate_words(bag)
+        anchor = (query @ keys.transpose(1, 2) / hidden.shape[-1] ** 0.5).masked_fill(~valid[:, None, :], float("-inf"))
+        anchor = torch.nan_to_num(anchor.softmax(-1))  # a row with no valid region: all zero
+        relations = box_relations(boxes.float()).to(dtype)  # (B, K target, K anchor, R)
+        return torch.einsum("blj,blr,bkjr->blk", anchor, weights, relations)
 
 
 class PhrasePointer(nn.Module):
@@ -95,7 +152,9 @@ class PhrasePointer(nn.Module):
     are and the answer knows when it is done. Trained by teacher forcing (:func:`phrase_choices`), the cross-entropy
     of each choice added to the loss."""
 
-    def __init__(self, hidden_size: int):
+    SEED = 20260608  # the seed of the ``order`` layers (drawn apart, so that a build's other weights stay as they were)
+
+    def __init__(self, hidden_size: int, order: bool = False):
         super().__init__()
         self.match = RegionPointer(hidden_size, box=True, words=True)
         # what the tokens read of the chosen region: started as the identity, the region's token itself (the path the
@@ -108,6 +167,15 @@ class PhrasePointer(nn.Module):
         # what an earlier naming adds to a region's score: named itself, and its largest IoU with a named region;
         # started at a prior (a caption names a region once), as a plain bias learns too slowly at these rates
         self.named = nn.Parameter(torch.tensor([-4.0, -4.0]))
+        # with ``order``: a score from how each region lies against the one named last (box_relations, and a flag for
+        # "none named yet"), so that a caption can walk its regions in order; the last layer starts at zero
+        self.order = None
+        if order:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.SEED)
+                self.order = nn.Sequential(nn.Linear(BOX_RELATIONS + 1, 32), nn.GELU(), nn.Linear(32, 1))
+            nn.init.zeros_(self.order[2].weight)
+            nn.init.zeros_(self.order[2].bias)
 
     def scores(
         self,
@@ -118,11 +186,15 @@ class PhrasePointer(nn.Module):
         words: Tensor,
         named: Tensor,
         may_stop: Tensor,
+        last: Tensor | None = None,
     ) -> Tensor:
         """``hidden`` (B, L, H), ``regions`` (B, K, H), ``valid`` (B, K), ``boxes`` (B, K, 4), ``words`` (B, L, H),
-        ``named`` (B, L, K) bool: regions named before each position, ``may_stop`` (B, L) bool -> scores
-        (B, L, K + 1), the last column "no more"; -inf where a region is not valid or stopping is not a choice."""
+        ``named`` (B, L, K) bool: regions named before each position, ``may_stop`` (B, L) bool, ``last`` (B, L) the
+        region named last (:data:`NO_MORE`: none; read only with ``order``) -> scores (B, L, K + 1), the last column
+        "no more"; -inf where a region is not valid or stopping is not a choice."""
         base = self.match(hidden, regions, valid, boxes, words)
+        if self.order is not None:
+            base = base + self.ordered(boxes, last)
         iou = torch.nan_to_num(torch.stack([box_iou(b, b) for b in boxes.float()]), nan=0.0)  # padding: 0 / 0
         iou = iou * valid[:, None, :] * valid[:, :, None]  # (B, K, K)
         flag = named.to(base.dtype)
@@ -132,6 +204,20 @@ class PhrasePointer(nn.Module):
         stop = self.stop(hidden.to(self.stop.weight.dtype)).to(out.dtype)
         stop = stop.masked_fill(~may_stop[..., None], float("-inf"))
         return torch.cat([out, stop], dim=-1)
+
+    def ordered(self, boxes: Tensor, last: Tensor | None) -> Tensor:
+        """The ``order`` score (B, L, K) of each region against the region named last (``last`` (B, L))."""
+        if last is None:
+            raise ValueError("a phrase pointer with order=True needs the region named last")
+        dtype = self.order[0].weight.dtype
+        relations = box_relations(boxes.float()).to(dtype)  # (B, K target, K anchor, R)
+        batch, length = last.shape
+        k = boxes.shape[1]
+        rows = torch.arange(batch, device=last.device)[:, None].expand(batch, length)
+        against = relations[rows, :, last.clamp(min=0)]  # (B, L, K, R)
+        none = (last == NO_MORE)[..., None, None]
+        features = torch.cat([against.masked_fill(none, 0.0), none.to(dtype).expand(batch, length, k, 1)], -1)
+        return self.order(features)[..., 0]
 
     def carried(self, region: Tensor, like: Tensor) -> Tensor:
         """What a token's embedding ``like`` (..., H) gains from ``region`` (..., H): the map of the region's token
@@ -355,6 +441,9 @@ class PointerLogits:
         self._carrying: Tensor | None = None  # decoding: what each row carries now (B, 1, H)
         self._state: Tensor | None = None  # decoding: where each row is (see :meth:`feed`)
         self._named: Tensor | None = None  # decoding: the regions named in the answer so far (B, K)
+        self._chosen: Tensor | None = None  # decoding: the region each row's phrase pointer chose last (B,)
+        self._force: Tensor | None = None  # decoding: rows whose next token is their chosen region's <rK> (B,)
+        self._last: Tensor | None = None  # decoding: the region each row named last (B, 1)
 
     def _decoding(self) -> PhraseTracker:
         if self._tracker is None:  # started from the prompt at the first decoding step
@@ -373,7 +462,15 @@ class PointerLogits:
                 raise ValueError(f"hidden: {hidden.shape[1]} positions, expected {ids.shape[1]} or 1")
         self._words, self._hidden = words, hidden
         scores = self.pointer(hidden, self.regions, self.valid, self.boxes, words).to(logits.dtype)
-        return logits.index_add(2, self.columns, scores)
+        logits = logits.index_add(2, self.columns, scores)
+        if self._force is not None and hidden.shape[1] == 1 and bool(self._force.any()):
+            # a grounded phrase's first region is the one the phrase pointer chose for it, as in teacher forcing
+            # (left to the language model head, a region the phrase's words match better is often picked instead:
+            # benchmarks/README.md, session 25)
+            rows = torch.nonzero(self._force).flatten()
+            logits = logits.clone()
+            logits[rows, 0, self.columns[self._chosen[rows]]] = logits[rows, 0].max(-1).values + 1.0
+        return logits
 
     @property
     def _phrase(self) -> PhrasePointer | None:
@@ -417,9 +514,10 @@ class PointerLogits:
         for n, c in enumerate(chosen):
             named[n, list(c.named)] = True
         may_stop = torch.tensor([[c.may_stop] for c in chosen], device=device)
+        last = torch.tensor([[c.named[-1] if c.named else NO_MORE] for c in chosen], device=device)
         scores = self._phrase.scores(
             self._hidden[rows, at][:, None], self.regions[rows], self.valid[rows], self.boxes[rows],
-            self._words[rows, at][:, None], named[:, None], may_stop,
+            self._words[rows, at][:, None], named[:, None], may_stop, last,
         )[:, 0]
         target = torch.tensor([k if c.region == NO_MORE else c.region for c in chosen], device=device)
         return F.cross_entropy(scores.float(), target)
@@ -442,6 +540,8 @@ class PointerLogits:
             self._state = torch.zeros(batch, dtype=torch.long, device=device)
             self._named = torch.zeros(batch, k, dtype=torch.bool, device=device)
             self._carrying = self.regions.new_zeros(batch, 1, self.regions.shape[-1])
+            self._chosen = torch.full((batch,), NO_MORE, dtype=torch.long, device=device)
+            self._last = torch.full((batch, 1), NO_MORE, dtype=torch.long, device=device)
         p_open, p_close = self.phrase_ids
         roi_open, roi_close = self.roi_ids
         state = self._state
@@ -452,9 +552,12 @@ class PointerLogits:
         choose_next = closes & (state == 3)
         if bool((choose_first | choose_next).any()):
             scores = self._phrase.scores(
-                self._hidden, self.regions, self.valid, self.boxes, words, self._named[:, None], choose_next[:, None]
+                self._hidden, self.regions, self.valid, self.boxes, words, self._named[:, None], choose_next[:, None],
+                self._last,
             )[:, 0]
-            pick = self._with_none()[torch.arange(batch, device=device), scores.argmax(-1)][:, None]
+            best = scores.argmax(-1)
+            self._chosen = torch.where(choose_first | choose_next, torch.where(best < k, best, NO_MORE), self._chosen)
+            pick = self._with_none()[torch.arange(batch, device=device), best][:, None]
             self._carrying = torch.where((choose_first | choose_next)[:, None, None], pick, self._carrying)
         carries = opens | (state == 1) | (state == 4) | ((state == 2) & (ids == roi_open)) | choose_next
         if bool(carries.any()):
@@ -467,11 +570,13 @@ class PointerLogits:
             torch.where(choose_next, 4,
             torch.where((state == 1) | (state == 3) | (state == 4), state, 0)))),
         )
+        self._force = (state == 3) & (ids == roi_open) & (self._chosen != NO_MORE)
         self._state = state
         is_region = torch.isin(ids, self.columns)
         if bool(is_region.any()):  # a region named (this counts any <rK> decoded, as the answer's pointers)
             k_of = (ids[:, None] == self.columns[None]).float().argmax(-1)
             self._named[torch.arange(batch, device=device)[is_region], k_of[is_region]] = True
+            self._last = torch.where(is_region[:, None], k_of[:, None].long(), self._last)
         return embeds
 
 
@@ -492,6 +597,8 @@ class GromaModel(nn.Module):
         region_pointer_box: bool = False,
         region_pointer_words: bool = False,
         region_pointer_phrase: bool = False,
+        region_pointer_relation: bool = False,
+        region_pointer_phrase_order: bool = False,
     ):
         super().__init__()
         self.image_tokenizer = image_tokenizer
@@ -503,12 +610,15 @@ class GromaModel(nn.Module):
         self.template = template
         self.index_region_tokens = index_region_tokens
         # only built when asked, so that the reference's state dict is unchanged
-        parts = {"box": region_pointer_box, "words": region_pointer_words, "phrase": region_pointer_phrase}
+        parts = {"box": region_pointer_box, "words": region_pointer_words, "phrase": region_pointer_phrase,
+                 "relation": region_pointer_relation, "phrase_order": region_pointer_phrase_order}
         for name, asked in parts.items():
             if asked and not region_pointer:
                 raise ValueError(f"region_pointer_{name} needs region_pointer")
         if region_pointer_phrase and not region_pointer_words:
             raise ValueError("region_pointer_phrase needs region_pointer_words (its choice reads the last phrase)")
+        if region_pointer_phrase_order and not region_pointer_phrase:
+            raise ValueError("region_pointer_phrase_order needs region_pointer_phrase (it orders its choices)")
         self.region_pointer = (
             RegionPointer(language_backbone.hidden_size, **parts)
             if region_pointer
@@ -783,7 +893,7 @@ class GromaModel(nn.Module):
         device = inputs.inputs_embeds.device
         regions = torch.zeros(batch, k_max, width, device=device, dtype=tokens[0].dtype)
         valid = torch.zeros(batch, k_max, dtype=torch.bool, device=device)
-        needs_boxes = pointer.box is not None or pointer.phrase is not None
+        needs_boxes = pointer.box is not None or pointer.phrase is not None or pointer.relation is not None
         boxes = torch.zeros(batch, k_max, 4, device=device) if needs_boxes else None
         for i, t in enumerate(tokens):
             regions[i, : t.shape[0]] = t

@@ -494,6 +494,56 @@ def test_region_pointer_box_adds_each_regions_geometry_to_its_key(tiny_recipe, m
     assert pointer.box.weight.grad is not None and pointer.box.weight.grad.abs().sum() > 0
 
 
+def test_box_relations_say_which_side_of_another_box_a_box_lies():
+    """The relation features of a box wholly right of and below another: the right and below gaps positive, the
+    left and above gaps negative, the centre offsets positive, the area ratio's sign that of the log ratio."""
+    from groma_core.boxes import box_relations
+
+    boxes = torch.tensor([[0.1, 0.1, 0.3, 0.3], [0.5, 0.6, 0.9, 0.9]])
+    rel = box_relations(boxes)
+    assert rel.shape == (2, 2, 7)
+    right, left, below, above, dx, dy, area = rel[1, 0].tolist()  # box 1 against box 0
+    assert right == pytest.approx(math.tanh(8 * 0.2)) and below == pytest.approx(math.tanh(8 * 0.3))
+    assert left == pytest.approx(math.tanh(8 * -0.8)) and above == pytest.approx(math.tanh(8 * -0.8))
+    assert dx == pytest.approx(math.tanh(4 * 0.5)) and dy == pytest.approx(math.tanh(4 * 0.55))
+    assert area == pytest.approx(math.tanh(math.log(0.12 / 0.04) / 2), rel=1e-5)
+    assert torch.allclose(rel[0, 1, :4], rel[1, 0, [1, 0, 3, 2]])  # the same gaps seen from the other box
+    assert torch.allclose(rel[0, 1, 4:], -rel[1, 0, 4:])
+
+
+def test_region_pointer_relation_scores_a_region_by_where_it_lies_against_an_anchor(tiny_recipe, manager, images):
+    """With ``region_pointer_relation`` region K's pointer score also reads how its box lies against a softly chosen
+    anchor region's. Built, it scores nothing and leaves every other weight as a build without it draws them; taught
+    to pick the leftmost region as anchor and to like "wholly right of it", it raises the right-hand region's <rK>
+    logit by tanh(8 x gap) and lowers the anchor's own; training reaches it."""
+    plain = _pointer_model_with(tiny_recipe, manager, "region_pointer_box")
+    model = _pointer_model_with(tiny_recipe, manager, "region_pointer_relation", region_pointer_box=True)
+    relation = model.region_pointer.relation
+    assert {f"region_pointer.relation.{n}.weight" for n in ("q", "k", "box", "relate")} <= set(model.state_dict())
+    shared = plain.state_dict()
+    assert all(torch.equal(v, shared[k]) for k, v in model.state_dict().items() if ".relation." not in k)
+    boxes, ids, pixels, out, _ = _two_box_forward(model, images)
+    assert torch.equal(out.logits, _two_box_forward(plain, images)[3].logits)
+    with torch.no_grad():  # anchor: the region whose centre is furthest left; score: the gap wholly right of it
+        for layer in (relation.q, relation.k, relation.box):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        relation.box.weight[0, 0] = -1.0
+        relation.q.bias[0] = 1000.0
+        relation.relate.bias[0] = 1.0
+        taught = model(pixels, [ids], refer_boxes=[boxes]).logits[0]
+    added = taught - out.logits[0]
+    columns = model.tokenizer.region_ids[:2]
+    # boxes x 0.1-0.4 and 0.5-0.9: region 1 lies 0.1 right of region 0, region 0 -0.3 "right of" itself
+    expected = torch.tensor([math.tanh(8 * -0.3), math.tanh(8 * 0.1)]).expand(added.shape[0], 2)
+    assert torch.allclose(added[:, columns], expected, atol=1e-5)  # float32 softmax of a 1000-wide margin: exact
+    others = [c for c in range(added.shape[1]) if c not in columns]
+    assert added[:, others].abs().max() == 0
+    model.train()
+    model(pixels, [ids], refer_boxes=[boxes], labels=[ids]).loss.backward()
+    assert relation.relate.weight.grad.abs().sum() > 0 and relation.box.weight.grad.abs().sum() > 0
+
+
 def test_phrase_bags_average_the_words_of_the_last_closed_phrase():
     from groma_core.model import phrase_bags
 
@@ -613,8 +663,35 @@ def test_region_pointer_phrase_carries_each_choice_until_its_phrase_is_grounded(
         model.language_backbone, point.carry(inputs.inputs_embeds)[0], inputs.attention_mask, inputs.position_ids,
         len(forced), None, tok.pad_id, adjust_logits=force, on_token=point.feed,
     )
-    # the same float32 sums over the whole sequence or step by step with a cache: 1e-4
-    assert torch.allclose(torch.stack(steps), full, atol=1e-4)
+    # after each <roi> the region the pointer chose is the pick, as teacher forcing has it; elsewhere the same float32
+    # sums over the whole sequence or step by step with a cache: 1e-4
+    regions = [i for i, t in enumerate(forced) if i and forced[i - 1] == tok.token_id("<roi>")]
+    steps = torch.stack(steps)
+    assert [int(steps[i].argmax()) for i in regions] == [forced[i] for i in regions]
+    kept = [i for i in range(n) if i not in regions]
+    assert torch.allclose(steps[kept], full[kept], atol=1e-4)
+
+    # a language model head that prefers region 0 after the first phrase's <roi> still names region 1, the choice
+    point = model._pointer_logits(inputs)
+    head = [t for t in tok.encode("<p>the red square</p><roi>") if t != tok.bos_id]
+    r0, r1 = tok.token_id("<r0>"), tok.token_id("<r1>")
+    picks = []
+
+    def prefer_r0(logits, hidden):
+        raw = logits.clone()
+        raw[..., r0] += 1e3
+        out = point(raw, hidden)
+        picks.append((int(raw[0, 0].argmax()), int(out[0, 0].argmax())))
+        if len(picks) <= len(head):
+            out = torch.full_like(logits, -1e4)
+            out[0, 0, head[len(picks) - 1]] = 0.0
+        return out
+
+    decode(
+        model.language_backbone, point.carry(inputs.inputs_embeds)[0], inputs.attention_mask, inputs.position_ids,
+        len(head) + 1, None, tok.pad_id, adjust_logits=prefer_r0, on_token=point.feed,
+    )
+    assert picks[-1] == (r0, r1)
 
     model.train()
     ids = prompt + answer(1)
@@ -628,6 +705,88 @@ def test_region_pointer_phrase_carries_each_choice_until_its_phrase_is_grounded(
     out.loss.backward()
     assert phrase.match.box.weight.grad.abs().sum() > 0 and phrase.carry.weight.grad.abs().sum() > 0
     assert phrase.stop.bias.grad.abs() > 0 and phrase.none.grad.abs().sum() > 0
+
+
+def test_region_pointer_phrase_order_scores_regions_against_the_one_named_last(tiny_recipe, manager, images):
+    """With ``region_pointer_phrase_order`` the phrase pointer's choice also reads how each region lies against the
+    region named last. Built, it changes nothing (every other weight as a build without it draws them); taught to
+    dislike regions wholly left of the last one, it adds exactly its map of the two boxes' relation, nothing when none
+    is named yet but its flag; decoding, after the right-hand region is named the left-hand one loses to "no more"
+    where the same pointer without the order term picks it; training reaches it. It needs the phrase pointer."""
+    from groma_core.boxes import box_relations
+    from groma_core.errors import RecipeError
+    from groma_core.model import NO_MORE, decode
+    from groma_core.recipe import validate_recipe
+
+    options = {"region_pointer_words": True, "region_pointer_phrase": True}
+    with pytest.raises(RecipeError, match="region_pointer_phrase_order: true needs region_pointer_phrase: true"):
+        validate_recipe({**tiny_recipe, "region_pointer": True, "region_pointer_phrase_order": True}, manager)
+    plain = _pointer_model_with(tiny_recipe, manager, "region_pointer_phrase", region_pointer_words=True)
+    model = _pointer_model_with(tiny_recipe, manager, "region_pointer_phrase_order", **options)
+    shared = plain.state_dict()
+    assert all(torch.equal(v, shared[k]) for k, v in model.state_dict().items() if ".order." not in k)
+    phrase = model.region_pointer.phrase
+    boxes = torch.tensor([[[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.95]]])
+    width = model.language_backbone.hidden_size
+    hidden, words, regions = torch.randn(1, 1, width), torch.randn(1, 1, width), torch.randn(1, 2, width)
+    valid, named = torch.ones(1, 2, dtype=torch.bool), torch.zeros(1, 1, 2, dtype=torch.bool)
+    may_stop = torch.ones(1, 1, dtype=torch.bool)
+
+    def scores(pointer, last):
+        return pointer.scores(hidden, regions, valid, boxes, words, named, may_stop, torch.tensor([[last]]))[0, 0]
+
+    with torch.no_grad():
+        assert torch.equal(scores(phrase, 1), scores(plain.region_pointer.phrase, 1))
+        layer = phrase.order[0]
+        layer.weight.zero_()
+        layer.bias.zero_()
+        layer.weight[0, 1] = 1.0  # the gap by which a region lies wholly left of the last one
+        layer.weight[1, 7] = 1.0  # the "none named yet" flag
+        phrase.order[2].weight[0, :2] = torch.tensor([-10.0, 3.0])
+        taught, before = scores(phrase, 1), scores(plain.region_pointer.phrase, 1)
+        gap = box_relations(boxes[0])[:, 1, 1]  # each region against region 1
+        assert torch.allclose(taught[:2] - before[:2], -10 * F.gelu(gap), atol=1e-5)
+        assert taught[2] == before[2]  # "no more" is not a region
+        flag = scores(phrase, NO_MORE)[:2] - before[:2]
+        assert torch.allclose(flag, torch.full((2,), 3 * F.gelu(torch.tensor(1.0)).item()), atol=1e-5)
+
+    tok = model.tokenizer
+    pixels = model.image_tokenizer.preprocess(images[:1])
+    prompt = prompt_ids(model, f"Compare {REFER} and {REFER}.")
+    answer = [t for t in tok.encode("<p>the red square</p><roi><r1></roi> is") if t != tok.bos_id]
+    chosen = {}
+    for name, built in (("plain", plain), ("order", model)):
+        with torch.no_grad():  # the match scores nothing, the stop -1, a named region -20: only the order term differs
+            pointer = built.region_pointer.phrase
+            for layer in (pointer.match.q, pointer.match.k, pointer.match.words, pointer.match.box, pointer.stop):
+                layer.weight.zero_()
+                layer.bias.zero_()
+            pointer.stop.bias.fill_(-1.0)
+            pointer.named.fill_(-20.0)
+        inputs = built.prepare_inputs(pixels, [prompt], refer_boxes=[boxes[0]], padding_side="left")
+        point = built._pointer_logits(inputs)
+
+        def follow(logits, hidden, point=point):
+            point(logits, hidden)
+            out = torch.full_like(logits, -1e4)
+            out[0, 0, answer[len(follow.steps)]] = 0.0
+            follow.steps.append(1)
+            return out
+
+        follow.steps = []
+        decode(
+            built.language_backbone, point.carry(inputs.inputs_embeds)[0], inputs.attention_mask,
+            inputs.position_ids, len(answer), None, tok.pad_id, adjust_logits=follow, on_token=point.feed,
+        )
+        chosen[name] = int(point._chosen[0])  # chosen after </roi> (the last token is picked, not fed)
+    assert chosen == {"plain": 0, "order": NO_MORE}
+
+    model.train()
+    text = "<p>the red square</p><roi><r1></roi> is bigger than <p>that</p><roi><r0></roi>."
+    ids = prompt + [t for t in tok.encode(text) if t != tok.bos_id]
+    labels = [-100] * len(prompt) + ids[len(prompt):]
+    model(pixels, [ids], refer_boxes=[boxes[0]], labels=[labels]).loss.backward()
+    assert phrase.order[2].weight.grad.abs().sum() > 0
 
 
 def test_phrase_choices_follow_an_answers_phrases_and_end_with_no_more():

@@ -240,6 +240,32 @@ def test_flickr_spans_index_the_caption_exactly(dataset):
     assert all(re.match(r"(two|three|four|five|six|seven|eight) ", p.text.lower()) for p in grouped if len(p.boxes) > 1)
 
 
+def test_each_phrase_style_names_every_shape_once_left_to_right_over_the_same_images(dataset, tmp_path):
+    """``phrases="each"`` gives every shape its own grounded phrase, in the order of the shapes' centres from left to
+    right, in the grounded captions (and the plain captions made from them) and the conversations alike; the images
+    and every other file stay the same."""
+    out = tmp_path / "each"
+    write_shapes_dataset(out, replace(CONFIG, phrases="each"))
+    grouped, each = digests(dataset), digests(out)
+    changed = {name for name in grouped if grouped[name] != each[name]}
+    stems = ("flickr", "captions", "instruct")
+    assert changed == {f"annotations/{stem}_{split}.json" for stem in stems for split in ("train", "val")} | {
+        "dataset.json"}
+    objects = objects_by_id(out)
+    centres = {(o["bbox"][0] + o["bbox"][2] / 2, o["id"]) for o in objects.values()}
+    assert len(centres) == len(objects)
+    captions = read_grounded_captions(out / "annotations" / "flickr_train.json")
+    for caption, scene in zip(captions, [s for s in load(out, "scenes")["images"] if s["objects"]]):
+        assert [len(p.boxes) for p in caption.phrases] == [1] * len(scene["objects"])
+        xs = [(p.boxes[0][0] + p.boxes[0][2]) / 2 for p in caption.phrases]
+        assert xs == sorted(xs)
+    for entry in load(out, "instruct"):
+        for gpt in entry["conversation"][1::2]:
+            assert all(g == "<ground_box>" for g in re.findall(r"</p><roi>((?:<ground_box>)+)</roi>", gpt["value"]))
+    with pytest.raises(InputError, match="phrases: expected one of grouped, each, got 'all'"):
+        replace(CONFIG, phrases="all")
+
+
 def test_instruct_gpt_turns_ground_one_box_per_placeholder(dataset):
     all_scenes = scenes(dataset)
     for entry in load(dataset, "instruct"):

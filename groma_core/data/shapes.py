@@ -154,6 +154,10 @@ _LIST_QUESTIONS = (
 # ----------------------------------------------------------------------------------------------------------- options
 
 
+#: the values of :attr:`ShapesConfig.phrases`
+PHRASE_STYLES = ("grouped", "each")
+
+
 @dataclass(frozen=True)
 class ShapesConfig:
     """Options of a synthetic shapes dataset; invalid values raise :class:`InputError` naming the option."""
@@ -165,6 +169,9 @@ class ShapesConfig:
     objects: tuple[int, int] = (1, 8)  #: inclusive range of shapes per image (fewer when they do not fit)
     val_fraction: float = 0.1  #: share of images in the val split
     rec_per_image: int = 3  #: most referring expressions per image (one per shape)
+    #: how grounded captions and answers name the shapes: ``grouped`` ("two blue squares", one phrase with both boxes;
+    #: groups ordered by their leftmost member) or ``each`` (one phrase a shape, left to right)
+    phrases: str = "grouped"
 
     def __post_init__(self) -> None:
         if not 1 <= self.images <= 999_999:
@@ -182,6 +189,8 @@ class ShapesConfig:
             raise InputError(f"val_fraction: expected 0 <= value < 1, got {self.val_fraction}")
         if self.rec_per_image < 1:
             raise InputError(f"rec_per_image: expected at least 1, got {self.rec_per_image}")
+        if self.phrases not in PHRASE_STYLES:
+            raise InputError(f"phrases: expected one of {', '.join(PHRASE_STYLES)}, got {self.phrases!r}")
 
     def as_dict(self) -> dict:
         """The options as JSON-ready values."""
@@ -631,11 +640,12 @@ def region_caption(scene: Scene, obj: ShapeObject) -> str:
     return caption
 
 
-def _groups(objects: Sequence[ShapeObject]) -> list[list[ShapeObject]]:
-    """Shapes grouped by colour and shape, groups ordered by their leftmost member."""
-    groups: dict[tuple[str, str], list[ShapeObject]] = {}
+def _groups(objects: Sequence[ShapeObject], each: bool = False) -> list[list[ShapeObject]]:
+    """Shapes grouped by colour and shape, groups ordered by their leftmost member; with ``each``, every shape its own
+    group, left to right."""
+    groups: dict[tuple[str, str] | int, list[ShapeObject]] = {}
     for obj in sorted(objects, key=lambda o: (o.center[0], o.index)):
-        groups.setdefault((obj.colour, obj.shape), []).append(obj)
+        groups.setdefault(obj.index if each else (obj.colour, obj.shape), []).append(obj)
     return list(groups.values())
 
 
@@ -653,9 +663,10 @@ class SceneCaption:
     phrases: tuple[tuple[tuple[int, int], tuple[int, ...]], ...]
 
 
-def grounded_caption(scene: Scene, rng: np.random.Generator) -> SceneCaption:
-    """A caption such as "Two blue squares and a red circle on a striped background." with phrase spans."""
-    groups = _groups(scene.objects)
+def grounded_caption(scene: Scene, rng: np.random.Generator, each: bool = False) -> SceneCaption:
+    """A caption such as "Two blue squares and a red circle on a striped background." with phrase spans; with
+    ``each``, one phrase a shape ("A blue square, a red circle and a blue square on ...")."""
+    groups = _groups(scene.objects, each)
     phrases = [_group_phrase(scene, group) for group in groups]
     background = _indefinite(_BACKGROUND_PHRASES[scene.background.kind])
     lead = rng.random() < 0.5
@@ -679,9 +690,10 @@ def _ground(phrase: str, indices: Sequence[int]) -> str:
 class _Answer:
     """A gpt turn under construction: text with grounded phrases and the box indices in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, each: bool = False) -> None:
         self.text = ""
         self.box_inds: list[int] = []
+        self.each = each  # one phrase a shape in :meth:`ground_groups`
 
     def say(self, text: str) -> _Answer:
         self.text += text
@@ -693,7 +705,7 @@ class _Answer:
         return self
 
     def ground_groups(self, scene: Scene, objects: Sequence[ShapeObject]) -> _Answer:
-        groups = _groups(objects)
+        groups = _groups(objects, self.each)
         for i, group in enumerate(groups):
             if i:
                 self.say(" and " if i == len(groups) - 1 else ", ")
@@ -706,23 +718,24 @@ def _capitalized(text: str) -> str:
 
 
 def instruct_conversation(scene: Scene, expressions: dict[int, list[ReferringExpression]],
-                          rng: np.random.Generator) -> list[dict]:
+                          rng: np.random.Generator, each: bool = False) -> list[dict]:
     """A Groma Instruct conversation of 2-4 rounds about the shapes of ``scene``; every gpt turn grounds at least
-    one shape."""
+    one shape (with ``each``, one phrase a shape)."""
     objects = list(scene.objects)
     rounds: dict[str, Callable[[], tuple[str, _Answer]]] = {}
 
     def listing() -> tuple[str, _Answer]:
         count = len(objects)
         noun = "shape" if count == 1 else "shapes"
-        answer = _Answer().say(f"I can see {_NUMBER_WORDS[count]} {noun}: ").ground_groups(scene, objects).say(".")
+        answer = _Answer(each).say(f"I can see {_NUMBER_WORDS[count]} {noun}: ")
+        answer.ground_groups(scene, objects).say(".")
         return _LIST_QUESTIONS[rng.integers(len(_LIST_QUESTIONS))], answer
 
     def where() -> tuple[str, _Answer]:
         named = [e for index in sorted(expressions) for e in expressions[index]]
         expression = named[rng.integers(len(named))]
         obj = objects[expression.target]
-        answer = _Answer().ground(_capitalized(expression.text), [obj]).say(f" is {_location(scene, obj)}")
+        answer = _Answer(each).ground(_capitalized(expression.text), [obj]).say(f" is {_location(scene, obj)}")
         if obj.occluded_by:
             cover = objects[obj.occluded_by[0]]
             answer.say(", partly hidden by ").ground(_object_phrase(scene, cover, sized=False), [cover])
@@ -733,11 +746,11 @@ def instruct_conversation(scene: Scene, expressions: dict[int, list[ReferringExp
         shape = shapes[rng.integers(len(shapes))]
         members = [o for o in objects if o.shape == shape]
         if len(members) == 1:
-            answer = _Answer().say(f"There is one {shape}: ")
-        elif len(_groups(members)) == 1:
-            answer = _Answer().say("There are ")
+            answer = _Answer(each).say(f"There is one {shape}: ")
+        elif len(_groups(members, each)) == 1:
+            answer = _Answer(each).say("There are ")
         else:
-            answer = _Answer().say(f"There are {_NUMBER_WORDS[len(members)]} {shape}s: ")
+            answer = _Answer(each).say(f"There are {_NUMBER_WORDS[len(members)]} {shape}s: ")
         return f"How many {shape}s are there?", answer.ground_groups(scene, members).say(".")
 
     def exists() -> tuple[str, _Answer]:
@@ -750,8 +763,8 @@ def instruct_conversation(scene: Scene, expressions: dict[int, list[ReferringExp
         members = [o for o in objects if (o.colour, o.shape) == (colour, shape)]
         if members:
             verb = "is" if len(members) == 1 else "are"
-            return question, _Answer().say(f"Yes, there {verb} ").ground_groups(scene, members).say(".")
-        answer = _Answer().say(f"No, there is no {colour} {shape}. ")
+            return question, _Answer(each).say(f"Yes, there {verb} ").ground_groups(scene, members).say(".")
+        answer = _Answer(each).say(f"No, there is no {colour} {shape}. ")
         alike = [o for o in objects if o.shape == shape] or [o for o in objects if o.colour == colour]
         if alike:
             answer.say("There is " if len(alike) == 1 else "There are ").ground_groups(scene, alike).say(" though.")
@@ -762,13 +775,13 @@ def instruct_conversation(scene: Scene, expressions: dict[int, list[ReferringExp
     def extreme(word: str, question: str, claim: str) -> Callable[[], tuple[str, _Answer]]:
         def build() -> tuple[str, _Answer]:
             obj = objects[resolve_expression(f"the {word} shape", scene)[0]]
-            answer = _Answer().ground(f"The {obj.colour} {obj.shape}", [obj]).say(f" {claim}.")
+            answer = _Answer(each).ground(f"The {obj.colour} {obj.shape}", [obj]).say(f" {claim}.")
             return question, answer
         return build
 
     def hidden() -> tuple[str, _Answer]:
         covered = [o for o in objects if o.occluded_by]
-        answer = _Answer().say("Yes: ")
+        answer = _Answer(each).say("Yes: ")
         for i, obj in enumerate(covered[:2]):
             cover = objects[obj.occluded_by[0]]
             answer.say(" and " if i else "").ground(_object_phrase(scene, obj, sized=False), [obj])
@@ -868,7 +881,7 @@ def _add_scene(files: _SplitFiles, scene: Scene, config: ShapesConfig) -> None:
         files.rec_boxes.append({"id": ref_id, "image_id": ref_id, "original_id": obj.id, **_box(obj)})
 
     if scene.objects:
-        caption = grounded_caption(scene, rng)
+        caption = grounded_caption(scene, rng, config.phrases == "each")
         files.flickr_images.append({"id": scene.image_id, "caption": caption.text, "dataset_name": "groma-shapes",
                                     **size})
         for span, indices in caption.phrases:
@@ -880,7 +893,8 @@ def _add_scene(files: _SplitFiles, scene: Scene, config: ShapesConfig) -> None:
         files.captions.append({"id": f"{scene.image_id:06d}", "image": scene.file_name, "conversations": [
             {"from": "human", "value": f"{IMAGE}\n{question}"}, {"from": "gpt", "value": caption.text}]})
         files.instruct.append({"id": scene.image_id, **size, "boxes": [list(o.bbox) for o in scene.objects],
-                               "conversation": instruct_conversation(scene, expressions, rng)})
+                               "conversation": instruct_conversation(scene, expressions, rng,
+                                                                     config.phrases == "each")})
 
     categories = lvis_categories()
     present = [c for c in categories if any(_matches(o, (c[2], c[3])) for o in scene.objects)]
