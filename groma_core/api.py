@@ -146,7 +146,6 @@ def _construct_stages(recipe: Recipe, manager: PluginManager) -> GromaModel:
         region_pointer_words=recipe.core.region_pointer_words,
         region_pointer_phrase=recipe.core.region_pointer_phrase,
         region_pointer_relation=recipe.core.region_pointer_relation,
-        region_pointer_phrase_order=recipe.core.region_pointer_phrase_order,
     )
     model.recipe = recipe
     return model

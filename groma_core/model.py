@@ -49,7 +49,7 @@ class RegionPointer(nn.Module):
     whose ``<rK>`` logits come from the language model head alone; see the recipe option ``region_pointer``)."""
 
     def __init__(self, hidden_size: int, box: bool = False, words: bool = False, phrase: bool = False,
-                 relation: bool = False, phrase_order: bool = False):
+                 relation: bool = False):
         super().__init__()
         self.q = nn.Linear(hidden_size, hidden_size)
         self.k = nn.Linear(hidden_size, hidden_size)
@@ -58,9 +58,7 @@ class RegionPointer(nn.Module):
         # with ``words`` (recipe option ``region_pointer_words``) the query also maps the last phrase's words
         self.words = nn.Linear(hidden_size, hidden_size) if words else None
         # with ``phrase`` (recipe option ``region_pointer_phrase``) a region is also chosen before each phrase
-        # (and with ``phrase_order``, recipe option ``region_pointer_phrase_order``, from where each region lies against
-        # the region named last)
-        self.phrase = PhrasePointer(hidden_size, order=phrase_order) if phrase else None
+        self.phrase = PhrasePointer(hidden_size) if phrase else None
         # with ``relation`` (recipe option ``region_pointer_relation``) a region's score also reads how its box lies
         # against an anchor region's ("the circle left of the star")
         self.relation = RelationPointer(hidden_size, words) if relation else None
@@ -152,9 +150,7 @@ class PhrasePointer(nn.Module):
     are and the answer knows when it is done. Trained by teacher forcing (:func:`phrase_choices`), the cross-entropy
     of each choice added to the loss."""
 
-    SEED = 20260608  # the seed of the ``order`` layers (drawn apart, so that a build's other weights stay as they were)
-
-    def __init__(self, hidden_size: int, order: bool = False):
+    def __init__(self, hidden_size: int):
         super().__init__()
         self.match = RegionPointer(hidden_size, box=True, words=True)
         # what the tokens read of the chosen region: started as the identity, the region's token itself (the path the
@@ -167,15 +163,6 @@ class PhrasePointer(nn.Module):
         # what an earlier naming adds to a region's score: named itself, and its largest IoU with a named region;
         # started at a prior (a caption names a region once), as a plain bias learns too slowly at these rates
         self.named = nn.Parameter(torch.tensor([-4.0, -4.0]))
-        # with ``order``: a score from how each region lies against the one named last (box_relations, and a flag for
-        # "none named yet"), so that a caption can walk its regions in order; the last layer starts at zero
-        self.order = None
-        if order:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.SEED)
-                self.order = nn.Sequential(nn.Linear(BOX_RELATIONS + 1, 32), nn.GELU(), nn.Linear(32, 1))
-            nn.init.zeros_(self.order[2].weight)
-            nn.init.zeros_(self.order[2].bias)
 
     def scores(
         self,
@@ -186,15 +173,11 @@ class PhrasePointer(nn.Module):
         words: Tensor,
         named: Tensor,
         may_stop: Tensor,
-        last: Tensor | None = None,
     ) -> Tensor:
         """``hidden`` (B, L, H), ``regions`` (B, K, H), ``valid`` (B, K), ``boxes`` (B, K, 4), ``words`` (B, L, H),
-        ``named`` (B, L, K) bool: regions named before each position, ``may_stop`` (B, L) bool, ``last`` (B, L) the
-        region named last (:data:`NO_MORE`: none; read only with ``order``) -> scores (B, L, K + 1), the last column
-        "no more"; -inf where a region is not valid or stopping is not a choice."""
+        ``named`` (B, L, K) bool: regions named before each position, ``may_stop`` (B, L) bool -> scores
+        (B, L, K + 1), the last column "no more"; -inf where a region is not valid or stopping is not a choice."""
         base = self.match(hidden, regions, valid, boxes, words)
-        if self.order is not None:
-            base = base + self.ordered(boxes, last)
         iou = torch.nan_to_num(torch.stack([box_iou(b, b) for b in boxes.float()]), nan=0.0)  # padding: 0 / 0
         iou = iou * valid[:, None, :] * valid[:, :, None]  # (B, K, K)
         flag = named.to(base.dtype)
@@ -204,20 +187,6 @@ class PhrasePointer(nn.Module):
         stop = self.stop(hidden.to(self.stop.weight.dtype)).to(out.dtype)
         stop = stop.masked_fill(~may_stop[..., None], float("-inf"))
         return torch.cat([out, stop], dim=-1)
-
-    def ordered(self, boxes: Tensor, last: Tensor | None) -> Tensor:
-        """The ``order`` score (B, L, K) of each region against the region named last (``last`` (B, L))."""
-        if last is None:
-            raise ValueError("a phrase pointer with order=True needs the region named last")
-        dtype = self.order[0].weight.dtype
-        relations = box_relations(boxes.float()).to(dtype)  # (B, K target, K anchor, R)
-        batch, length = last.shape
-        k = boxes.shape[1]
-        rows = torch.arange(batch, device=last.device)[:, None].expand(batch, length)
-        against = relations[rows, :, last.clamp(min=0)]  # (B, L, K, R)
-        none = (last == NO_MORE)[..., None, None]
-        features = torch.cat([against.masked_fill(none, 0.0), none.to(dtype).expand(batch, length, k, 1)], -1)
-        return self.order(features)[..., 0]
 
     def carried(self, region: Tensor, like: Tensor) -> Tensor:
         """What a token's embedding ``like`` (..., H) gains from ``region`` (..., H): the map of the region's token
@@ -443,7 +412,6 @@ class PointerLogits:
         self._named: Tensor | None = None  # decoding: the regions named in the answer so far (B, K)
         self._chosen: Tensor | None = None  # decoding: the region each row's phrase pointer chose last (B,)
         self._force: Tensor | None = None  # decoding: rows whose next token is their chosen region's <rK> (B,)
-        self._last: Tensor | None = None  # decoding: the region each row named last (B, 1)
 
     def _decoding(self) -> PhraseTracker:
         if self._tracker is None:  # started from the prompt at the first decoding step
@@ -514,10 +482,9 @@ class PointerLogits:
         for n, c in enumerate(chosen):
             named[n, list(c.named)] = True
         may_stop = torch.tensor([[c.may_stop] for c in chosen], device=device)
-        last = torch.tensor([[c.named[-1] if c.named else NO_MORE] for c in chosen], device=device)
         scores = self._phrase.scores(
             self._hidden[rows, at][:, None], self.regions[rows], self.valid[rows], self.boxes[rows],
-            self._words[rows, at][:, None], named[:, None], may_stop, last,
+            self._words[rows, at][:, None], named[:, None], may_stop,
         )[:, 0]
         target = torch.tensor([k if c.region == NO_MORE else c.region for c in chosen], device=device)
         return F.cross_entropy(scores.float(), target)
@@ -541,7 +508,6 @@ class PointerLogits:
             self._named = torch.zeros(batch, k, dtype=torch.bool, device=device)
             self._carrying = self.regions.new_zeros(batch, 1, self.regions.shape[-1])
             self._chosen = torch.full((batch,), NO_MORE, dtype=torch.long, device=device)
-            self._last = torch.full((batch, 1), NO_MORE, dtype=torch.long, device=device)
         p_open, p_close = self.phrase_ids
         roi_open, roi_close = self.roi_ids
         state = self._state
@@ -552,8 +518,7 @@ class PointerLogits:
         choose_next = closes & (state == 3)
         if bool((choose_first | choose_next).any()):
             scores = self._phrase.scores(
-                self._hidden, self.regions, self.valid, self.boxes, words, self._named[:, None], choose_next[:, None],
-                self._last,
+                self._hidden, self.regions, self.valid, self.boxes, words, self._named[:, None], choose_next[:, None]
             )[:, 0]
             best = scores.argmax(-1)
             self._chosen = torch.where(choose_first | choose_next, torch.where(best < k, best, NO_MORE), self._chosen)
@@ -576,7 +541,6 @@ class PointerLogits:
         if bool(is_region.any()):  # a region named (this counts any <rK> decoded, as the answer's pointers)
             k_of = (ids[:, None] == self.columns[None]).float().argmax(-1)
             self._named[torch.arange(batch, device=device)[is_region], k_of[is_region]] = True
-            self._last = torch.where(is_region[:, None], k_of[:, None].long(), self._last)
         return embeds
 
 
@@ -598,7 +562,6 @@ class GromaModel(nn.Module):
         region_pointer_words: bool = False,
         region_pointer_phrase: bool = False,
         region_pointer_relation: bool = False,
-        region_pointer_phrase_order: bool = False,
     ):
         super().__init__()
         self.image_tokenizer = image_tokenizer
@@ -611,14 +574,12 @@ class GromaModel(nn.Module):
         self.index_region_tokens = index_region_tokens
         # only built when asked, so that the reference's state dict is unchanged
         parts = {"box": region_pointer_box, "words": region_pointer_words, "phrase": region_pointer_phrase,
-                 "relation": region_pointer_relation, "phrase_order": region_pointer_phrase_order}
+                 "relation": region_pointer_relation}
         for name, asked in parts.items():
             if asked and not region_pointer:
                 raise ValueError(f"region_pointer_{name} needs region_pointer")
         if region_pointer_phrase and not region_pointer_words:
             raise ValueError("region_pointer_phrase needs region_pointer_words (its choice reads the last phrase)")
-        if region_pointer_phrase_order and not region_pointer_phrase:
-            raise ValueError("region_pointer_phrase_order needs region_pointer_phrase (it orders its choices)")
         self.region_pointer = (
             RegionPointer(language_backbone.hidden_size, **parts)
             if region_pointer

@@ -133,13 +133,6 @@ class CoreRecipe(BaseModel):
         "the state and the last phrase, so that \"the circle left of the star\" can be told from the other circle; "
         "starts at zero and is trained with the pointer; not in the reference",
     )
-    region_pointer_phrase_order: bool = Field(
-        False,
-        description="with region_pointer_phrase: the phrase pointer's choice also reads how each region's box lies "
-        "against the region named last (a small learned map of their relation, starting at zero), so that a caption "
-        "can walk its regions in order (the shapes captions name them left to right) rather than skip one; not in "
-        "the reference",
-    )
     region_selection: SelectionConfig = Field(default_factory=SelectionConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     train: RecipeTraining | None = Field(
@@ -150,16 +143,12 @@ class CoreRecipe(BaseModel):
 
     @model_validator(mode="after")
     def _pointer_options_need_pointer(self) -> CoreRecipe:
-        for name in ("region_pointer_box", "region_pointer_words", "region_pointer_phrase", "region_pointer_relation",
-                     "region_pointer_phrase_order"):
+        for name in ("region_pointer_box", "region_pointer_words", "region_pointer_phrase", "region_pointer_relation"):
             if getattr(self, name) and not self.region_pointer:
                 raise ValueError(f"{name}: true needs region_pointer: true (it is part of the pointer)")
         if self.region_pointer_phrase and not self.region_pointer_words:
             raise ValueError("region_pointer_phrase: true needs region_pointer_words: true (its choice reads the last "
                              "phrase's words)")
-        if self.region_pointer_phrase_order and not self.region_pointer_phrase:
-            raise ValueError("region_pointer_phrase_order: true needs region_pointer_phrase: true (it orders that "
-                             "pointer's choices)")
         return self
 
 
